@@ -1,0 +1,466 @@
+"""Command line: the composition root. argv → settings → logging → adapters → exit code.
+
+Every subcommand but ``daemon`` and ``extract`` is a short-lived client of the ledger (SQLite,
+WAL) and the spool; none of them imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gpuspool import logs
+from gpuspool.config import ConfigError, Settings, load_settings
+from gpuspool.ledger import JobRecord, Ledger, LedgerError
+from gpuspool.models import RUNNABLE_STATES, JobState
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Wait for a GPU with enough free memory, then run spooled Qwen3-TTS extraction jobs.",
+)
+console = Console()
+err = Console(stderr=True)
+
+_state: dict[str, Any] = {"config": None}
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Config TOML (default /etc/gpuspool/gpuspool.toml)"),
+]
+
+
+@app.callback()
+def _main(config: ConfigOpt = None) -> None:
+    _state["config"] = config
+
+
+def settings() -> Settings:
+    try:
+        return load_settings(_state["config"])
+    except ConfigError as exc:
+        err.print(f"[red]config error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _ledger(s: Settings) -> Ledger:
+    if not s.ledger_path.exists():
+        err.print(f"[red]no queue at {s.ledger_path}[/red] (has the daemon run with this config?)")
+        raise typer.Exit(2)
+    return Ledger(s.ledger_path)
+
+
+def _find(ledger: Ledger, ref: str) -> JobRecord:
+    try:
+        return ledger.find(ref)
+    except LedgerError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+
+
+# -- daemon ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def daemon() -> None:
+    """Run the daemon in the foreground (systemd runs this)."""
+    s = settings()
+    logs.configure(s.log_format, s.log_level)
+    from gpuspool import service
+
+    raise typer.Exit(service.run(s, _state["config"]))
+
+
+# -- submit ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def submit(
+    job_file: Annotated[Path | None, typer.Argument(help="A job file (TOML or JSON)")] = None,
+    input: Annotated[Path | None, typer.Option("--input", "-i", help="Input JSONL")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output JSONL")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer folder or hub id")] = None,
+    name: Annotated[str | None, typer.Option(help="A name for the job")] = None,
+    min_free_gib: Annotated[
+        str | None, typer.Option(help='GiB free needed to start, or "auto"')
+    ] = None,
+    priority: Annotated[int | None, typer.Option(help="Higher starts first")] = None,
+    gpus: Annotated[str | None, typer.Option(help="Allowed GPUs: UUIDs or indexes, a,b")] = None,
+    batch_seconds: Annotated[float | None, typer.Option(help="Padded-seconds budget")] = None,
+    on_bad_line: Annotated[str | None, typer.Option(help="fail or skip")] = None,
+    dtype: Annotated[str | None, typer.Option(help="fp32 or bf16")] = None,
+    timeout_s: Annotated[float | None, typer.Option(help="Stop the job after this long")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON")] = False,
+) -> None:
+    """Submit a job (from a job file, flags, or both: flags win) into the spool."""
+    from gpuspool.estimate import need_gib
+    from gpuspool.spool import Spool, parse_job_bytes, validate_spec
+
+    s = settings()
+    data: dict[str, Any] = {}
+    if job_file is not None:
+        try:
+            data = parse_job_bytes(job_file.read_bytes(), job_file.suffix.lower())
+        except (OSError, ValueError) as exc:
+            err.print(f"[red]{job_file}: {exc}[/red]")
+            raise typer.Exit(1) from exc
+    flags: dict[str, Any] = {
+        "input": str(input.absolute()) if input else None,
+        "output": str(output.absolute()) if output else None,
+        "tokenizer": str(Path(tokenizer).absolute())
+        if tokenizer and Path(tokenizer).exists()
+        else tokenizer,
+        "name": name,
+        "priority": priority,
+        "batch_seconds": batch_seconds,
+        "on_bad_line": on_bad_line,
+        "dtype": dtype,
+        "timeout_s": timeout_s,
+    }
+    if min_free_gib is not None:
+        flags["min_free_gib"] = "auto" if min_free_gib == "auto" else float(min_free_gib)
+    if gpus is not None:
+        flags["gpus"] = [int(g) if g.isdigit() else g for g in gpus.split(",") if g]
+    data.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        spec = validate_spec(data)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    problems = []
+    if not spec.input.is_file():
+        problems.append(f"input: {spec.input} does not exist")
+    if spec.output.exists():
+        problems.append(f"output: {spec.output} already exists")
+    if problems:
+        err.print("[red]" + "; ".join(problems) + "[/red]")
+        raise typer.Exit(1)
+    budget = spec.batch_seconds or s.default_batch_seconds
+    longest = 0.0
+    try:
+        from gpuspool.extract.headers import scan_input
+
+        longest = scan_input(spec.input).longest_s
+    except Exception as exc:
+        err.print(
+            f"[yellow]could not read every audio header ({exc}); estimate is partial[/yellow]"
+        )
+    need = need_gib(longest, budget, spec.dtype)
+    chosen = spec.min_free_gib if spec.min_free_gib is not None else s.min_free_gib
+    threshold = need if chosen == "auto" else float(chosen)
+    try:
+        path, job_id = Spool(s.spool_dir).submit(data, stem=spec.name or spec.input.stem)
+    except OSError as exc:
+        err.print(f"[red]cannot write into the spool {s.spool_dir}: {exc}[/red]")
+        raise typer.Exit(1) from exc
+    result = {
+        "job_id": job_id,
+        "file": str(path),
+        "need_gib": need,
+        "threshold_gib": threshold,
+        "longest_clip_s": longest,
+    }
+    if as_json:
+        print(json.dumps(result))
+    else:
+        console.print(
+            f"submitted [bold]{job_id}[/bold]: needs ≈{need:.1f} GiB"
+            f" (longest clip {longest:.1f} s, batch budget {budget:g} s);"
+            f" starts when a GPU has {threshold:.1f} GiB free"
+        )
+
+
+# -- status and friends --------------------------------------------------------------------------
+
+
+def job_dict(job: JobRecord) -> dict[str, Any]:
+    """The JSON shape of one job in ``status --json`` and ``show``."""
+    p = job.progress
+    return {
+        "id": job.id,
+        "name": job.name,
+        "state": job.state.value,
+        "gpu_uuid": job.gpu_uuid,
+        "priority": job.priority,
+        "need_gib": job.need_gib,
+        "threshold_gib": job.threshold_gib,
+        "attempts": job.attempts,
+        "reason": job.reason,
+        "exit_class": job.exit_class,
+        "submitted_at": job.submitted_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "peak_gib": job.peak_gib,
+        "submitter_uid": job.submitter_uid,
+        "input": str(job.spec.input),
+        "output": str(job.spec.output),
+        "progress": {
+            k: p.get(k)
+            for k in (
+                "lines_done",
+                "lines_total",
+                "audio_s_done",
+                "audio_s_per_s",
+                "eta_s",
+                "gpu_peak_gib",
+            )
+        },
+        "log_path": job.log_path,
+    }
+
+
+def _progress_text(job: JobRecord) -> str:
+    p = job.progress
+    done, total = p.get("lines_done"), p.get("lines_total")
+    if done is None:
+        return ""
+    text = f"{done}/{total}" if total else str(done)
+    if total:
+        text += f" ({100.0 * done / max(total, 1):.0f}%)"
+    if p.get("audio_s_per_s"):
+        text += f" {p['audio_s_per_s']:.0f} a-s/s"
+    if p.get("eta_s") is not None and job.state == JobState.RUNNING:
+        text += f" ETA {p['eta_s']:.0f}s"
+    return text
+
+
+def status_table(jobs: list[JobRecord], draining: bool) -> Table:
+    title = "gpuspool jobs" + (" — DRAINING (no new starts)" if draining else "")
+    table = Table(title=title)
+    for col in ("id", "name", "state", "GPU", "progress", "reason"):
+        table.add_column(col)
+    for job in jobs:
+        reason = job.reason or ""
+        if job.state == JobState.RUNNING:
+            reason = ""
+        table.add_row(
+            job.id,
+            job.name or "",
+            job.state.value,
+            (job.gpu_uuid or "")[:16],
+            _progress_text(job),
+            reason,
+        )
+    return table
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    all_jobs: Annotated[bool, typer.Option("--all", help="Include finished jobs")] = True,
+) -> None:
+    """Every job: id, name, state, GPU, progress, and why waiting jobs wait."""
+    s = settings()
+    ledger = _ledger(s)
+    jobs = ledger.jobs() if all_jobs else ledger.active()
+    draining = ledger.get_meta("draining", "0") == "1"
+    if as_json:
+        print(json.dumps({"draining": draining, "jobs": [job_dict(j) for j in jobs]}, indent=1))
+        return
+    console.print(status_table(jobs, draining))
+
+
+@app.command()
+def show(job: Annotated[str, typer.Argument(help="Job id (or a unique prefix, or name)")]) -> None:
+    """Everything about one job, with its history."""
+    s = settings()
+    ledger = _ledger(s)
+    record = _find(ledger, job)
+    out = job_dict(record)
+    out["spec"] = json.loads(record.spec.model_dump_json())
+    out["progress"] = record.progress
+    out["transitions"] = ledger.transitions(record.id)
+    print(json.dumps(out, indent=1, default=str))
+
+
+@app.command()
+def gpus(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Each GPU: free/total memory, stability and reservations (as the daemon last saw them)."""
+    s = settings()
+    ledger = _ledger(s)
+    raw = ledger.get_meta("gpus")
+    data = json.loads(raw) if raw else {"at": None, "gpus": []}
+    if as_json:
+        print(json.dumps(data, indent=1))
+        return
+    table = Table(title=f"GPUs (threshold {s.min_free_gib} GiB, stable {s.stable_polls} polls)")
+    for col in ("#", "uuid", "name", "free GiB", "total GiB", "reserved", "stable", "state"):
+        table.add_column(col)
+    for g in data["gpus"]:
+        hist = [h for h in g.get("history", []) if h is not None]
+        table.add_row(
+            str(g["index"]),
+            g["uuid"],
+            g["name"],
+            f"{g['free_mib'] / 1024:.1f}",
+            f"{g['total_mib'] / 1024:.1f}",
+            f"{g.get('reserved_gib', 0):.1f}",
+            f"{len(hist)}/{s.stable_polls}",
+            "ok" if g["healthy"] else f"ERROR {g.get('error')}",
+        )
+    console.print(table)
+    if data.get("at"):
+        console.print(f"as of {time.strftime('%H:%M:%S', time.localtime(data['at']))}")
+
+
+def _change(job_ref: str, to: JobState, expect: set[JobState], detail: str, **fields: Any) -> None:
+    s = settings()
+    ledger = _ledger(s)
+    record = _find(ledger, job_ref)
+    try:
+        ledger.transition(
+            record.id,
+            to,
+            now=time.time(),
+            expect=sorted(expect),
+            detail=detail,
+            reason=detail,
+            **fields,
+        )
+    except LedgerError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    console.print(f"{record.id}: {to.value}")
+
+
+@app.command()
+def cancel(job: Annotated[str, typer.Argument(help="Job id")]) -> None:
+    """Cancel a job; a running one is stopped (SIGTERM, then SIGKILL after the grace period)."""
+    s = settings()
+    ledger = _ledger(s)
+    record = _find(ledger, job)
+    try:
+        new = ledger.request_cancel(record.id, now=time.time())
+    except LedgerError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    msg = "stopping" if new.state == JobState.RUNNING else new.state.value
+    console.print(f"{record.id}: {msg}")
+
+
+@app.command()
+def retry(job: Annotated[str, typer.Argument(help="Job id")]) -> None:
+    """Queue a failed or cancelled job again (its partial output is resumed)."""
+    _change(
+        job,
+        JobState.QUEUED,
+        {JobState.FAILED, JobState.CANCELLED, JobState.DEFERRED},
+        "retry requested",
+        attempts=0,
+        not_before=None,
+        finished_at=None,
+        cancel_requested=0,
+    )
+
+
+@app.command()
+def hold(job: Annotated[str, typer.Argument(help="Job id")]) -> None:
+    """Keep a waiting job from starting until released."""
+    _change(job, JobState.HELD, set(RUNNABLE_STATES), "held by user")
+
+
+@app.command()
+def release(job: Annotated[str, typer.Argument(help="Job id")]) -> None:
+    """Let a held job start again."""
+    _change(job, JobState.QUEUED, {JobState.HELD}, "released by user")
+
+
+@app.command()
+def drain() -> None:
+    """Stop starting new jobs; running ones finish. Survives restarts."""
+    ledger = _ledger(settings())
+    ledger.set_meta("draining", "1")
+    console.print("draining: no new jobs will start (gpuspool resume to undo)")
+
+
+@app.command()
+def resume() -> None:
+    """Start jobs again after ``drain``."""
+    ledger = _ledger(settings())
+    ledger.set_meta("draining", "0")
+    console.print("resumed: jobs start when GPUs have room")
+
+
+@app.command(name="logs")
+def job_logs(
+    job: Annotated[str, typer.Argument(help="Job id")],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing as it grows")
+    ] = False,
+) -> None:
+    """The job's own log: worker output and the daemon's events for it."""
+    s = settings()
+    record = _find(_ledger(s), job)
+    path = Path(record.log_path) if record.log_path else s.logs_dir / f"{record.id}.log"
+    if not path.exists():
+        err.print(f"no log yet for {record.id} (state {record.state.value})")
+        raise typer.Exit(0 if not follow else 1)
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(65536)
+            if chunk:
+                sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+                sys.stdout.flush()
+                continue
+            if not follow:
+                break
+            now_record = _ledger(s).get(record.id)
+            if now_record is None or now_record.state.terminal:
+                break
+            time.sleep(0.5)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def extract(ctx: typer.Context) -> None:
+    """Run an extraction by hand (``gpuspool extract --help`` for its flags)."""
+    from gpuspool.extract.cli import main as extract_main
+
+    raise typer.Exit(extract_main(list(ctx.args)))
+
+
+@app.command()
+def doctor() -> None:
+    """Check NVML, the driver, device permissions, folders, config and the extraction setup."""
+    from gpuspool import doctor as doctor_mod
+
+    raise typer.Exit(doctor_mod.main(settings()))
+
+
+@app.command()
+def demo(
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where to put the demo's spool, state and data")
+    ] = None,
+) -> None:
+    """A self-contained run: simulated GPUs, a tiny model, synthetic audio, the real daemon."""
+    from gpuspool import demo as demo_mod
+
+    raise typer.Exit(demo_mod.run(workdir))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    import click
+
+    try:
+        rv = app(args=argv, standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        return 130
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,652 @@
+"""The daemon's logic: ``tick(now)`` = intake → reap → probe → place → launch.
+
+No real clock and no ``os.environ`` here: ``now`` comes from the caller (the scheduler, or a test
+with fake time) and the process environment is handed in. The service loop around it (signals,
+scheduler, systemd) lives in ``service.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpuspool import logs
+from gpuspool.config import Settings
+from gpuspool.estimate import need_gib
+from gpuspool.exitcodes import ExitClass, classify
+from gpuspool.gpus import GpuProbe, ProbeResult
+from gpuspool.ledger import JobRecord, Ledger, LedgerError
+from gpuspool.models import RUNNABLE_STATES, GpuSnapshot, JobSpec, JobState
+from gpuspool.placement import Candidate, GpuView, place
+from gpuspool.runner import JOB_ID_ENV, Exit, Launch, Runner, find_job_processes, is_alive
+from gpuspool.spool import RawJob, Refusal, Spool, display_name, validate_spec
+
+#: Longest stretch of a job's log read in one tick; a flooding worker is skipped ahead.
+MAX_LOG_READ = 1 << 20
+#: How often (seconds) a poll of GPU memory is written to the ledger's history.
+HISTORY_EVERY_S = 10.0
+#: How long GPU history is kept.
+HISTORY_KEEP_S = 7 * 24 * 3600.0
+DRAINING_KEY = "draining"
+
+
+@dataclass
+class _Running:
+    """What the daemon tracks in memory about a running job."""
+
+    log_offset: int = 0
+    last_progress_log: float = float("-inf")
+    stop_deadline: float | None = None
+    stop_reason: str | None = None
+    last_events: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class TickReport:
+    """What one tick did (for tests, metrics and systemd STATUS=)."""
+
+    accepted: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    started: list[tuple[str, str]] = field(default_factory=list)
+    finished: list[tuple[str, str]] = field(default_factory=list)
+    probe_error: str | None = None
+
+
+class Daemon:
+    """One host's queue: owns the ledger, the spool, the probe and the job processes."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        ledger: Ledger,
+        spool: Spool,
+        probe: GpuProbe,
+        runner: Runner,
+        environ: Mapping[str, str],
+        daemon_euid: int,
+        identity_for: Callable[[int], Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.spool = spool
+        self.probe = probe
+        self.runner = runner
+        self.environ = environ
+        self.daemon_euid = daemon_euid
+        self.identity_for = identity_for
+        self.log = logs.get()
+        self._history: dict[str, deque[float | None]] = {}
+        self._gpus: tuple[GpuSnapshot, ...] = ()
+        self._gpu_errors: dict[str, str] = {}
+        self._probe_error: str | None = None
+        self._reasons: dict[str, str] = {}
+        self._running: dict[str, _Running] = {}
+        self._last_history_at = float("-inf")
+        self._reserved: dict[str, float] = {}
+        self.stopping = False
+        self.last_tick_done: float | None = None
+        self.last_report = TickReport()
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def startup(self, now: float) -> None:
+        """Recover after a restart: adopt live jobs, requeue those whose process is gone."""
+        self.spool.ensure_dirs()
+        self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
+        orphans = find_job_processes() if self.ledger.jobs([JobState.RUNNING]) else {}
+        for job in self.ledger.jobs([JobState.RUNNING]):
+            if job.pid is None and job.id in orphans:
+                # Started just before a crash, before its pid was recorded: adopt, never rerun.
+                pid, created = orphans[job.id]
+                job = self.ledger.transition(
+                    job.id, JobState.RUNNING, now=now, pid=pid, pid_start=created
+                )
+            if is_alive(job.pid, job.pid_start):
+                self._running[job.id] = _Running()
+                self.log.info("job_adopted", job_id=job.id, pid=job.pid, gpu_uuid=job.gpu_uuid)
+                continue
+            self._running[job.id] = _Running()
+            self._read_log(job, now)
+            self._finish(job, Exit(None), now)
+
+    @property
+    def draining(self) -> bool:
+        return self.ledger.get_meta(DRAINING_KEY, "0") == "1"
+
+    def set_draining(self, on: bool) -> None:
+        self.ledger.set_meta(DRAINING_KEY, "1" if on else "0")
+
+    def tick(self, now: float) -> TickReport:
+        """Everything the daemon does at one poll. Never raises for a job's or a file's fault."""
+        report = TickReport()
+        self.intake(now, report)
+        self.reap(now, report)
+        result = self.probe.poll()
+        self._observe(result, now, report)
+        if not self.stopping:
+            self._place_and_launch(now, report)
+        self.last_tick_done = now
+        self.last_report = report
+        return report
+
+    def stop_all(self, now: float, *, hard: bool = False) -> None:
+        """Stop every running job (SIGTERM, or SIGKILL when ``hard``); they resume later."""
+        self.stopping = True
+        for job in self.ledger.jobs([JobState.RUNNING]):
+            if job.pid is None:
+                continue
+            state = self._running.setdefault(job.id, _Running())
+            state.stop_reason = state.stop_reason or "daemon stopping"
+            if hard:
+                self.runner.kill(job.pid, job.pid_start)
+            else:
+                self.runner.terminate(job.pid, job.pid_start)
+                state.stop_deadline = now + self.settings.stop_grace_s
+
+    def running_count(self) -> int:
+        return len(self.ledger.jobs([JobState.RUNNING]))
+
+    # -- intake --------------------------------------------------------------------------------------
+
+    def intake(self, now: float, report: TickReport) -> None:
+        for name in self.spool.pending():
+            try:
+                self._intake_one(name, now, report)
+            except Exception as exc:  # a bad file must never stop the daemon
+                self._reject(name, f"internal error while reading: {exc!r}", now, report)
+
+    def _intake_one(self, name: bytes, now: float, report: TickReport) -> None:
+        raw = self.spool.read(name)
+        if isinstance(raw, Refusal):
+            self._reject(name, raw.reason, now, report)
+            return
+        try:
+            spec = validate_spec(raw.data)
+            reason = self._check_job(spec, raw)
+        except ValueError as exc:
+            self._reject(name, str(exc), now, report)
+            return
+        if reason is not None:
+            self._reject(name, reason, now, report)
+            return
+        need = self._need_gib(spec)
+        threshold = self._threshold_gib(spec, need)
+        added = self.ledger.add(
+            job_id=raw.job_id,
+            spec=spec,
+            submitter_uid=raw.submitter_uid,
+            need_gib=need,
+            threshold_gib=threshold,
+            spool_file=None,
+            now=now,
+        )
+        dest = self.spool.accept(raw)
+        if added:
+            self.ledger.update(raw.job_id, now=now, reason="queued")
+            report.accepted.append(raw.job_id)
+            self.log.info(
+                "job_accepted",
+                job_id=raw.job_id,
+                name=spec.name,
+                file=display_name(raw.name),
+                submitter_uid=raw.submitter_uid,
+                need_gib=need,
+                threshold_gib=threshold,
+                accepted_as=str(dest),
+            )
+
+    def _reject(self, name: bytes, reason: str, now: float, report: TickReport) -> None:
+        try:
+            where = self.spool.reject(name, reason, now=now)
+        except OSError as exc:
+            where = None
+            reason = f"{reason} (and could not be moved: {exc})"
+        report.rejected.append(display_name(name))
+        self.log.warning(
+            "job_rejected", file=display_name(name), reason=reason, reason_file=str(where)
+        )
+
+    def _check_job(self, spec: JobSpec, raw: RawJob) -> str | None:
+        """Checks beyond the schema: paths as the submitter sees them; None if all is well."""
+        if self.identity_for is not None:
+            try:
+                identity = self.identity_for(raw.submitter_uid)
+            except Exception as exc:
+                return str(exc)
+            from gpuspool import privileges
+
+            problem = privileges.check_input_readable(identity, spec.input)
+            if problem is None:
+                problem = privileges.check_output_writable(identity, spec.output)
+            if problem is not None:
+                return problem
+        else:
+            if not spec.input.is_file():
+                return f"input: {spec.input} does not exist or is not a file"
+            if spec.output.exists():
+                return f"output: {spec.output} already exists"
+            if not spec.output.parent.is_dir():
+                return f"output: folder {spec.output.parent} does not exist"
+        if spec.tokenizer.startswith("/") and not Path(spec.tokenizer).exists():
+            return f"tokenizer: {spec.tokenizer} does not exist"
+        for other in self.ledger.active():
+            if other.spec.output == spec.output:
+                return f"output: {spec.output} is already the output of job {other.id}"
+        return None
+
+    def _need_gib(self, spec: JobSpec) -> float:
+        budget = spec.batch_seconds or self.settings.default_batch_seconds
+        longest = 0.0
+        try:
+            from gpuspool.extract.headers import scan_input
+
+            longest = scan_input(spec.input).longest_s
+        except Exception as exc:
+            self.log.warning("need_estimate_partial", input=str(spec.input), error=str(exc))
+        return need_gib(longest, budget, spec.dtype)
+
+    def _threshold_gib(self, spec: JobSpec, need: float) -> float:
+        chosen = spec.min_free_gib if spec.min_free_gib is not None else self.settings.min_free_gib
+        return need if chosen == "auto" else float(chosen)
+
+    # -- running jobs --------------------------------------------------------------------------------
+
+    def reap(self, now: float, report: TickReport) -> None:
+        for job in self.ledger.jobs([JobState.RUNNING]):
+            state = self._running.setdefault(job.id, _Running())
+            self._read_log(job, now)
+            if job.pid is None:
+                self._finish(job, Exit(None), now, report)
+                continue
+            gone = self.runner.poll(job.pid, job.pid_start)
+            if gone is not None:
+                self._finish(job, gone, now, report)
+                continue
+            if job.cancel_requested and state.stop_reason is None:
+                state.stop_reason = "cancelled by user"
+                state.stop_deadline = now + self.settings.stop_grace_s
+                self.runner.terminate(job.pid, job.pid_start)
+                self._job_event(job, "job_stopping", reason=state.stop_reason)
+            timeout = job.spec.timeout_s or self.settings.job_timeout_s
+            if (
+                timeout is not None
+                and state.stop_reason is None
+                and job.started_at is not None
+                and now - job.started_at > timeout
+            ):
+                state.stop_reason = f"timed out after {timeout:.0f} s"
+                state.stop_deadline = now + self.settings.stop_grace_s
+                self.runner.terminate(job.pid, job.pid_start)
+                self._job_event(job, "job_stopping", reason=state.stop_reason)
+            if state.stop_deadline is not None and now >= state.stop_deadline:
+                self.runner.kill(job.pid, job.pid_start)
+                state.stop_deadline = None
+
+    def _read_log(self, job: JobRecord, now: float) -> None:
+        """Take the worker's new JSON events from its log; relay progress."""
+        if not job.log_path:
+            return
+        state = self._running.setdefault(job.id, _Running())
+        try:
+            with open(job.log_path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size - state.log_offset > MAX_LOG_READ:
+                    state.log_offset = size - 65536  # skip a flood, keep the latest events
+                f.seek(state.log_offset)
+                chunk = f.read(MAX_LOG_READ)
+        except OSError:
+            return
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return
+        state.log_offset += end + 1
+        for line in chunk[: end + 1].splitlines():
+            if not line.startswith(b"{"):
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(event, dict) or event.get("source") == "daemon":
+                continue
+            kind = event.get("event")
+            if kind in ("start", "progress", "summary", "error"):
+                state.last_events[str(kind)] = event
+        progress = state.last_events.get("progress") or state.last_events.get("start")
+        if progress is None:
+            return
+        fields = {k: v for k, v in progress.items() if k not in ("event", "source")}
+        if fields != job.progress:
+            self.ledger.update(job.id, now=now, progress=fields)
+            if now - state.last_progress_log >= self.settings.progress_log_interval_s:
+                state.last_progress_log = now
+                self.log.info("job_progress", job_id=job.id, gpu_uuid=job.gpu_uuid, **fields)
+
+    def _finish(
+        self, job: JobRecord, gone: Exit, now: float, report: TickReport | None = None
+    ) -> None:
+        """File a job whose process is gone, by its exit code (or, if adopted, its last event)."""
+        state = self._running.pop(job.id, _Running())
+        events = state.last_events
+        code = gone.returncode
+        if code is None and "error" in events:
+            code = int(events["error"].get("exit_code", 1))
+        elif code is None and "summary" in events:
+            code = 0
+        exit_class = classify(code)
+        if exit_class == ExitClass.DONE and not job.spec.output.exists():
+            exit_class = ExitClass.CRASH
+        summary = events.get("summary", {})
+        error_reason = events.get("error", {}).get("reason")
+        peak = summary.get("peak_gpu_gib")
+        base: dict[str, Any] = {"pid": None, "pid_start": None, "exit_class": exit_class}
+        if isinstance(peak, (int, float)):
+            base["peak_gib"] = float(peak)
+        if state.stop_reason == "cancelled by user" or job.cancel_requested:
+            self._move(job, JobState.CANCELLED, now, "cancelled by user", finished_at=now, **base)
+            self._job_event(job, "job_cancelled")
+        elif exit_class == ExitClass.DONE:
+            self._move(job, JobState.DONE, now, "done", finished_at=now, **base)
+            self._job_event(job, "job_finished", summary=summary, peak_gib=base.get("peak_gib"))
+            self._notify_finish(job, JobState.DONE)
+        elif state.stop_reason and state.stop_reason.startswith("timed out"):
+            self._retry_or_fail(job, now, state.stop_reason, {**base, "exit_class": "timeout"})
+        elif exit_class == ExitClass.INTERRUPTED:
+            why = state.stop_reason or "process ended without finishing (killed or daemon restart)"
+            self._move(job, JobState.INTERRUPTED, now, f"interrupted: {why}; resumes", **base)
+            self._job_event(job, "job_interrupted", reason=why)
+        elif exit_class in (ExitClass.OOM, ExitClass.CRASH):
+            label = "CUDA out of memory" if exit_class == ExitClass.OOM else "worker crashed"
+            detail = f"{label}: {error_reason}" if error_reason else label
+            self._retry_or_fail(job, now, detail, base)
+        else:
+            detail = error_reason or f"worker exited with {exit_class} (code {code})"
+            self._move(job, JobState.FAILED, now, detail, finished_at=now, **base)
+            self._job_event(job, "job_failed", reason=detail, exit_class=exit_class)
+            self._notify_finish(job, JobState.FAILED)
+        if report is not None:
+            report.finished.append((job.id, exit_class))
+
+    def _retry_or_fail(self, job: JobRecord, now: float, detail: str, base: dict[str, Any]) -> None:
+        attempts = job.attempts + 1
+        limit = job.spec.max_attempts or self.settings.max_attempts
+        if attempts >= limit:
+            reason = f"{detail} (attempt {attempts} of {limit}; giving up)"
+            self._move(
+                job, JobState.FAILED, now, reason, finished_at=now, attempts=attempts, **base
+            )
+            self._job_event(job, "job_failed", reason=reason, exit_class=base["exit_class"])
+            self._notify_finish(job, JobState.FAILED)
+            return
+        delay = self.settings.retry_backoff_s * (2 ** (attempts - 1))
+        reason = f"{detail}; retry {attempts + 1} of {limit} after {delay:.0f} s"
+        self._move(
+            job, JobState.DEFERRED, now, reason, attempts=attempts, not_before=now + delay, **base
+        )
+        self._job_event(job, "job_retry_scheduled", reason=reason, retry_in_s=delay)
+
+    def _notify_finish(self, job: JobRecord, state: JobState) -> None:
+        """Hook for finish/failure notifications (metrics, webhooks)."""
+
+    def _move(self, job: JobRecord, to: JobState, now: float, reason: str, **fields: Any) -> None:
+        try:
+            self.ledger.transition(
+                job.id, to, now=now, expect=[job.state], detail=reason, reason=reason, **fields
+            )
+        except LedgerError as exc:
+            self.log.warning("job_transition_skipped", job_id=job.id, to=to.value, error=str(exc))
+
+    def _job_event(self, job: JobRecord, event: str, **fields: Any) -> None:
+        """Log an event for a job, to the daemon's log and to the job's own log file."""
+        fields = {"job_id": job.id, "gpu_uuid": job.gpu_uuid, **fields}
+        self.log.info(event, **fields)
+        if job.log_path:
+            line = {"event": event, "source": "daemon", **fields}
+            try:
+                with open(job.log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(line, default=str) + "\n")
+            except OSError:
+                pass
+
+    # -- GPUs and placement ---------------------------------------------------------------------
+
+    def _reservations(
+        self, running: list[JobRecord], gpus: tuple[GpuSnapshot, ...]
+    ) -> dict[str, float]:
+        """GiB still reserved per GPU: each job's need less what NVML shows its process using."""
+        used_by_pid = {
+            (g.uuid, p.pid): (p.used_mib or 0.0) / 1024.0 for g in gpus for p in g.processes
+        }
+        reserved: dict[str, float] = {}
+        for job in running:
+            if job.gpu_uuid is None:
+                continue
+            shown = used_by_pid.get((job.gpu_uuid, job.pid or -1), 0.0)
+            reserved[job.gpu_uuid] = reserved.get(job.gpu_uuid, 0.0) + max(
+                0.0, job.need_gib - shown
+            )
+        return reserved
+
+    def _observe(self, result: ProbeResult, now: float, report: TickReport) -> None:
+        if result.error != self._probe_error:
+            if result.error:
+                self.log.error("gpu_probe_error", error=result.error)
+            else:
+                self.log.info("gpu_probe_recovered")
+            self._probe_error = result.error
+        report.probe_error = result.error
+        self._gpus = result.gpus
+        running = self.ledger.jobs([JobState.RUNNING])
+        reserved = self._reservations(running, result.gpus)
+        seen = set()
+        for gpu in result.gpus:
+            seen.add(gpu.uuid)
+            hist = self._history.get(gpu.uuid)
+            if hist is None or hist.maxlen != self.settings.stable_polls:
+                hist = deque(hist or (), maxlen=self.settings.stable_polls)
+                self._history[gpu.uuid] = hist
+            hist.append(gpu.free_gib - reserved.get(gpu.uuid, 0.0) if gpu.healthy else None)
+            previous = self._gpu_errors.get(gpu.uuid)
+            if not gpu.healthy and previous != gpu.error:
+                self._gpu_errors[gpu.uuid] = gpu.error or "unknown"
+                self.log.error("gpu_error", gpu_uuid=gpu.uuid, index=gpu.index, error=gpu.error)
+            elif gpu.healthy and previous is not None:
+                del self._gpu_errors[gpu.uuid]
+                self.log.info("gpu_recovered", gpu_uuid=gpu.uuid, index=gpu.index)
+        for uuid in list(self._history):
+            if uuid not in seen:  # a GPU gone from the listing: forget its stability
+                del self._history[uuid]
+        self._reserved = reserved
+        if now - self._last_history_at >= HISTORY_EVERY_S and result.gpus:
+            self._last_history_at = now
+            self.ledger.record_gpu_history(
+                now, [(g.uuid, g.free_mib if g.healthy else None, g.total_mib) for g in result.gpus]
+            )
+
+    def gpu_views(self) -> list[GpuView]:
+        reserved = self._reserved
+        return [
+            GpuView(g, tuple(self._history.get(g.uuid, ())), reserved.get(g.uuid, 0.0))
+            for g in self._gpus
+        ]
+
+    def _place_and_launch(self, now: float, report: TickReport) -> None:
+        waiting = self.ledger.jobs(sorted(RUNNABLE_STATES | {JobState.HELD}))
+        candidates = []
+        reasons: dict[str, str] = {}
+        for job in waiting:
+            if job.state == JobState.HELD:
+                reasons[job.id] = "held (gpuspool release to let it run)"
+            elif job.not_before is not None and job.not_before > now:
+                reasons[job.id] = f"{job.reason or 'retrying'}: {job.not_before - now:.0f} s left"
+            elif self.draining:
+                reasons[job.id] = "draining: no new jobs start (gpuspool resume)"
+            elif self._probe_error and not self._gpus:
+                reasons[job.id] = f"no GPU readings: {self._probe_error}"
+            else:
+                candidates.append(
+                    Candidate(
+                        job.id,
+                        job.threshold_gib,
+                        job.priority,
+                        job.seq,
+                        tuple(job.spec.gpus) if job.spec.gpus is not None else None,
+                    )
+                )
+        decision = place(candidates, self.gpu_views(), stable_polls=self.settings.stable_polls)
+        reasons.update(decision.reasons)
+        by_id = {j.id: j for j in waiting}
+        for start in decision.starts:
+            job = by_id[start.job_id]
+            problem = self._launch(job, start.gpu_uuid, start.available_gib, now)
+            if problem is None:
+                report.started.append((job.id, start.gpu_uuid))
+                reasons.pop(job.id, None)
+            else:
+                reasons[job.id] = problem
+        for job_id, reason in reasons.items():
+            if self._reasons.get(job_id) != reason:
+                self._reasons[job_id] = reason
+                job = by_id[job_id]
+                self.ledger.update(job_id, now=now, reason=reason)
+                self.log.info(
+                    "job_waiting",
+                    job_id=job_id,
+                    reason=reason,
+                    impossible=job_id in decision.impossible,
+                    threshold_gib=job.threshold_gib,
+                )
+
+    def worker_argv(self, job: JobRecord) -> list[str]:
+        spec = job.spec
+        return [
+            *self.settings.worker_command,
+            "--input",
+            str(spec.input),
+            "--output",
+            str(spec.output),
+            "--tokenizer",
+            spec.tokenizer,
+            "--device",
+            self.settings.worker_device,
+            "--batch-seconds",
+            f"{spec.batch_seconds or self.settings.default_batch_seconds:g}",
+            "--on-bad-line",
+            spec.on_bad_line,
+            "--dtype",
+            spec.dtype,
+        ]
+
+    def _job_env(self, job_id: str, gpu_uuid: str, identity: Any) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in self.environ.items()
+            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS")
+        }
+        env.update(
+            CUDA_VISIBLE_DEVICES=gpu_uuid,
+            CUDA_DEVICE_ORDER="PCI_BUS_ID",
+            PYTHONUNBUFFERED="1",
+        )
+        env[JOB_ID_ENV] = job_id
+        if identity is not None:
+            env.update(HOME=identity.home, USER=identity.name, LOGNAME=identity.name)
+        return env
+
+    def _launch(self, job: JobRecord, gpu_uuid: str, available: float, now: float) -> str | None:
+        identity = None
+        popen_kwargs: dict[str, Any] = {}
+        if self.identity_for is not None:
+            try:
+                identity = self.identity_for(job.submitter_uid)
+            except Exception as exc:
+                self._move(job, JobState.FAILED, now, str(exc), finished_at=now)
+                return str(exc)
+            from gpuspool import privileges
+
+            popen_kwargs = privileges.popen_kwargs(identity)
+        log_path = self.settings.logs_dir / f"{job.id}.log"
+        launch = Launch(
+            argv=self.worker_argv(job),
+            env=self._job_env(job.id, gpu_uuid, identity),
+            log_path=log_path,
+            cwd=job.spec.output.parent,
+            popen_kwargs=popen_kwargs,
+        )
+        # Claim the job first, so a crash between here and the start can only requeue it.
+        try:
+            claimed = self.ledger.transition(
+                job.id,
+                JobState.RUNNING,
+                now=now,
+                expect=[job.state],
+                detail=f"starting on {gpu_uuid}",
+                gpu_uuid=gpu_uuid,
+                started_at=now,
+                log_path=str(log_path),
+                reason=f"running on {gpu_uuid}",
+                not_before=None,
+                pid=None,
+                pid_start=None,
+            )
+        except LedgerError as exc:
+            return str(exc)
+        try:
+            started = self.runner.start(launch)
+        except OSError as exc:
+            reason = f"could not start the worker: {exc}"
+            self._move(claimed, JobState.FAILED, now, reason, finished_at=now)
+            self._job_event(claimed, "job_failed", reason=reason)
+            return reason
+        self.ledger.transition(
+            job.id, JobState.RUNNING, now=now, pid=started.pid, pid_start=started.pid_start
+        )
+        self._running[job.id] = _Running()
+        self._reasons.pop(job.id, None)
+        self._job_event(
+            claimed,
+            "job_started",
+            gpu_uuid=gpu_uuid,
+            free_gib=round(available, 2),
+            need_gib=job.need_gib,
+            threshold_gib=job.threshold_gib,
+            pid=started.pid,
+            argv=launch.argv,
+        )
+        return None
+
+    # -- views for the CLI and metrics ------------------------------------------------------------
+
+    def describe_gpus(self) -> list[dict[str, Any]]:
+        """Each GPU with its stability and reservations (for ``gpuspool gpus`` and metrics)."""
+        out = []
+        for view in self.gpu_views():
+            snap = view.snapshot
+            out.append(
+                {
+                    "index": snap.index,
+                    "uuid": snap.uuid,
+                    "name": snap.name,
+                    "free_mib": snap.free_mib,
+                    "total_mib": snap.total_mib,
+                    "healthy": snap.healthy,
+                    "error": snap.error,
+                    "reserved_gib": round(view.reserved_gib, 2),
+                    "history": list(view.available_history),
+                }
+            )
+        return out
+
+
+def signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return str(sig)

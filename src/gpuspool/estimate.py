@@ -1,0 +1,37 @@
+"""GPU memory need of an extraction job, from the numbers measured on the released architecture.
+
+Pure arithmetic, no torch: the daemon uses it at intake (for ``min_free_gib = "auto"``) and the
+worker uses it to report its bound. Activation memory of the encoder grows linearly with the padded
+audio in a batch (batch size × longest clip); the worker cuts batches at a padded-seconds budget,
+so the largest batch holds ``max(budget, longest clip)`` padded seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Dtype = Literal["fp32", "bf16"]
+
+#: Activation peak per minute of padded audio in one batch (GiB), encoder, measured on an H100.
+ACT_GIB_PER_MIN: dict[str, float] = {"fp32": 1.72, "bf16": 0.86}
+#: Encoder weights and codebooks on the GPU (GiB); the decoder is never moved to the GPU.
+WEIGHTS_GIB: dict[str, float] = {"fp32": 0.21, "bf16": 0.11}
+#: A CUDA context with cuDNN/cuBLAS handles loaded (GiB).
+CONTEXT_GIB = 0.55
+#: Allocator slack on top of the activation peak (fraction).
+MARGIN = 0.10
+
+
+def need_gib(longest_clip_s: float, budget_s: float, dtype: Dtype = "fp32") -> float:
+    """GPU memory (GiB) an extraction needs: weights + context + activations of the largest batch.
+
+    ``longest_clip_s`` is the longest clip of the input (a clip longer than the budget runs
+    alone, so it sets the largest batch); ``budget_s`` is the padded-seconds batch budget.
+    """
+    if longest_clip_s < 0 or budget_s <= 0:
+        raise ValueError("longest_clip_s must be >= 0 and budget_s > 0")
+    if dtype not in ACT_GIB_PER_MIN:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(ACT_GIB_PER_MIN)}")
+    padded_min = max(longest_clip_s, budget_s) / 60.0
+    activations = ACT_GIB_PER_MIN[dtype] * padded_min * (1.0 + MARGIN)
+    return round(WEIGHTS_GIB[dtype] + CONTEXT_GIB + activations, 2)

@@ -1,0 +1,404 @@
+"""The durable queue: SQLite in WAL mode. The only module that imports sqlite3.
+
+Every state change is one transaction and leaves a row in ``transitions``, so the history of each
+job can be audited (and drawn). The CLI and the daemon open the same file; WAL lets readers run
+while the daemon writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpuspool.models import TERMINAL_STATES, JobSpec, JobState
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id            TEXT PRIMARY KEY,
+    name          TEXT,
+    spec_json     TEXT NOT NULL,
+    submitter_uid INTEGER NOT NULL,
+    submitted_at  REAL NOT NULL,
+    seq           INTEGER NOT NULL,
+    priority      INTEGER NOT NULL DEFAULT 0,
+    state         TEXT NOT NULL,
+    need_gib      REAL NOT NULL,
+    threshold_gib REAL NOT NULL,
+    gpu_uuid      TEXT,
+    pid           INTEGER,
+    pid_start     REAL,
+    started_at    REAL,
+    finished_at   REAL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    not_before    REAL,
+    reason        TEXT,
+    exit_class    TEXT,
+    progress_json TEXT,
+    peak_gib      REAL,
+    log_path      TEXT,
+    spool_file    TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    updated_at    REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS transitions (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id     TEXT NOT NULL,
+    at         REAL NOT NULL,
+    from_state TEXT,
+    to_state   TEXT NOT NULL,
+    detail     TEXT
+);
+CREATE INDEX IF NOT EXISTS transitions_job ON transitions(job_id);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS gpu_history (
+    at       REAL NOT NULL,
+    uuid     TEXT NOT NULL,
+    free_mib REAL,
+    total_mib REAL
+);
+CREATE INDEX IF NOT EXISTS gpu_history_at ON gpu_history(at);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """One row of the ledger, as the rest of the daemon sees it."""
+
+    id: str
+    name: str | None
+    spec: JobSpec
+    submitter_uid: int
+    submitted_at: float
+    seq: int
+    priority: int
+    state: JobState
+    need_gib: float
+    threshold_gib: float
+    gpu_uuid: str | None = None
+    pid: int | None = None
+    pid_start: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    not_before: float | None = None
+    reason: str | None = None
+    exit_class: str | None = None
+    progress: dict[str, Any] = field(default_factory=dict)
+    peak_gib: float | None = None
+    log_path: str | None = None
+    spool_file: str | None = None
+    cancel_requested: bool = False
+    updated_at: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return self.name or self.id
+
+
+class LedgerError(Exception):
+    """A requested change does not apply to the job in its current state."""
+
+
+def _row_to_record(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(
+        id=row["id"],
+        name=row["name"],
+        spec=JobSpec.model_validate_json(row["spec_json"]),
+        submitter_uid=row["submitter_uid"],
+        submitted_at=row["submitted_at"],
+        seq=row["seq"],
+        priority=row["priority"],
+        state=JobState(row["state"]),
+        need_gib=row["need_gib"],
+        threshold_gib=row["threshold_gib"],
+        gpu_uuid=row["gpu_uuid"],
+        pid=row["pid"],
+        pid_start=row["pid_start"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        attempts=row["attempts"],
+        not_before=row["not_before"],
+        reason=row["reason"],
+        exit_class=row["exit_class"],
+        progress=json.loads(row["progress_json"]) if row["progress_json"] else {},
+        peak_gib=row["peak_gib"],
+        log_path=row["log_path"],
+        spool_file=row["spool_file"],
+        cancel_requested=bool(row["cancel_requested"]),
+        updated_at=row["updated_at"],
+    )
+
+
+class Ledger:
+    """The job queue on disk. Thread-confined: open one per thread (or process)."""
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = path
+        if readonly:
+            uri = f"file:{path}?mode=ro"
+            self._db = sqlite3.connect(
+                uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False
+            )
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                path, timeout=30, isolation_level=None, check_same_thread=False
+            )
+        self._db.row_factory = sqlite3.Row
+        if not readonly:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            with self._tx() as db:
+                db.execute(
+                    "INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord | None:
+        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _row_to_record(row) if row else None
+
+    def find(self, prefix: str) -> JobRecord:
+        """The job whose id (or name) is ``prefix`` or starts with it; errors if none or several."""
+        rows = self._db.execute(
+            "SELECT * FROM jobs WHERE id LIKE ? ESCAPE '\\' OR name = ? ORDER BY seq",
+            (prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%", prefix),
+        ).fetchall()
+        if not rows:
+            raise LedgerError(f"no job matches {prefix!r}")
+        if len(rows) > 1:
+            exact = [r for r in rows if r["id"] == prefix]
+            if len(exact) == 1:
+                return _row_to_record(exact[0])
+            raise LedgerError(f"{prefix!r} matches {len(rows)} jobs; give more of the id")
+        return _row_to_record(rows[0])
+
+    def jobs(self, states: Sequence[JobState] | None = None) -> list[JobRecord]:
+        if states is None:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY seq").fetchall()
+        else:
+            marks = ",".join("?" for _ in states)
+            rows = self._db.execute(
+                f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY seq",
+                [s.value for s in states],
+            ).fetchall()
+        return [_row_to_record(r) for r in rows]
+
+    def active(self) -> list[JobRecord]:
+        """Jobs that are not terminal, in submission order."""
+        return self.jobs([s for s in JobState if s not in TERMINAL_STATES])
+
+    def counts(self) -> dict[str, int]:
+        rows = self._db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
+        return {r["state"]: r["n"] for r in rows}
+
+    def transitions(self, job_id: str | None = None) -> list[dict[str, Any]]:
+        if job_id is None:
+            rows = self._db.execute("SELECT * FROM transitions ORDER BY seq").fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT * FROM transitions WHERE job_id = ? ORDER BY seq", (job_id,)
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row["value"] if row else default
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO meta(key, value) VALUES(?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def add(
+        self,
+        *,
+        job_id: str,
+        spec: JobSpec,
+        submitter_uid: int,
+        need_gib: float,
+        threshold_gib: float,
+        spool_file: str | None,
+        now: float,
+    ) -> bool:
+        """Insert a queued job; False (and no change) if ``job_id`` is already there."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone():
+                return False
+            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
+            db.execute(
+                "INSERT INTO jobs(id, name, spec_json, submitter_uid, submitted_at, seq, priority,"
+                " state, need_gib, threshold_gib, spool_file, updated_at)"
+                " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    spec.name,
+                    spec.model_dump_json(),
+                    submitter_uid,
+                    now,
+                    seq,
+                    spec.priority,
+                    JobState.QUEUED.value,
+                    need_gib,
+                    threshold_gib,
+                    spool_file,
+                    now,
+                ),
+            )
+            db.execute(
+                "INSERT INTO transitions(job_id, at, from_state, to_state, detail)"
+                " VALUES(?, ?, NULL, ?, ?)",
+                (job_id, now, JobState.QUEUED.value, "submitted"),
+            )
+        return True
+
+    def transition(
+        self,
+        job_id: str,
+        to: JobState,
+        *,
+        now: float,
+        expect: Sequence[JobState] | None = None,
+        detail: str | None = None,
+        **fields: Any,
+    ) -> JobRecord:
+        """Move a job to ``to`` (and set ``fields``) in one transaction.
+
+        ``expect`` guards the move: if the job is not in one of those states, nothing changes and
+        ``LedgerError`` is raised. That is how two writers (the daemon and a ``cancel`` from the
+        CLI) never both win.
+        """
+        allowed = {
+            "gpu_uuid",
+            "pid",
+            "pid_start",
+            "started_at",
+            "finished_at",
+            "attempts",
+            "not_before",
+            "reason",
+            "exit_class",
+            "peak_gib",
+            "log_path",
+            "cancel_requested",
+            "spool_file",
+        }
+        unknown = set(fields) - allowed
+        if unknown:
+            raise ValueError(f"unknown job fields {sorted(unknown)}")
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise LedgerError(f"no job {job_id}")
+            current = JobState(row["state"])
+            if expect is not None and current not in expect:
+                raise LedgerError(
+                    f"job {job_id} is {current.value}, not {'/'.join(s.value for s in expect)}"
+                )
+            sets = ["state = ?", "updated_at = ?"] + [f"{k} = ?" for k in fields]
+            values: list[Any] = [to.value, now, *fields.values(), job_id]
+            db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", values)
+            if current != to:
+                db.execute(
+                    "INSERT INTO transitions(job_id, at, from_state, to_state, detail)"
+                    " VALUES(?, ?, ?, ?, ?)",
+                    (job_id, now, current.value, to.value, detail),
+                )
+            new = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _row_to_record(new)
+
+    def update(self, job_id: str, *, now: float, **fields: Any) -> None:
+        """Set non-state fields (progress, reason, peak) without a transition row."""
+        allowed = {"reason", "progress", "peak_gib", "cancel_requested", "need_gib"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise ValueError(f"unknown job fields {sorted(unknown)}")
+        cols = {("progress_json" if k == "progress" else k): v for k, v in fields.items()}
+        if "progress_json" in cols:
+            cols["progress_json"] = json.dumps(cols["progress_json"], sort_keys=True)
+        sets = ", ".join(f"{k} = ?" for k in cols)
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE jobs SET {sets}, updated_at = ? WHERE id = ?",
+                [*cols.values(), now, job_id],
+            )
+
+    def request_cancel(self, job_id: str, *, now: float) -> JobRecord:
+        """Cancel a waiting job at once; flag a running one for the daemon to stop."""
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise LedgerError(f"no job {job_id}")
+            state = JobState(row["state"])
+            if state in TERMINAL_STATES:
+                raise LedgerError(f"job {job_id} is already {state.value}")
+            if state == JobState.RUNNING:
+                db.execute(
+                    "UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?",
+                    (now, job_id),
+                )
+            else:
+                db.execute(
+                    "UPDATE jobs SET state = ?, finished_at = ?, reason = ?, updated_at = ?"
+                    " WHERE id = ?",
+                    (JobState.CANCELLED.value, now, "cancelled by user", now, job_id),
+                )
+                db.execute(
+                    "INSERT INTO transitions(job_id, at, from_state, to_state, detail)"
+                    " VALUES(?, ?, ?, ?, ?)",
+                    (job_id, now, state.value, JobState.CANCELLED.value, "cancelled by user"),
+                )
+            new = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _row_to_record(new)
+
+    def record_gpu_history(
+        self, now: float, rows: Sequence[tuple[str, float | None, float]]
+    ) -> None:
+        """Append one poll of GPU memory; pruned to ``keep_s`` by ``prune_gpu_history``."""
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO gpu_history(at, uuid, free_mib, total_mib) VALUES(?, ?, ?, ?)",
+                [(now, u, f, t) for u, f, t in rows],
+            )
+
+    def prune_gpu_history(self, older_than: float) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM gpu_history WHERE at < ?", (older_than,))
+
+    def gpu_history(self, since: float) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT * FROM gpu_history WHERE at >= ? ORDER BY at", (since,)
+        ).fetchall()
+        return [dict(r) for r in rows]

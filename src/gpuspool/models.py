@@ -1,0 +1,151 @@
+"""The data the daemon passes around: the job-file schema, job states, GPU snapshots.
+
+No I/O here. ``JobSpec`` is the strict schema of a spool job file; ``GpuSnapshot`` is one poll of
+one GPU; ``JobState`` the ledger's states.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
+
+
+class JobState(StrEnum):
+    """A job's place in its lifecycle. Every change is one ledger transaction."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    #: Its process stopped without finishing (daemon stop or crash): resumes when placed again.
+    INTERRUPTED = "interrupted"
+    #: Waiting for a retry after a retryable failure (``not_before`` says when).
+    DEFERRED = "deferred"
+    HELD = "held"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+    @property
+    def runnable(self) -> bool:
+        return self in RUNNABLE_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
+RUNNABLE_STATES = frozenset({JobState.QUEUED, JobState.INTERRUPTED, JobState.DEFERRED})
+
+GpuRef = Annotated[StrictStr, Field(min_length=1, max_length=128)] | Annotated[StrictInt, Field(ge=0)]
+
+
+class JobSpec(BaseModel):
+    """A job file dropped into ``<spool_dir>/incoming/`` (TOML or JSON). Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: Path = Field(description="Absolute path of the input JSONL (one object per line)")
+    output: Path = Field(description="Absolute path of the output JSONL; must not exist yet")
+    tokenizer: StrictStr = Field(min_length=1, max_length=4096, description="Folder or hub id")
+    name: StrictStr | None = Field(None, min_length=1, max_length=200)
+    priority: StrictInt = Field(0, ge=-1000, le=1000, description="Higher starts first")
+    min_free_gib: float | Literal["auto"] | None = Field(
+        None, description='GiB free needed to start; "auto" = computed need; default: config'
+    )
+    gpus: list[GpuRef] | None = Field(None, max_length=64, description="Allow-list: UUID/index")
+    batch_seconds: float | None = Field(None, gt=0, le=86400, description="Padded-s budget")
+    on_bad_line: Literal["fail", "skip"] = "fail"
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    timeout_s: float | None = Field(None, gt=0, description="Kill the job after this long")
+    max_attempts: StrictInt | None = Field(None, ge=1, le=100)
+
+    @field_validator("input", "output", mode="before")
+    @classmethod
+    def _path_from_str(cls, v: object) -> object:
+        if isinstance(v, Path):
+            v = str(v)
+        if isinstance(v, str):
+            if "\x00" in v or not v:
+                raise ValueError("path must be a non-empty string without NUL bytes")
+            return v
+        raise ValueError("path must be a string")
+
+    @field_validator("input", "output")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        if not v.is_absolute():
+            raise ValueError(f"path must be absolute, got {str(v)!r}")
+        if ".." in v.parts:
+            raise ValueError(f"path must not contain '..', got {str(v)!r}")
+        return v
+
+    @field_validator("min_free_gib", mode="before")
+    @classmethod
+    def _threshold(cls, v: object) -> object:
+        if isinstance(v, bool) or (isinstance(v, str) and v != "auto"):
+            raise ValueError('min_free_gib must be a number or "auto"')
+        if isinstance(v, int):
+            v = float(v)
+        if isinstance(v, float) and (not math.isfinite(v) or v < 0):
+            raise ValueError('min_free_gib must be a finite number >= 0 or "auto"')
+        return v
+
+    @field_validator("batch_seconds", "timeout_s", mode="before")
+    @classmethod
+    def _int_to_float(cls, v: object) -> object:
+        if isinstance(v, (bool, str)):
+            raise ValueError("must be a number")
+        if isinstance(v, int):
+            return float(v)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError("must be finite")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct_paths(self) -> JobSpec:
+        if self.input == self.output:
+            raise ValueError("input and output must differ")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProcess:
+    """A compute process NVML shows on a GPU."""
+
+    pid: int
+    used_mib: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSnapshot:
+    """One GPU at one poll. ``healthy`` False means its state is unknown: never place on it."""
+
+    index: int
+    uuid: str
+    name: str
+    total_mib: float
+    free_mib: float
+    healthy: bool = True
+    error: str | None = None
+    processes: tuple[GpuProcess, ...] = field(default_factory=tuple)
+
+    @property
+    def free_gib(self) -> float:
+        return self.free_mib / 1024.0
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_mib / 1024.0

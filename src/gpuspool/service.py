@@ -1,0 +1,199 @@
+"""The long-running service around ``Daemon.tick``: scheduler, spool watch, signals, systemd.
+
+Signal handlers only set flags; the main thread acts on them. The first SIGTERM (or SIGINT) stops
+new starts, asks running jobs to checkpoint and stop, waits up to ``stop_grace_s`` and exits 0;
+a second one stops them hard. SIGHUP re-reads the configuration without touching running jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from gpuspool import logs
+from gpuspool.config import Settings, load_settings
+from gpuspool.daemon import Daemon
+from gpuspool.gpus import make_probe
+from gpuspool.ledger import Ledger
+from gpuspool.models import JobState
+from gpuspool.runner import Runner
+from gpuspool.spool import Spool
+from gpuspool.systemd import Notifier
+from gpuspool.timers import TickScheduler
+
+
+class _Flags:
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.stop = 0
+        self.reload = False
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self.reload = True
+        else:
+            self.stop += 1
+        self.event.set()
+
+
+def _watch_spool(incoming: Path, wake: Any) -> Any:
+    """Wake the tick when something lands in ``incoming/`` (inotify where available)."""
+    try:
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+    except ImportError:  # pragma: no cover - a base dependency
+        return None
+
+    class _Handler(FileSystemEventHandler):
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            if event.event_type in ("created", "moved", "closed"):
+                wake()
+
+    observer = Observer()
+    observer.schedule(_Handler(), str(incoming), recursive=False)
+    observer.daemon = True
+    observer.start()
+    return observer
+
+
+def status_line(daemon: Daemon) -> str:
+    """The one-line summary systemd shows (``STATUS=``)."""
+    counts = daemon.ledger.counts()
+    waiting = sum(
+        counts.get(s.value, 0) for s in (JobState.QUEUED, JobState.INTERRUPTED, JobState.DEFERRED)
+    )
+    free = sum(1 for v in daemon.gpu_views() if v.snapshot.healthy and (v.available_gib or 0) > 0)
+    text = (
+        f"{waiting} waiting, {counts.get(JobState.RUNNING.value, 0)} running,"
+        f" {counts.get(JobState.DONE.value, 0)} done,"
+        f" {counts.get(JobState.FAILED.value, 0)} failed;"
+        f" GPUs: {len(daemon.gpu_views())} seen, {free} with free memory"
+    )
+    if daemon.draining:
+        text = "draining; " + text
+    return text
+
+
+def build_daemon(settings: Settings) -> Daemon:
+    """Compose the daemon from settings (the real adapters)."""
+    from gpuspool import privileges
+
+    euid = os.geteuid()
+
+    def identity_for(uid: int) -> Any:
+        return privileges.job_identity(uid, daemon_euid=euid, fallback_user=settings.fallback_user)
+
+    return Daemon(
+        settings,
+        ledger=Ledger(settings.ledger_path),
+        spool=Spool(settings.spool_dir, max_bytes=settings.max_job_file_bytes),
+        probe=make_probe(settings.gpu_source),
+        runner=Runner(),
+        environ=os.environ,
+        daemon_euid=euid,
+        identity_for=identity_for,
+    )
+
+
+def run(settings: Settings, config_path: Path | None) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code."""
+    log = logs.get()
+    notifier = Notifier.from_env()
+    flags = _Flags()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, flags.on_signal)
+
+    daemon = build_daemon(settings)
+    daemon.startup(time.time())
+    lock = threading.Lock()
+
+    def tick() -> None:
+        with lock:
+            if daemon.stopping:
+                return
+            try:
+                daemon.tick(time.time())
+            except Exception:
+                log.exception("tick_failed")
+
+    scheduler = TickScheduler(tick, settings.poll_interval_s)
+    scheduler.start()
+    observer = _watch_spool(settings.incoming_dir, scheduler.wake)
+    # Ready once intake, queue and a first GPU poll are up.
+    deadline = time.monotonic() + 30
+    while daemon.last_tick_done is None and time.monotonic() < deadline and not flags.stop:
+        time.sleep(0.02)
+    notifier.ready()
+    log.info(
+        "daemon_started",
+        pid=os.getpid(),
+        gpu_source=settings.gpu_source,
+        spool_dir=str(settings.spool_dir),
+        state_dir=str(settings.state_dir),
+        poll_interval_s=settings.poll_interval_s,
+        min_free_gib=settings.min_free_gib,
+    )
+    watchdog_s = notifier.watchdog_interval_s
+    last_status = ""
+    while True:
+        flags.event.wait(timeout=min(watchdog_s or 1.0, 1.0))
+        flags.event.clear()
+        if flags.stop:
+            break
+        if flags.reload:
+            flags.reload = False
+            notifier.reloading()
+            try:
+                new = load_settings(config_path)
+            except Exception as exc:
+                log.error("config_reload_failed", error=str(exc))
+            else:
+                with lock:
+                    daemon.settings = new
+                scheduler.reschedule(new.poll_interval_s)
+                log.info("config_reloaded", config=str(config_path))
+            notifier.ready()
+        done = daemon.last_tick_done
+        # Ping the watchdog only while ticks actually complete.
+        stale_after = max(3 * settings.poll_interval_s, 2 * (watchdog_s or 0.0))
+        if watchdog_s and done is not None and time.time() - done < stale_after:
+            notifier.watchdog()
+        line = status_line(daemon)
+        if line != last_status:
+            notifier.status(line)
+            last_status = line
+
+    notifier.stopping()
+    log.info("daemon_stopping", running=daemon.running_count())
+    if observer is not None:
+        observer.stop()
+    with lock:
+        daemon.stopping = True
+    scheduler.shutdown()
+    _drain(daemon, flags)
+    daemon.ledger.close()
+    daemon.probe.close()
+    log.info("daemon_stopped")
+    return 0
+
+
+def _drain(daemon: Daemon, flags: _Flags) -> None:
+    """Ask running jobs to stop and checkpoint, then file them as interrupted."""
+    hard = flags.stop > 1
+    daemon.stop_all(time.time(), hard=hard)
+    deadline = time.monotonic() + daemon.settings.stop_grace_s + 5
+    while daemon.running_count() and time.monotonic() < deadline:
+        if flags.stop > 1 and not hard:
+            hard = True
+            daemon.stop_all(time.time(), hard=True)
+        daemon.reap(time.time(), daemon.last_report)
+        time.sleep(0.1)
+    if daemon.running_count():
+        daemon.stop_all(time.time(), hard=True)
+        time.sleep(0.5)
+        daemon.reap(time.time(), daemon.last_report)

@@ -1,0 +1,242 @@
+"""The spool directory: the only module that touches it.
+
+Layout (under ``spool_dir``)::
+
+    tmp/        writers create job files here ...
+    incoming/   ... then rename them in (atomic); the daemon takes them from here
+    accepted/   job files taken into the ledger, named <job id>.<ext>
+    rejected/   refused entries, each with <name>.reason beside it
+
+Entries of ``incoming/`` are opened without following links and without blocking, and must be
+regular files with one link and at most ``max_bytes``; anything else is moved (never followed or
+read) to ``rejected/``. Names starting with ``.`` are ignored: writers may use them while writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import stat
+import time
+import tomllib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpuspool.models import JobSpec
+
+SUFFIXES = (b".toml", b".json")
+
+
+@dataclass(frozen=True, slots=True)
+class RawJob:
+    """A job file read safely from ``incoming/``, not yet validated."""
+
+    name: bytes
+    job_id: str
+    data: dict[str, Any]
+    submitter_uid: int
+    suffix: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An entry of ``incoming/`` that cannot be a job, and why."""
+
+    name: bytes
+    reason: str
+
+
+def display_name(name: bytes) -> str:
+    """A log-safe rendering of an entry name (newlines and bad bytes escaped)."""
+    text = name.decode("utf-8", errors="backslashreplace")
+    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+
+
+def parse_job_bytes(content: bytes, suffix: str) -> dict[str, Any]:
+    """Decode a job file's bytes (UTF-8 TOML or JSON) into a dict; ValueError says why not."""
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text: {exc}") from exc
+    try:
+        data: Any = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
+    except RecursionError as exc:
+        raise ValueError("nested too deeply") from exc
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not valid {suffix[1:].upper()}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"top level must be a table/object, not {type(data).__name__}")
+    return data
+
+
+def validate_spec(data: dict[str, Any]) -> JobSpec:
+    """The strict schema check; ValueError names each bad field."""
+    from pydantic import ValidationError
+
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
+            for err in exc.errors()[:10]
+        )
+        raise ValueError(f"invalid job: {problems}") from exc
+    except RecursionError as exc:
+        raise ValueError("invalid job: nested too deeply") from exc
+
+
+class Spool:
+    """The spool directory on disk."""
+
+    def __init__(self, root: Path, *, max_bytes: int = 65536) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.incoming = root / "incoming"
+        self.staging = root / "tmp"
+        self.accepted = root / "accepted"
+        self.rejected = root / "rejected"
+
+    def ensure_dirs(self) -> None:
+        """Create missing folders (the installer sets their owners and modes)."""
+        for d in (self.incoming, self.staging, self.accepted, self.rejected):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def pending(self) -> list[bytes]:
+        """Names in ``incoming/`` to look at, oldest first by name order of discovery."""
+        try:
+            names = os.listdir(bytes(self.incoming))
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if not n.startswith(b"."))
+
+    def read(self, name: bytes) -> RawJob | Refusal:
+        """Open ``incoming/<name>`` safely and parse it, or say why it is refused."""
+        suffix = os.path.splitext(name)[1].lower()
+        if suffix not in SUFFIXES:
+            return Refusal(name, "job files must end in .toml or .json")
+        dir_fd = os.open(self.incoming, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+            try:
+                fd = os.open(name, flags, dir_fd=dir_fd)
+            except OSError as exc:
+                if os.path.islink(os.path.join(bytes(self.incoming), name)):
+                    return Refusal(name, "is a symbolic link (links are never followed)")
+                return Refusal(name, f"cannot open: {exc.strerror}")
+            try:
+                return self._read_fd(name, fd, suffix.decode())
+            finally:
+                os.close(fd)
+        finally:
+            os.close(dir_fd)
+
+    def _read_fd(self, name: bytes, fd: int, suffix: str) -> RawJob | Refusal:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            return Refusal(name, f"not a regular file ({_kind(before.st_mode)})")
+        if before.st_nlink != 1:
+            return Refusal(name, f"has {before.st_nlink} hard links (must have exactly one)")
+        if before.st_size > self.max_bytes:
+            return Refusal(name, f"too large: {before.st_size} bytes > {self.max_bytes}")
+        chunks = []
+        remaining = self.max_bytes + 1
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, 65536))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        content = b"".join(chunks)
+        after = os.fstat(fd)
+        if len(content) > self.max_bytes:
+            return Refusal(name, f"too large: more than {self.max_bytes} bytes")
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or len(
+            content
+        ) != after.st_size:
+            return Refusal(name, "changed while being read (write elsewhere, then rename in)")
+        try:
+            data = parse_job_bytes(content, suffix)
+        except ValueError as exc:
+            return Refusal(name, str(exc))
+        return RawJob(name, job_id_for(name, before, content), data, before.st_uid, suffix)
+
+    def accept(self, raw: RawJob) -> Path:
+        """Move an accepted job file to ``accepted/<job id><ext>``; returns the new path."""
+        dest = self.accepted / f"{raw.job_id}{raw.suffix}"
+        os.rename(os.path.join(bytes(self.incoming), raw.name), bytes(dest))
+        return dest
+
+    def reject(self, name: bytes, reason: str, *, now: float | None = None) -> Path:
+        """Move an entry (whatever it is; links are not followed) to ``rejected/`` with a reason."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now if now is not None else time.time()))
+        base = f"{stamp}-{uuid.uuid4().hex[:8]}"
+        dest = self.rejected / base
+        reason_path = self.rejected / f"{base}.reason"
+        _write_atomic(
+            reason_path,
+            f"file: {display_name(name)}\nreason: {reason}\n".encode(),
+        )
+        with contextlib.suppress(FileNotFoundError):  # gone meanwhile: the reason still tells
+            os.rename(os.path.join(bytes(self.incoming), name), bytes(dest))
+        return reason_path
+
+    def submit(self, data: dict[str, Any], *, stem: str | None = None) -> tuple[Path, str]:
+        """Publish a job: write ``tmp/<name>.json``, rename it into ``incoming/``.
+
+        Returns the published path and the job id the daemon will give it.
+        """
+        self.staging.mkdir(parents=True, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in (stem or "job"))[:60]
+        name = f"{safe}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.json"
+        tmp = self.staging / name
+        content = json.dumps(data, indent=2).encode()
+        _write_atomic(tmp, content)
+        st = os.stat(tmp)
+        dest = self.incoming / name
+        os.rename(tmp, dest)
+        return dest, job_id_for(name.encode(), st, content)
+
+    def reason_files(self) -> list[Path]:
+        return sorted(self.rejected.glob("*.reason"))
+
+
+def job_id_for(name: bytes, st: os.stat_result, content: bytes) -> str:
+    """The job id of a spool file: stable across a crash and rescan, unique per submission."""
+    digest = hashlib.sha256()
+    for part in (name, str(st.st_ino).encode(), str(st.st_mtime_ns).encode(), content):
+        digest.update(part)
+        digest.update(b"\x00")
+    return digest.hexdigest()[:12]
+
+
+def _kind(mode: int) -> str:
+    for test, label in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return label
+    return "not a regular file"
+
+
+def _write_atomic(path: Path, content: bytes) -> None:
+    """Write ``content`` to ``path`` and fsync it (and its folder)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, content)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -1,0 +1,130 @@
+"""Shared fixtures: a daemon wired to a ``file:`` GPU source and a temp spool."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpuspool.config import Settings
+from gpuspool.daemon import Daemon
+from gpuspool.gpus import FileProbe, write_gpu_file
+from gpuspool.ledger import Ledger
+from gpuspool.runner import Runner
+from gpuspool.spool import Spool
+
+STUB_WORKER = str(Path(__file__).parent / "stub_worker.py")
+GIB_MIB = 1024.0
+
+
+def gpu_entry(index: int, free_gib: float, total_gib: float = 80.0, **extra: Any) -> dict[str, Any]:
+    return {"uuid": f"GPU-sim-{index}", "name": "Simulated 80GB", "total_mib": total_gib * GIB_MIB,
+            "free_mib": free_gib * GIB_MIB, **extra}  # fmt: skip
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 20.0, step: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+class Harness:
+    """A daemon with fake time, a file GPU source and a stub worker."""
+
+    def __init__(self, tmp: Path, **overrides: Any) -> None:
+        self.tmp = tmp
+        self.gpu_file = tmp / "gpus.json"
+        self.set_gpus([gpu_entry(0, 10)])
+        self.env: dict[str, str] = {"PATH": os.environ.get("PATH", "")}
+        values: dict[str, Any] = {
+            "spool_dir": tmp / "spool",
+            "state_dir": tmp / "state",
+            "poll_interval_s": 1.0,
+            "stable_polls": 3,
+            "min_free_gib": 20.0,
+            "gpu_source": f"file:{self.gpu_file}",
+            "worker_command": [sys.executable, STUB_WORKER],
+            "worker_device": "cpu",
+            "retry_backoff_s": 10.0,
+            "stop_grace_s": 2.0,
+            "progress_log_interval_s": 0.0,
+        }
+        values.update(overrides)
+        self.settings = Settings(**values)
+        self.data = tmp / "data"
+        self.data.mkdir(exist_ok=True)
+        (self.data / "in.jsonl").write_text('{"audio": "a.wav"}\n')
+        self.now = 1000.0
+        self.daemon = self.new_daemon()
+
+    def new_daemon(self) -> Daemon:
+        d = Daemon(
+            self.settings,
+            ledger=Ledger(self.settings.ledger_path),
+            spool=Spool(self.settings.spool_dir),
+            probe=FileProbe(self.gpu_file),
+            runner=Runner(),
+            environ=self.env,
+            daemon_euid=os.geteuid(),
+        )
+        d.startup(self.now)
+        return d
+
+    def set_gpus(self, gpus: list[dict[str, Any]]) -> None:
+        write_gpu_file(self.gpu_file, gpus)
+
+    def submit(self, name: str = "job", **fields: Any) -> str:
+        data = {"input": str(self.data / "in.jsonl"), "output": str(self.data / f"{name}.out.jsonl"),
+                "tokenizer": "tiny", "name": name, **fields}  # fmt: skip
+        _, job_id = Spool(self.settings.spool_dir).submit(data, stem=name)
+        return job_id
+
+    def drop_raw(self, filename: str, content: bytes) -> Path:
+        staging = self.settings.staging_dir
+        staging.mkdir(parents=True, exist_ok=True)
+        (staging / filename).write_bytes(content)
+        self.settings.incoming_dir.mkdir(parents=True, exist_ok=True)
+        dest = self.settings.incoming_dir / filename
+        os.rename(staging / filename, dest)
+        return dest
+
+    def tick(self, dt: float = 1.0) -> Any:
+        self.now += dt
+        return self.daemon.tick(self.now)
+
+    def state(self, job_id: str) -> str:
+        rec = self.daemon.ledger.get(job_id)
+        assert rec is not None
+        return rec.state.value
+
+    def job(self, job_id: str) -> Any:
+        return self.daemon.ledger.get(job_id)
+
+    def settle(self, job_id: str, timeout: float = 20.0) -> str:
+        """Tick (fake time) until the job leaves ``running``."""
+
+        def done() -> bool:
+            self.tick(0.1)
+            return self.state(job_id) != "running"
+
+        wait_until(done, timeout, step=0.05)
+        return self.state(job_id)
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Harness:
+    return Harness(tmp_path)
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,206 @@
+"""The daemon's tick with fake time, a file GPU source and real job processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+from structlog.testing import capture_logs
+
+from tests.conftest import Harness, gpu_entry, json_lines, wait_until
+
+
+def test_job_waits_until_free_memory_is_stable(harness: Harness) -> None:
+    """Below the threshold the job waits with a reason; it starts after stable_polls polls."""
+    job = harness.submit("a")
+    harness.tick()
+    assert harness.state(job) == "queued"
+    assert "need 20.0" in harness.job(job).reason
+    harness.set_gpus([gpu_entry(0, 50)])
+    harness.tick()
+    harness.tick()
+    assert harness.state(job) == "queued"
+    assert "stable 2/3 polls" in harness.job(job).reason
+    harness.tick()
+    assert harness.state(job) == "running"
+    assert harness.job(job).gpu_uuid == "GPU-sim-0"
+    assert harness.settle(job) == "done"
+    rec = harness.job(job)
+    assert rec.peak_gib == 1.5 and rec.exit_class == "done"
+    events = [e["event"] for e in json_lines(harness.settings.logs_dir / f"{job}.log")]
+    assert events[0] == "job_started" and "summary" in events and events[-1] == "job_finished"
+
+
+def test_reservation_prevents_double_booking(harness: Harness) -> None:
+    """Two jobs that each fit, but not together, never start on the same free memory."""
+    harness.env["STUB_MODE"] = "sleep"
+    harness.set_gpus([gpu_entry(0, 30)])
+    a = harness.submit("a", min_free_gib="auto", batch_seconds=600.0)
+    b = harness.submit("b", min_free_gib="auto", batch_seconds=600.0)
+    for _ in range(6):
+        harness.tick()
+    states = sorted([harness.state(a), harness.state(b)])
+    assert states == ["queued", "running"]
+    running = a if harness.state(a) == "running" else b
+    waiting = b if running == a else a
+    need = harness.job(running).need_gib
+    assert 15 < need < 30  # 600 s of padded audio ≈ 18.9 GiB: one fits in 30, two don't
+    assert "reserved" in harness.job(waiting).reason
+    # The process now shows its memory in NVML: the reservation is released, free drops.
+    pid = harness.job(running).pid
+    harness.set_gpus([gpu_entry(0, 30 - need, processes=[{"pid": pid, "used_mib": need * 1024}])])
+    for _ in range(4):
+        harness.tick()
+    assert harness.state(waiting) == "queued"
+    assert harness.daemon.gpu_views()[0].reserved_gib == 0.0
+    harness.daemon.stop_all(harness.now)
+    harness.settle(running)
+
+
+def test_oom_retries_with_backoff_then_fails(harness: Harness) -> None:
+    """CUDA OOM defers the job with a growing delay; after max_attempts it fails."""
+    harness.env["STUB_MODE"] = "oom"
+    harness.set_gpus([gpu_entry(0, 50)])
+    job = harness.submit("a")
+    for _ in range(3):
+        harness.tick()
+    assert harness.settle(job) == "deferred"
+    rec = harness.job(job)
+    assert rec.attempts == 1 and rec.not_before == rec.updated_at + 10.0
+    harness.tick(5)
+    assert harness.state(job) == "deferred" and "s left" in harness.job(job).reason
+    harness.tick(6)
+    assert harness.state(job) == "running"
+    assert harness.settle(job) == "deferred"
+    assert harness.job(job).not_before - harness.job(job).updated_at == 20.0
+    harness.tick(25)
+    assert harness.settle(job) == "failed"
+    assert "CUDA out of memory" in harness.job(job).reason
+    assert harness.job(job).attempts == 3
+
+
+def test_bad_data_fails_without_retry(harness: Harness) -> None:
+    """A data error is final and its reason (with the line number) is kept."""
+    harness.env["STUB_MODE"] = "data"
+    harness.set_gpus([gpu_entry(0, 50)])
+    job = harness.submit("a")
+    for _ in range(3):
+        harness.tick()
+    assert harness.settle(job) == "failed"
+    assert harness.job(job).reason == "line 3: audio file missing"
+    assert harness.job(job).exit_class == "data_error"
+
+
+def test_crash_is_retried(harness: Harness) -> None:
+    """An unexpected worker crash is retried like a transient fault."""
+    harness.env["STUB_MODE"] = "crash"
+    harness.set_gpus([gpu_entry(0, 50)])
+    job = harness.submit("a")
+    for _ in range(3):
+        harness.tick()
+    assert harness.settle(job) == "deferred"
+    assert "worker crashed" in harness.job(job).reason
+
+
+def test_cancel_stops_running_job(harness: Harness) -> None:
+    """Cancelling a running job sends SIGTERM to its group and files it as cancelled."""
+    harness.env["STUB_MODE"] = "sleep"
+    harness.set_gpus([gpu_entry(0, 50)])
+    job = harness.submit("a")
+    for _ in range(3):
+        harness.tick()
+    assert harness.state(job) == "running"
+    harness.daemon.ledger.request_cancel(job, now=harness.now)
+    assert harness.settle(job) == "cancelled"
+
+
+def test_hung_job_times_out(harness: Harness) -> None:
+    """A job running past its timeout is stopped and retried (or failed) with that reason."""
+    harness.env["STUB_MODE"] = "sleep"
+    harness.set_gpus([gpu_entry(0, 50)])
+    job = harness.submit("a", timeout_s=30.0, max_attempts=1)
+    for _ in range(3):
+        harness.tick()
+    harness.tick(31)
+    assert harness.settle(job) == "failed"
+    assert "timed out after 30 s" in harness.job(job).reason
+
+
+def test_restart_adopts_live_job_and_requeues_dead_one(harness: Harness) -> None:
+    """After a daemon restart a live job is adopted (not rerun); a killed one resumes."""
+    harness.env["STUB_MODE"] = "sleep"
+    harness.set_gpus([gpu_entry(0, 50)])
+    job = harness.submit("a")
+    for _ in range(3):
+        harness.tick()
+    pid = harness.job(job).pid
+    harness.daemon = harness.new_daemon()  # a new daemon over the same ledger
+    harness.tick()
+    assert harness.state(job) == "running" and harness.job(job).pid == pid
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid))
+    harness.daemon = harness.new_daemon()
+    assert harness.state(job) == "interrupted"
+    for _ in range(3):
+        harness.tick()
+    assert harness.state(job) == "running" and harness.job(job).pid != pid
+    harness.daemon.stop_all(harness.now)
+    assert harness.settle(job) == "interrupted"
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_bad_file_is_rejected_and_good_one_accepted(harness: Harness) -> None:
+    """A malformed job file is quarantined with its reason; the next file is still accepted."""
+    harness.drop_raw("bad.json", b'{"input": "relative.jsonl", "output": 3}')
+    harness.drop_raw("worse.toml", b"\xff\xfe not utf-8")
+    good = harness.submit("good")
+    with capture_logs() as logs:
+        report = harness.tick()
+    assert report.accepted == [good]
+    assert sorted(report.rejected) == ["bad.json", "worse.toml"]
+    reasons = [p.read_text() for p in sorted(harness.daemon.spool.reason_files())]
+    assert any("input: Value error, path must be absolute" in r for r in reasons)
+    assert any("not UTF-8" in r for r in reasons)
+    assert {e["event"] for e in logs} >= {"job_rejected", "job_accepted"}
+    assert list(harness.settings.incoming_dir.iterdir()) == []
+    assert (harness.settings.accepted_dir / f"{good}.json").exists()
+
+
+def test_gpu_error_makes_gpu_not_free(harness: Harness) -> None:
+    """A GPU reporting an error is never used and the job and log say why; it recovers."""
+    harness.set_gpus([gpu_entry(0, 70, error="GPU is lost")])
+    job = harness.submit("a")
+    with capture_logs() as logs:
+        for _ in range(4):
+            harness.tick()
+    assert harness.state(job) == "queued"
+    assert "state unknown (GPU is lost)" in harness.job(job).reason
+    assert [e for e in logs if e["event"] == "gpu_error"][0]["gpu_uuid"] == "GPU-sim-0"
+    harness.set_gpus([gpu_entry(0, 70)])
+    for _ in range(3):
+        harness.tick()
+    assert harness.state(job) == "running"
+    assert harness.settle(job) == "done"
+
+
+def test_unreadable_gpu_file_keeps_daemon_up(harness: Harness) -> None:
+    """A probe error (like NVML init failing) leaves jobs waiting with the error as reason."""
+    harness.gpu_file.write_text("not json")
+    job = harness.submit("a")
+    report = harness.tick()
+    assert report.probe_error and "cannot read GPU file" in report.probe_error
+    assert "no GPU readings" in harness.job(job).reason
+    harness.set_gpus([gpu_entry(0, 70)])
+    for _ in range(3):
+        harness.tick()
+    assert harness.state(job) == "running"
+    harness.settle(job)
+    assert json.loads(harness.job(job).spec.model_dump_json())["name"] == "a"
