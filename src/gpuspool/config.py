@@ -46,9 +46,15 @@ class Settings(BaseSettings):
         description="argv prefix of the extraction worker",
     )
     worker_device: str = Field("cuda:0", description='Device the worker uses ("cpu" to simulate)')
+    worker_extra_args: list[str] = Field(
+        default_factory=list, description="Appended to every worker's argv"
+    )
     default_batch_seconds: float = Field(320.0, gt=0, description="Padded-seconds batch budget")
     job_timeout_s: float | None = Field(None, gt=0, description="Kill a job running this long")
     fallback_user: str | None = Field(None, description="Runs root-owned jobs; None rejects them")
+    allow_root_jobs: bool = Field(
+        False, description="Single-user machines only: root-owned jobs run as root"
+    )
     metrics_address: str | None = Field(None, description='"127.0.0.1:9404" to serve metrics')
     webhook_url: str | None = Field(None, description="POSTed a JSON body on finish/failure")
     log_format: str = Field("auto", description='"auto", "json" or "console"')

@@ -132,6 +132,7 @@ class Daemon:
         self._observe(result, now, report)
         if not self.stopping:
             self._place_and_launch(now, report)
+        self.ledger.set_meta("gpus", json.dumps({"at": now, "gpus": self.describe_gpus()}))
         self.last_tick_done = now
         self.last_report = report
         return report
@@ -353,6 +354,10 @@ class Daemon:
             self._move(job, JobState.CANCELLED, now, "cancelled by user", finished_at=now, **base)
             self._job_event(job, "job_cancelled")
         elif exit_class == ExitClass.DONE:
+            if summary:
+                final = {**job.progress, **{k: v for k, v in summary.items() if k != "event"}}
+                final["lines_total"] = final.get("lines_total") or summary.get("lines_done")
+                self.ledger.update(job.id, now=now, progress=final)
             self._move(job, JobState.DONE, now, "done", finished_at=now, **base)
             self._job_event(job, "job_finished", summary=summary, peak_gib=base.get("peak_gib"))
             self._notify_finish(job, JobState.DONE)
@@ -542,6 +547,7 @@ class Daemon:
             spec.on_bad_line,
             "--dtype",
             spec.dtype,
+            *self.settings.worker_extra_args,
         ]
 
     def _job_env(self, job_id: str, gpu_uuid: str, identity: Any) -> dict[str, str]:

@@ -86,6 +86,8 @@ def build_daemon(settings: Settings) -> Daemon:
     euid = os.geteuid()
 
     def identity_for(uid: int) -> Any:
+        if uid == 0 and euid == 0 and settings.allow_root_jobs and not settings.fallback_user:
+            return privileges.current_identity()
         return privileges.job_identity(uid, daemon_euid=euid, fallback_user=settings.fallback_user)
 
     return Daemon(
