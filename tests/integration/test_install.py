@@ -1,0 +1,210 @@
+"""deploy/install.sh into a temporary root: accounts, folders, modes, files; re-runs change nothing.
+
+Needs root (it chowns to the accounts it creates). The venv step is skipped (--no-venv): it
+would download torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+INSTALL = REPO / "deploy" / "install.sh"
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="install.sh needs root (chown, user database)"),
+]
+
+#: The documented layout (docs/deploy.md): path -> (mode, owner, group).
+LAYOUT = {
+    "var/spool/gpuspool": (0o710, "root", "gpuspool-submit"),
+    "var/spool/gpuspool/incoming": (0o1730, "root", "gpuspool-submit"),
+    "var/spool/gpuspool/tmp": (0o1730, "root", "gpuspool-submit"),
+    "var/spool/gpuspool/accepted": (0o700, "root", "root"),
+    "var/spool/gpuspool/rejected": (0o700, "root", "root"),
+    "var/lib/gpuspool": (0o700, "root", "root"),
+    "var/lib/gpuspool/logs": (0o700, "root", "root"),
+}
+
+CONFIG = 'poll_interval_s = 5.0\nlog_level = "info"\n'
+
+
+def _install(root: Path, config: Path, *extra: str) -> str:
+    done = subprocess.run(
+        ["bash", str(INSTALL), "--root", str(root), "--prefix", "/opt/gs", "--no-venv",
+         "--config", str(config), *extra],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _db(root: Path, name: str) -> dict[str, list[str]]:
+    """name -> fields of root/etc/passwd or root/etc/group."""
+    lines = (root / "etc" / name).read_text().splitlines()
+    return {f[0]: f for f in (line.split(":") for line in lines if line)}
+
+
+def _ids(root: Path) -> tuple[dict[str, int], dict[str, int]]:
+    users = {n: int(f[2]) for n, f in _db(root, "passwd").items()} | {"root": 0}
+    groups = {n: int(f[2]) for n, f in _db(root, "group").items()} | {"root": 0}
+    return users, groups
+
+
+def _listing(root: Path) -> list[tuple[object, ...]]:
+    """Every path with its type, mode, owner, group, mtime and content hash or link target."""
+    rows: list[tuple[object, ...]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                content = os.readlink(path)
+            elif stat.S_ISREG(st.st_mode):
+                content = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                content = ""
+            mtime = 0 if name == ".pwd.lock" else st.st_mtime_ns  # a lock file, touched by design
+            rows.append((str(path.relative_to(root)), stat.filemode(st.st_mode),
+                         st.st_uid, st.st_gid, mtime, content))  # fmt: skip
+    return sorted(rows)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    """A default config file to install."""
+    path = tmp_path / "default.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """An empty temporary root."""
+    path = tmp_path / "root"
+    path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("tools", ["systemd", "shadow"])
+def test_install_creates_accounts_folders_and_files(root: Path, config: Path, tools: str) -> None:
+    """Users, groups, folder modes/owners, config, unit and enablement are as documented."""
+    if tools == "systemd" and not shutil.which("systemd-sysusers"):
+        pytest.skip("systemd-sysusers not installed (apt-get install systemd)")
+    _install(root, config, *(["--no-systemd-tools"] if tools == "shadow" else []))
+
+    passwd = _db(root, "passwd")
+    assert passwd["gpuspool"][6] == "/usr/sbin/nologin"
+    users, groups = _ids(root)
+    assert "gpuspool-submit" in groups and "gpuspool" in groups
+    assert users["gpuspool"] < 1000  # a system account
+
+    for rel, (mode, owner, group) in LAYOUT.items():
+        st = (root / rel).stat()
+        assert stat.S_ISDIR(st.st_mode), rel
+        assert stat.S_IMODE(st.st_mode) == mode, (rel, oct(st.st_mode))
+        assert (st.st_uid, st.st_gid) == (users[owner], groups[group]), rel
+
+    installed_config = root / "etc/gpuspool/gpuspool.toml"
+    assert installed_config.read_text() == CONFIG
+    assert stat.S_IMODE(installed_config.stat().st_mode) == 0o644
+
+    unit = (root / "etc/systemd/system/gpuspool.service").read_text()
+    assert "ExecStart=/opt/gs/venv/bin/gpuspool --config /etc/gpuspool/gpuspool.toml daemon" in (
+        unit
+    )
+    assert "/opt/gpuspool/" not in unit
+    wants = root / "etc/systemd/system/multi-user.target.wants/gpuspool.service"
+    assert os.readlink(wants) == "/etc/systemd/system/gpuspool.service"
+    assert (root / "usr/lib/sysusers.d/gpuspool.conf").read_bytes() == (
+        REPO / "deploy/gpuspool.sysusers.conf"
+    ).read_bytes()
+    assert (root / "usr/lib/tmpfiles.d/gpuspool.conf").read_bytes() == (
+        REPO / "deploy/gpuspool.tmpfiles.conf"
+    ).read_bytes()
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-systemd-tools"], ["--service-user"]])
+def test_second_run_changes_nothing(root: Path, config: Path, extra: list[str]) -> None:
+    """A second run leaves every path, mode, owner, mtime and content as it was."""
+    _install(root, config, *extra)
+    before = _listing(root)
+    output = _install(root, config, *extra)
+    assert _listing(root) == before
+    assert "wrote" not in output and "enabled" not in output
+
+
+def test_edited_config_is_never_overwritten(root: Path, config: Path) -> None:
+    """An edited config survives a re-run; the new default goes beside it as .new."""
+    _install(root, config)
+    installed = root / "etc/gpuspool/gpuspool.toml"
+    installed.write_text('log_level = "debug"\n')
+    config.write_text(CONFIG + "stable_polls = 4\n")
+    _install(root, config)
+    assert installed.read_text() == 'log_level = "debug"\n'
+    assert (root / "etc/gpuspool/gpuspool.toml.new").read_text() == config.read_text()
+    before = _listing(root)
+    _install(root, config)
+    assert _listing(root) == before
+
+
+def test_folders_are_repaired(root: Path, config: Path) -> None:
+    """A re-run restores a drop folder whose mode was loosened and a private one made public."""
+    _install(root, config)
+    (root / "var/spool/gpuspool/incoming").chmod(0o777)
+    (root / "var/lib/gpuspool").chmod(0o755)
+    _install(root, config)
+    assert stat.S_IMODE((root / "var/spool/gpuspool/incoming").stat().st_mode) == 0o1730
+    assert stat.S_IMODE((root / "var/lib/gpuspool").stat().st_mode) == 0o700
+
+
+def test_service_user_mode_and_back(root: Path, config: Path) -> None:
+    """--service-user hands the folders to gpuspool and adds a drop-in; without it, undone."""
+    _install(root, config, "--service-user")
+    users, groups = _ids(root)
+    accepted = (root / "var/spool/gpuspool/accepted").stat()
+    assert (accepted.st_uid, accepted.st_gid) == (users["gpuspool"], groups["gpuspool"])
+    incoming = (root / "var/spool/gpuspool/incoming").stat()
+    assert (incoming.st_uid, incoming.st_gid) == (users["gpuspool"], groups["gpuspool-submit"])
+    dropin = root / "etc/systemd/system/gpuspool.service.d/service-user.conf"
+    assert "User=gpuspool" in dropin.read_text()
+
+    _install(root, config)
+    assert not dropin.exists()
+    assert not (root / "etc/tmpfiles.d/gpuspool.conf").exists()
+    assert (root / "var/spool/gpuspool/accepted").stat().st_uid == 0
+
+
+def test_missing_config_is_an_error(root: Path, tmp_path: Path) -> None:
+    """Without a config to install, the script stops before touching the root."""
+    done = subprocess.run(
+        ["bash", str(INSTALL), "--root", str(root), "--no-venv",
+         "--config", str(tmp_path / "absent.toml")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "no config to install" in done.stderr
+    assert list(root.iterdir()) == []
+
+
+@pytest.mark.skipif(not (REPO / "config/gpuspool.toml").exists(), reason="no config/gpuspool.toml")
+def test_default_config_is_the_repository_one(root: Path) -> None:
+    """Without --config, config/gpuspool.toml is installed, and it loads."""
+    from gpuspool.config import load_settings
+
+    done = subprocess.run(
+        ["bash", str(INSTALL), "--root", str(root), "--no-venv"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    installed = root / "etc/gpuspool/gpuspool.toml"
+    assert installed.read_bytes() == (REPO / "config/gpuspool.toml").read_bytes()
+    assert load_settings(installed).spool_dir == Path("/var/spool/gpuspool")
