@@ -26,6 +26,7 @@ from gpuspool.models import RUNNABLE_STATES, GpuSnapshot, JobSpec, JobState
 from gpuspool.placement import Candidate, GpuView, place
 from gpuspool.runner import JOB_ID_ENV, Exit, Launch, Runner, find_job_processes, is_alive
 from gpuspool.spool import RawJob, Refusal, Spool, display_name, validate_spec
+from gpuspool.systemd import scrub_env
 
 #: Longest stretch of a job's log read in one tick; a flooding worker is skipped ahead.
 MAX_LOG_READ = 1 << 20
@@ -94,7 +95,7 @@ class Daemon:
         self.last_tick_done: float | None = None
         self.last_report = TickReport()
 
-    # -- lifecycle -----------------------------------------------------------------------------------
+    # -- lifecycle ---------------------------------------------------------------------------------
 
     def startup(self, now: float) -> None:
         """Recover after a restart: adopt live jobs, requeue those whose process is gone."""
@@ -154,7 +155,7 @@ class Daemon:
     def running_count(self) -> int:
         return len(self.ledger.jobs([JobState.RUNNING]))
 
-    # -- intake --------------------------------------------------------------------------------------
+    # -- intake ------------------------------------------------------------------------------------
 
     def intake(self, now: float, report: TickReport) -> None:
         for name in self.spool.pending():
@@ -217,15 +218,14 @@ class Daemon:
     def _check_job(self, spec: JobSpec, raw: RawJob) -> str | None:
         """Checks beyond the schema: paths as the submitter sees them; None if all is well."""
         if self.identity_for is not None:
-            try:
-                identity = self.identity_for(raw.submitter_uid)
-            except Exception as exc:
-                return str(exc)
             from gpuspool import privileges
 
-            problem = privileges.check_input_readable(identity, spec.input)
-            if problem is None:
-                problem = privileges.check_output_writable(identity, spec.output)
+            try:
+                runs_as = self.identity_for(raw.submitter_uid)
+                submitter = privileges.identity_for_uid(raw.submitter_uid)
+            except Exception as exc:
+                return str(exc)
+            problem = privileges.check_job_paths(submitter, runs_as, spec.input, spec.output)
             if problem is not None:
                 return problem
         else:
@@ -257,7 +257,7 @@ class Daemon:
         chosen = spec.min_free_gib if spec.min_free_gib is not None else self.settings.min_free_gib
         return need if chosen == "auto" else float(chosen)
 
-    # -- running jobs --------------------------------------------------------------------------------
+    # -- running jobs ------------------------------------------------------------------------------
 
     def reap(self, now: float, report: TickReport) -> None:
         for job in self.ledger.jobs([JobState.RUNNING]):
@@ -551,11 +551,7 @@ class Daemon:
         ]
 
     def _job_env(self, job_id: str, gpu_uuid: str, identity: Any) -> dict[str, str]:
-        env = {
-            k: v
-            for k, v in self.environ.items()
-            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS")
-        }
+        env = scrub_env(self.environ)
         env.update(
             CUDA_VISIBLE_DEVICES=gpu_uuid,
             CUDA_DEVICE_ORDER="PCI_BUS_ID",
@@ -563,7 +559,9 @@ class Daemon:
         )
         env[JOB_ID_ENV] = job_id
         if identity is not None:
-            env.update(HOME=identity.home, USER=identity.name, LOGNAME=identity.name)
+            from gpuspool import privileges
+
+            env.update(privileges.identity_env(identity))
         return env
 
     def _launch(self, job: JobRecord, gpu_uuid: str, available: float, now: float) -> str | None:
