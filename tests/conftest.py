@@ -84,8 +84,13 @@ class Harness:
         write_gpu_file(self.gpu_file, gpus)
 
     def submit(self, name: str = "job", **fields: Any) -> str:
-        data = {"input": str(self.data / "in.jsonl"), "output": str(self.data / f"{name}.out.jsonl"),
-                "tokenizer": "tiny", "name": name, **fields}  # fmt: skip
+        data = {
+            "input": str(self.data / "in.jsonl"),
+            "output": str(self.data / f"{name}.out.jsonl"),
+            "tokenizer": "tiny",
+            "name": name,
+            **fields,
+        }
         _, job_id = Spool(self.settings.spool_dir).submit(data, stem=name)
         return job_id
 

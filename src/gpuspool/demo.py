@@ -248,7 +248,9 @@ def _drive(
     if code != 0:
         console.print(f"[red]daemon exited with {code} on SIGTERM")
         return 1
-    console.print(f"8. daemon stopped cleanly on SIGTERM (exit 0). Total {time.monotonic() - t0:.1f} s")
+    console.print(
+        f"8. daemon stopped cleanly on SIGTERM (exit 0). Total {time.monotonic() - t0:.1f} s"
+    )
     console.rule("[green]demo passed")
     return 0
 

@@ -49,7 +49,9 @@ class JobState(StrEnum):
 TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
 RUNNABLE_STATES = frozenset({JobState.QUEUED, JobState.INTERRUPTED, JobState.DEFERRED})
 
-GpuRef = Annotated[StrictStr, Field(min_length=1, max_length=128)] | Annotated[StrictInt, Field(ge=0)]
+GpuRef = (
+    Annotated[StrictStr, Field(min_length=1, max_length=128)] | Annotated[StrictInt, Field(ge=0)]
+)
 
 
 class JobSpec(BaseModel):

@@ -6,7 +6,9 @@ from gpuspool.models import GpuSnapshot
 from gpuspool.placement import Candidate, GpuView, place
 
 
-def gpu(index: int, free_gib: float, total_gib: float = 80.0, *, healthy: bool = True) -> GpuSnapshot:
+def gpu(
+    index: int, free_gib: float, total_gib: float = 80.0, *, healthy: bool = True
+) -> GpuSnapshot:
     return GpuSnapshot(
         index=index,
         uuid=f"GPU-{index:04d}-aaaa-bbbb",

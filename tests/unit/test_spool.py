@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuspool.spool import Refusal, RawJob, Spool, display_name
+from gpuspool.spool import RawJob, Refusal, Spool, display_name
 
 
 @pytest.fixture

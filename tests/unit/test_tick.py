@@ -183,7 +183,7 @@ def test_gpu_error_makes_gpu_not_free(harness: Harness) -> None:
             harness.tick()
     assert harness.state(job) == "queued"
     assert "state unknown (GPU is lost)" in harness.job(job).reason
-    assert [e for e in logs if e["event"] == "gpu_error"][0]["gpu_uuid"] == "GPU-sim-0"
+    assert next(e for e in logs if e["event"] == "gpu_error")["gpu_uuid"] == "GPU-sim-0"
     harness.set_gpus([gpu_entry(0, 70)])
     for _ in range(3):
         harness.tick()

@@ -1,0 +1,46 @@
+"""Configuration: the shipped file documents every setting, and sources combine as documented."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from gpuspool.config import ConfigError, Settings, load_settings
+
+SHIPPED = Path(__file__).parents[2] / "config" / "gpuspool.toml"
+
+
+def test_shipped_config_documents_every_setting() -> None:
+    """config/gpuspool.toml names every setting (set or commented) and loads as the defaults."""
+    text = SHIPPED.read_text()
+    named = set(re.findall(r"^#? ?([a-z_]+) = ", text, flags=re.M))
+    assert named == set(Settings.model_fields)
+    loaded = load_settings(SHIPPED)
+    defaults = Settings()
+    for key in Settings.model_fields:
+        if key != "worker_command":
+            assert getattr(loaded, key) == getattr(defaults, key), key
+
+
+def test_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPUSPOOL_* variables win over the file; the file wins over defaults."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("min_free_gib = 40\npoll_interval_s = 2\n")
+    monkeypatch.setenv("GPUSPOOL_MIN_FREE_GIB", "12.5")
+    s = load_settings(cfg)
+    assert s.min_free_gib == 12.5 and s.poll_interval_s == 2.0 and s.stable_polls == 3
+
+
+def test_bad_config_names_the_field(tmp_path: Path) -> None:
+    """An unknown key or a bad value is an error that names the file and the field."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("poll_intervall_s = 2\n")
+    with pytest.raises(ConfigError, match="poll_intervall_s"):
+        load_settings(cfg)
+    cfg.write_text('gpu_source = "cuda"\n')
+    with pytest.raises(ConfigError, match="gpu_source"):
+        load_settings(cfg)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_settings(tmp_path / "missing.toml")
