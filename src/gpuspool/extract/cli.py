@@ -1,0 +1,142 @@
+"""Command line of the extraction worker (``gpuspool extract`` / ``python -m gpuspool.extract``).
+
+Importing this module does not import torch; the worker imports it when it starts encoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+from gpuspool.exitcodes import ExitCode
+from gpuspool.extract.events import Events
+
+DESCRIPTION = """\
+Extract Qwen3-TTS 12 Hz audio codes for every line of a JSONL file, as the official
+finetuning/prepare_data.py does (each input line plus "audio_codes"), in batches cut at a
+padded-seconds budget, with CPU decoding overlapped with encoding, resumable output and JSON
+progress events on stdout. See docs/extract.md.
+"""
+
+EPILOG = """\
+exit codes: 0 done; 1 crash; 64 usage; 65 bad data (a bad line under --on-bad-line fail);
+73 output exists; 75 CUDA out of memory (checkpointed, retryable); 143 interrupted by
+SIGTERM/SIGINT (checkpointed, resumable).
+"""
+
+
+def _positive_float(s: str) -> float:
+    v = float(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return v
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used for ``--help`` in the docs)."""
+    ap = argparse.ArgumentParser(
+        prog="gpuspool extract",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--input", "-i", required=True, type=Path, help="input JSONL")
+    ap.add_argument("--output", "-o", required=True, type=Path, help="output JSONL")
+    ap.add_argument(
+        "--tokenizer",
+        required=True,
+        help="tokenizer folder or hub id (e.g. Qwen/Qwen3-TTS-Tokenizer-12Hz)",
+    )
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    ap.add_argument(
+        "--batch-seconds",
+        type=_positive_float,
+        default=320.0,
+        help="padded seconds a batch may hold: batch size × longest clip (default 320)",
+    )
+    ap.add_argument("--on-bad-line", choices=("fail", "skip"), default="fail")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    ap.add_argument(
+        "--skip-report", type=Path, default=None, help="skipped lines (default OUT.skipped.jsonl)"
+    )
+    ap.add_argument(
+        "--loader-workers",
+        type=_positive_int,
+        default=max(1, min(16, os.cpu_count() or 1)),
+        help="CPU threads decoding and resampling audio (default min(16, cores))",
+    )
+    ap.add_argument("--progress-interval-s", type=_positive_float, default=5.0)
+    ap.add_argument(
+        "--sort-window",
+        type=_positive_int,
+        default=2048,
+        help="lines sorted by length together before batching (default 2048)",
+    )
+    ap.add_argument(
+        "--prefetch-batches",
+        type=_positive_int,
+        default=4,
+        help="batches decoded ahead of the encoder (default 4)",
+    )
+    ap.add_argument(
+        "--no-resume", action="store_true", help="discard a partial output and start over"
+    )
+    ap.add_argument(
+        "--strict-fp32",
+        action="store_true",
+        help="no TF32 and deterministic cuDNN algorithms on the GPU (slower)",
+    )
+    ap.add_argument("--cpu-threads", type=_positive_int, default=None, help="torch CPU threads")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the worker; return its exit code (see :class:`ExitCode`)."""
+    from gpuspool.extract.worker import Options, Run
+
+    events = Events(sys.stdout)
+    parser = build_parser()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            a = parser.parse_args(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+        if code == 0:  # --help
+            return 0
+        events.emit("error", exit_code=int(ExitCode.USAGE), reason="bad command line")
+        return int(ExitCode.USAGE)
+    opts = Options(
+        input=a.input,
+        output=a.output,
+        tokenizer=a.tokenizer,
+        device=a.device,
+        batch_seconds=a.batch_seconds,
+        on_bad_line=a.on_bad_line,
+        dtype=a.dtype,
+        overwrite=a.overwrite,
+        skip_report=a.skip_report,
+        loader_workers=a.loader_workers,
+        progress_interval_s=a.progress_interval_s,
+        sort_window=a.sort_window,
+        prefetch_batches=a.prefetch_batches,
+        resume=not a.no_resume,
+        strict_fp32=a.strict_fp32,
+        cpu_threads=a.cpu_threads,
+    )
+    with contextlib.redirect_stdout(sys.stderr):
+        return Run(opts, events).execute()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

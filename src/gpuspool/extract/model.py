@@ -1,0 +1,169 @@
+"""The tokenizer's encoder on the chosen device (imports torch and qwen-tts).
+
+The model is loaded through ``qwen_tts.Qwen3TTSTokenizer.from_pretrained`` (the official path)
+on the CPU; the decoder, which ``encode`` never uses, is dropped; only the encoder moves to the
+GPU. A batch is encoded by the same ``model.encode(input_values, padding_mask)`` call that
+``Qwen3TTSTokenizer.encode`` makes, on waveforms the worker has already right-padded to whole
+frames, so each clip's codes do not depend on its batch neighbours.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from gpuspool.estimate import CONTEXT_GIB
+from gpuspool.extract.headers import FRAME_SAMPLES, MODEL_SAMPLE_RATE
+
+GIB = float(1 << 30)
+
+Codes = npt.NDArray[np.int64]
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` → first CUDA device if any, else CPU; otherwise ``cpu``, ``cuda`` or ``cuda:N``."""
+    if spec == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {spec!r}: use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r} asked for, but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+@dataclass
+class GpuMemory:
+    """Peak GPU memory of this process so far (GiB)."""
+
+    max_allocated: float
+    max_reserved: float
+    context: float
+    context_source: str
+
+    @property
+    def peak(self) -> float:
+        """torch's max allocated plus the CUDA context."""
+        return self.max_allocated + self.context
+
+    @property
+    def peak_reserved(self) -> float:
+        """torch's max reserved plus the CUDA context (what other tenants saw taken)."""
+        return self.max_reserved + self.context
+
+
+class CodeEncoder:
+    """Encodes padded 24 kHz waveforms into (frames, 16) code arrays."""
+
+    def __init__(self, tokenizer: str, device: torch.device, dtype: str = "fp32"):
+        from qwen_tts import Qwen3TTSTokenizer
+
+        self.device = device
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        tok = Qwen3TTSTokenizer.from_pretrained(tokenizer, device_map="cpu", dtype=torch_dtype)
+        model = tok.model
+        model.decoder = None  # encode never uses it; keep it off the GPU
+        self.sample_rate = int(tok.feature_extractor.sampling_rate)
+        self.frame = int(model.get_encode_downsample_rate())
+        if self.sample_rate != MODEL_SAMPLE_RATE or self.frame != FRAME_SAMPLES:
+            raise ValueError(
+                f"tokenizer encodes {self.sample_rate} Hz with {self.frame} samples a frame; "
+                f"this worker supports the 12 Hz tokenizer ({MODEL_SAMPLE_RATE} Hz, "
+                f"{FRAME_SAMPLES} samples a frame)"
+            )
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        self.model = model.to(device).eval()
+        self.dtype = self.model.dtype
+        self._context: tuple[float, str] | None = None
+
+    def encode(self, batch: npt.NDArray[np.float32], frames: list[int]) -> list[Codes]:
+        """Codes, (frames[i], 16) each, for the rows of ``batch`` (B, L).
+
+        Each row holds a clip right-padded with zeros to whole frames (and then to L);
+        ``frames[i]`` is the clip's frame count, ``ceil(samples / 1920)``.
+        """
+        b, longest = batch.shape
+        if longest % self.frame or len(frames) != b:
+            raise ValueError("batch rows must be right-padded to whole frames, one count a row")
+        x = torch.from_numpy(batch).to(self.device).to(self.dtype)
+        lengths = torch.tensor([f * self.frame for f in frames], device=self.device)
+        mask = (torch.arange(longest, device=self.device)[None, :] < lengths[:, None]).long()
+        with torch.inference_mode():
+            enc = self.model.encode(x, mask, return_dict=True)
+            codes = list(enc.audio_codes)
+            flat = torch.cat(codes, dim=0).to("cpu").numpy()
+        out: list[Codes] = []
+        start = 0
+        for c in codes:
+            n = int(c.shape[0])
+            out.append(flat[start : start + n])
+            start += n
+        return out
+
+    # -- memory --------------------------------------------------------------------------------
+    def memory(self) -> GpuMemory | None:
+        """Peak memory so far, or None on CPU."""
+        if self.device.type != "cuda":
+            return None
+        if self._context is None:
+            self._context = self._measure_context()
+        ctx, src = self._context
+        return GpuMemory(
+            torch.cuda.max_memory_allocated(self.device) / GIB,
+            torch.cuda.max_memory_reserved(self.device) / GIB,
+            ctx,
+            src,
+        )
+
+    def remeasure_context(self) -> None:
+        """Measure the context again (after the first batch has loaded cuDNN and cuBLAS)."""
+        if self.device.type == "cuda":
+            self._context = self._measure_context()
+
+    def _measure_context(self) -> tuple[float, str]:
+        return nonallocator_gib(self.device)
+
+
+def nonallocator_gib(device: torch.device) -> tuple[float, str]:
+    """GPU memory this process holds outside torch's allocator (context, cuDNN, cuBLAS), GiB.
+
+    Read from NVML's per-process usage minus torch's reserved memory; where NVML cannot see
+    the process (some containers), the measured constant from :mod:`gpuspool.estimate`.
+    """
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            uuid = str(torch.cuda.get_device_properties(device).uuid)
+            handle = None
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                h = pynvml.nvmlDeviceGetHandleByIndex(i)
+                u = pynvml.nvmlDeviceGetUUID(h)
+                u = u.decode() if isinstance(u, bytes) else str(u)
+                if u.removeprefix("GPU-") == uuid.removeprefix("GPU-"):
+                    handle = h
+                    break
+            if handle is not None:
+                procs: list[Any] = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                for p in procs:
+                    used = getattr(p, "usedGpuMemory", None)
+                    if p.pid == os.getpid() and used:
+                        reserved = torch.cuda.memory_reserved(device)
+                        return max(0.0, (int(used) - reserved) / GIB), "nvml"
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        pass
+    return CONTEXT_GIB, "constant"

@@ -1,0 +1,572 @@
+"""The extraction pipeline: read, plan, load (CPU threads), encode (device), write in order.
+
+A producer thread reads the input from the checkpoint on, reads audio headers, sorts each window
+of lines by length, cuts it into padded-seconds batches and hands each clip to a loader thread
+pool; a bounded queue of batches keeps at most ``prefetch`` batches decoded ahead of the encoder.
+The main thread encodes batch after batch and passes finished lines to the ordered writer, which
+checkpoints after every batch. Signals only set a flag: the batch in flight finishes, the
+checkpoint is written, and the worker exits with INTERRUPTED.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from gpuspool.estimate import need_gib
+from gpuspool.exitcodes import ExitCode
+from gpuspool.extract.audio import Wave, load_padded
+from gpuspool.extract.events import Events
+from gpuspool.extract.headers import (
+    FRAME_SAMPLES,
+    MODEL_SAMPLE_RATE,
+    BadAudio,
+    BadLine,
+    Clip,
+    InputScan,
+    inspect_line,
+    iter_lines,
+    scan_input,
+)
+from gpuspool.extract.plan import pack
+from gpuspool.extract.writer import Entry, OrderedWriter, ResumeMismatch, complete_marker
+
+
+@dataclass
+class Options:
+    """Parsed command-line options of ``gpuspool extract``."""
+
+    input: Path
+    output: Path
+    tokenizer: str
+    device: str = "auto"
+    batch_seconds: float = 320.0
+    on_bad_line: Literal["fail", "skip"] = "fail"
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    overwrite: bool = False
+    skip_report: Path | None = None
+    loader_workers: int = 4
+    progress_interval_s: float = 5.0
+    sort_window: int = 2048
+    prefetch_batches: int = 4
+    resume: bool = True
+    strict_fp32: bool = False
+    cpu_threads: int | None = None
+
+    @property
+    def report_path(self) -> Path:
+        """Where the skip report goes."""
+        return self.skip_report or Path(str(self.output) + ".skipped.jsonl")
+
+
+class WorkerExit(Exception):
+    """Stop with an exit code, a reason and, when one applies, a line number."""
+
+    def __init__(self, code: ExitCode, reason: str, line: int | None = None):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.line = line
+
+
+_END = ("end",)
+
+
+@dataclass
+class Collated:
+    """A batch ready for the encoder: padded waveforms stacked, and the clips that failed."""
+
+    good: list[tuple[Clip, int]]
+    bad: list[tuple[Clip, str]]
+    array: npt.NDArray[np.float32] | None
+
+
+def collate(clips: list[Clip], futs: list[Future[tuple[Wave, int]]]) -> Collated:
+    """Wait for a batch's clips and stack them, zero-padded to the longest (whole frames)."""
+    good: list[tuple[Clip, int]] = []
+    bad: list[tuple[Clip, str]] = []
+    waves: list[Wave] = []
+    for c, f in zip(clips, futs, strict=True):
+        try:
+            wav, n = f.result()
+        except BadAudio as exc:
+            bad.append((c, str(exc)))
+            continue
+        good.append((c, n))
+        waves.append(wav)
+    if not waves:
+        return Collated(good, bad, None)
+    arr = np.zeros((len(waves), max(int(w.shape[0]) for w in waves)), dtype=np.float32)
+    for i, w in enumerate(waves):
+        arr[i, : w.shape[0]] = w
+    return Collated(good, bad, arr)
+
+
+def _fingerprint(opts: Options) -> dict[str, Any]:
+    st = opts.input.stat()
+    return {
+        "input": str(opts.input.resolve()),
+        "input_size": st.st_size,
+        "input_mtime_ns": st.st_mtime_ns,
+        "tokenizer": opts.tokenizer,
+        "dtype": opts.dtype,
+        "on_bad_line": opts.on_bad_line,
+        "strict_fp32": opts.strict_fp32,
+    }
+
+
+def _skip_text(bad: BadLine) -> str:
+    return json.dumps(bad.to_json(), ensure_ascii=False)
+
+
+class _Signals:
+    """SIGTERM/SIGINT set a flag; a second signal exits at once."""
+
+    def __init__(self) -> None:
+        self.flag = threading.Event()
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.flag.is_set():
+            os._exit(int(ExitCode.INTERRUPTED))
+        self.signum = signum
+        self.flag.set()
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()
+
+
+class _Producer(threading.Thread):
+    """Reads lines from the checkpoint on and queues immediates and batches of load futures."""
+
+    def __init__(
+        self,
+        opts: Options,
+        writer: OrderedWriter,
+        pool: ThreadPoolExecutor,
+        collate_pool: ThreadPoolExecutor,
+        out_q: queue.Queue[tuple[Any, ...]],
+        stop: threading.Event,
+        loader: Callable[[Path], tuple[Wave, int]],
+    ):
+        super().__init__(name="extract-producer", daemon=True)
+        self.opts = opts
+        self.start_offset = writer.input_offset
+        self.start_line = writer.next_line
+        self.done = writer.done_lines()
+        self.pool = pool
+        self.collate_pool = collate_pool
+        self.q = out_q
+        self.stop = stop
+        self.loader = loader
+        self.base = opts.input.resolve().parent
+
+    def _put(self, item: tuple[Any, ...]) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _flush(self, window: list[Clip], imm: list[tuple[Any, ...]]) -> bool:
+        if imm and not self._put(("imm", list(imm))):
+            return False
+        imm.clear()
+        for batch in pack(window, self.opts.batch_seconds):
+            futs = [self.pool.submit(self.loader, c.path) for c in batch]
+            ready = self.collate_pool.submit(collate, batch, futs)
+            if not self._put(("batch", batch, ready)):
+                return False
+        window.clear()
+        return True
+
+    def run(self) -> None:
+        try:
+            window: list[Clip] = []
+            imm: list[tuple[Any, ...]] = []
+            for lineno, raw, end in iter_lines(self.opts.input, self.start_offset, self.start_line):
+                if self.stop.is_set():
+                    return
+                if lineno in self.done:
+                    continue
+                got = inspect_line(raw, lineno, self.base, end)
+                if got is None:
+                    imm.append(("blank", lineno, end))
+                elif isinstance(got, BadLine):
+                    imm.append(("bad", got, end))
+                else:
+                    window.append(got)
+                if len(window) >= self.opts.sort_window or len(imm) >= 1024:
+                    if not self._flush(window, imm):
+                        return
+            if self._flush(window, imm):
+                self._put(_END)
+        except BaseException as exc:  # surfaced by the main thread
+            self._put(("crash", exc))
+
+
+class Run:
+    """One invocation of the worker."""
+
+    def __init__(self, opts: Options, events: Events):
+        self.opts = opts
+        self.events = events
+        self.t0 = time.monotonic()
+        self.t_proc: float | None = None
+        self.session_audio_s = 0.0
+        self.session_lines = 0
+        self.session_skipped = 0
+        self.prior_lines = 0
+        self.prior_skipped = 0
+        self.prior_audio_s = 0.0
+        self.scan_s = 0.0
+        self._writes: list[Future[None]] = []
+        self._write_pool: ThreadPoolExecutor | None = None
+        self.batches = 0
+        self.max_batch_padded_s = 0.0
+        self.scan: InputScan | None = None
+        self.writer: OrderedWriter | None = None
+        self.encoder: Any = None
+        self.signals = _Signals()
+        self._last_progress = 0.0
+
+    # -- entry ---------------------------------------------------------------------------------
+    def execute(self) -> int:
+        """Run and return the exit code; an ``error`` event precedes any non-zero code."""
+        self.signals.install()
+        try:
+            return self._execute()
+        except WorkerExit as exc:
+            self._error(exc.code, exc.reason, exc.line)
+            return int(exc.code)
+        except Exception as exc:
+            if type(exc).__name__ == "OutOfMemoryError":
+                self._error(ExitCode.OOM, f"CUDA out of memory: {_first_line(exc)}")
+                return int(ExitCode.OOM)
+            import traceback
+
+            traceback.print_exc()
+            self._error(ExitCode.CRASH, f"{type(exc).__name__}: {_first_line(exc)}")
+            return int(ExitCode.CRASH)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+            self.signals.restore()
+
+    def _error(self, code: ExitCode, reason: str, line: int | None = None) -> None:
+        fields: dict[str, Any] = {"exit_code": int(code), "reason": reason}
+        if line is not None:
+            fields["line"] = line
+        if self.writer is not None:
+            fields["lines_done"] = self.writer.ck.lines_done
+            fields["lines_skipped"] = self.writer.ck.lines_skipped
+            fields["resume_line"] = self.writer.next_line
+        self.events.emit("error", **fields)
+
+    # -- the run -------------------------------------------------------------------------------
+    def _execute(self) -> int:
+        o = self.opts
+        if o.batch_seconds <= 0:
+            raise WorkerExit(ExitCode.USAGE, "--batch-seconds must be > 0")
+        if o.output.exists():
+            done = complete_marker(o.output)
+            if done is not None and not o.overwrite:
+                # A finished run died before removing its checkpoint: finish the clean-up.
+                for p in (Path(str(o.output) + ".partial.ckpt"),):
+                    p.unlink(missing_ok=True)
+                Path(str(o.output) + ".partial.pending").unlink(missing_ok=True)
+                self.events.emit(
+                    "summary",
+                    lines_done=done.lines_done,
+                    lines_skipped=done.lines_skipped,
+                    audio_s_done=done.audio_s_done,
+                    audio_s_per_s=None,
+                    wall_s=time.monotonic() - self.t0,
+                    peak_gpu_gib=None,
+                    output=str(o.output),
+                    already_complete=True,
+                )
+                return int(ExitCode.OK)
+            if not o.overwrite:
+                raise WorkerExit(
+                    ExitCode.OUTPUT_EXISTS, f"output exists: {o.output} (pass --overwrite)"
+                )
+        if not o.input.is_file():
+            raise WorkerExit(ExitCode.DATA_ERROR, f"input not found: {o.input}")
+        t_scan = time.monotonic()
+        try:
+            self.scan = scan = scan_input(o.input)
+        except OSError as exc:
+            raise WorkerExit(ExitCode.DATA_ERROR, f"cannot read input: {exc}") from exc
+        self.scan_s = time.monotonic() - t_scan
+        if o.on_bad_line == "fail" and scan.bad:
+            b = scan.bad[0]
+            raise WorkerExit(ExitCode.DATA_ERROR, f"line {b.line}: {b.reason}", b.line)
+        try:
+            self.writer = OrderedWriter(o.output, o.report_path, _fingerprint(o), o.resume)
+        except ResumeMismatch as exc:
+            raise WorkerExit(ExitCode.USAGE, str(exc)) from exc
+        w = self.writer
+        self.prior_lines = w.ck.lines_done + sum(1 for e in w.ready.values() if e.kind == "out")
+        self.prior_skipped = w.ck.lines_skipped + sum(1 for e in w.ready.values() if e.kind == "skip")
+        self.prior_audio_s = w.ck.audio_s_done + sum(e.audio_s for e in w.ready.values())
+
+        if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+            os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+        import torch
+
+        from gpuspool.extract.model import CodeEncoder, resolve_device
+
+        try:
+            device = resolve_device(o.device)
+        except (ValueError, RuntimeError) as exc:
+            raise WorkerExit(ExitCode.USAGE, str(exc)) from exc
+        if o.cpu_threads:
+            torch.set_num_threads(o.cpu_threads)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = False
+            if o.strict_fp32:
+                torch.backends.cudnn.allow_tf32 = False
+                torch.backends.cuda.matmul.allow_tf32 = False
+                torch.backends.cudnn.deterministic = True
+        self.encoder = enc = CodeEncoder(o.tokenizer, device, o.dtype)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.events.emit(
+            "start",
+            lines_total=scan.lines,
+            lines_bad=len(scan.bad),
+            audio_s_total=scan.total_s,
+            longest_s=scan.longest_s,
+            device=str(device),
+            device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            batch_seconds=o.batch_seconds,
+            dtype=o.dtype,
+            need_gib=need_gib(scan.longest_s, o.batch_seconds, o.dtype),
+            resumed=self.writer.resumed,
+            resume_line=self.writer.next_line,
+            lines_already_done=self.writer.ck.lines_done,
+            output=str(o.output),
+        )
+        self._pipeline()
+        self.writer.finish()
+        self._summary()
+        return int(ExitCode.OK)
+
+    def _pipeline(self) -> None:
+        o = self.opts
+        writer = self.writer
+        assert writer is not None
+        stop = threading.Event()
+        q: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=max(1, o.prefetch_batches))
+        pool = ThreadPoolExecutor(max_workers=max(1, o.loader_workers), thread_name_prefix="load")
+        collate_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collate")
+        # Serialising codes to JSON and the fsync'd writes run beside the encoder.
+        self._write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
+        producer = _Producer(o, writer, pool, collate_pool, q, stop, load_padded)
+        producer.start()
+        self.t_proc = time.monotonic()
+        self._last_progress = self.t_proc
+        try:
+            while True:
+                if self.signals.flag.is_set():
+                    self._interrupted()
+                self._check_writes()
+                try:
+                    item = q.get(timeout=0.25)
+                except queue.Empty:
+                    self._maybe_progress()
+                    continue
+                kind = item[0]
+                if kind == "end":
+                    break
+                if kind == "crash":
+                    raise item[1]
+                if kind == "imm":
+                    self._immediates(item[1])
+                elif kind == "batch":
+                    self._batch(item[2])
+                self._maybe_progress()
+        finally:
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            collate_pool.shutdown(wait=False, cancel_futures=True)
+            while True:  # unblock the producer
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    break
+            self._write_pool.shutdown(wait=True)
+        self._check_writes(final=True)
+
+    def _submit_write(self, entries: list[Entry]) -> None:
+        assert self.writer is not None
+        self._writes.append(self._write_pool.submit(self.writer.add, entries))
+
+    def _submit_codes(self, good: list[tuple[Clip, int]], codes: list[Any], skipped: list[Entry]) -> None:
+        def job() -> None:
+            entries = list(skipped)
+            for (c, n), code in zip(good, codes, strict=True):
+                rec = dict(c.record)
+                rec["audio_codes"] = code.tolist()
+                text = json.dumps(rec, ensure_ascii=False)
+                entries.append(Entry(c.line, c.end_offset, "out", text, n / MODEL_SAMPLE_RATE))
+            assert self.writer is not None
+            self.writer.add(entries)
+
+        self._writes.append(self._write_pool.submit(job))
+
+    def _check_writes(self, final: bool = False) -> None:
+        """Raise the first error of a finished write; drop finished ones."""
+        keep: list[Future[None]] = []
+        for f in self._writes:
+            if f.done() or final:
+                f.result()
+            else:
+                keep.append(f)
+        self._writes = keep
+
+    def _interrupted(self) -> None:
+        sig = self.signals.signum
+        name = signal.Signals(sig).name if sig is not None else "signal"
+        raise WorkerExit(ExitCode.INTERRUPTED, f"interrupted by {name}; checkpointed, resumable")
+
+    def _bad(self, bad: BadLine, end: int) -> Entry:
+        if self.opts.on_bad_line == "fail":
+            raise WorkerExit(ExitCode.DATA_ERROR, f"line {bad.line}: {bad.reason}", bad.line)
+        self.session_skipped += 1
+        return Entry(bad.line, end, "skip", _skip_text(bad))
+
+    def _immediates(self, items: list[tuple[Any, ...]]) -> None:
+        entries: list[Entry] = []
+        try:
+            for it in items:
+                if it[0] == "blank":
+                    entries.append(Entry(it[1], it[2], "blank"))
+                else:
+                    entries.append(self._bad(it[1], it[2]))
+        finally:
+            if entries:
+                self._submit_write(entries)
+
+    def _batch(self, ready: Future[Collated]) -> None:
+        col = ready.result()
+        skipped: list[Entry] = []
+        try:
+            for c, reason in col.bad:
+                skipped.append(self._bad(BadLine(c.line, reason, c.record["audio"]), c.end_offset))
+        finally:
+            if skipped and col.array is None:
+                self._submit_write(skipped)
+        if col.array is None:
+            return
+        frames = [-(-n // FRAME_SAMPLES) for _, n in col.good]
+        codes = self.encoder.encode(col.array, frames)
+        self.max_batch_padded_s = max(
+            self.max_batch_padded_s, col.array.shape[0] * col.array.shape[1] / MODEL_SAMPLE_RATE
+        )
+        self.batches += 1
+        if self.batches == 1:
+            self.encoder.remeasure_context()
+        for _, n in col.good:
+            self.session_audio_s += n / MODEL_SAMPLE_RATE
+        self.session_lines += len(col.good)
+        self._submit_codes(col.good, codes, skipped)
+
+    # -- reporting -----------------------------------------------------------------------------
+    def _gpu(self) -> tuple[float | None, float | None]:
+        mem = self.encoder.memory() if self.encoder is not None else None
+        if mem is None:
+            return None, None
+        return mem.peak, mem.peak_reserved
+
+    def _done_counts(self) -> tuple[int, int, float]:
+        """Lines encoded (written or about to be), lines skipped, audio seconds encoded."""
+        return (
+            self.prior_lines + self.session_lines,
+            self.prior_skipped + self.session_skipped,
+            self.prior_audio_s + self.session_audio_s,
+        )
+
+    def _rate(self) -> float:
+        el = time.monotonic() - (self.t_proc or self.t0)
+        return self.session_audio_s / el if el > 0 else 0.0
+
+    def _maybe_progress(self) -> None:
+        now = time.monotonic()
+        if now - self._last_progress < self.opts.progress_interval_s:
+            return
+        self._last_progress = now
+        assert self.scan is not None
+        lines, skipped, audio = self._done_counts()
+        rate = self._rate()
+        remaining = max(0.0, self.scan.total_s - audio)
+        peak, _ = self._gpu()
+        self.events.emit(
+            "progress",
+            lines_done=lines,
+            lines_skipped=skipped,
+            lines_total=self.scan.lines,
+            audio_s_done=audio,
+            audio_s_total=self.scan.total_s,
+            audio_s_per_s=rate,
+            eta_s=remaining / rate if rate > 0 else None,
+            gpu_peak_gib=peak,
+            batches=self.batches,
+        )
+
+    def _summary(self) -> None:
+        w = self.writer
+        assert w is not None and self.scan is not None
+        peak, peak_res = self._gpu()
+        mem = self.encoder.memory() if self.encoder is not None else None
+        self.events.emit(
+            "summary",
+            lines_done=w.ck.lines_done,
+            lines_skipped=w.ck.lines_skipped,
+            lines_total=self.scan.lines,
+            audio_s_done=w.ck.audio_s_done,
+            audio_s_session=self.session_audio_s,
+            audio_s_per_s=self._rate(),
+            wall_s=time.monotonic() - self.t0,
+            processing_s=time.monotonic() - (self.t_proc or self.t0),
+            scan_s=self.scan_s,
+            peak_gpu_gib=peak,
+            peak_gpu_reserved_gib=peak_res,
+            gpu_context_gib=mem.context if mem else None,
+            gpu_context_source=mem.context_source if mem else None,
+            batches=self.batches,
+            max_batch_padded_s=self.max_batch_padded_s,
+            need_gib=need_gib(self.scan.longest_s, self.opts.batch_seconds, self.opts.dtype),
+            output=str(self.opts.output),
+            skip_report=str(self.opts.report_path) if w.ck.lines_skipped else None,
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    s = str(exc).strip().splitlines()
+    return s[0] if s else type(exc).__name__
