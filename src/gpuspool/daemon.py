@@ -169,6 +169,11 @@ class Daemon:
         if isinstance(raw, Refusal):
             self._reject(name, raw.reason, now, report)
             return
+        if self.ledger.get(raw.job_id) is not None:
+            # Taken into the ledger just before a crash: finish moving its file, check nothing
+            # again (its output is now "claimed" by itself).
+            self.spool.accept(raw)
+            return
         try:
             spec = validate_spec(raw.data)
             reason = self._check_job(spec, raw)

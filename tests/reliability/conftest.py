@@ -1,0 +1,80 @@
+"""Reliability suites: long variants (``slow``) and GPU contract tests (``gpu``) are opt-in.
+
+By default a ``slow`` test here is skipped unless the ``-m`` expression names ``slow`` (e.g.
+``pytest -m slow tests/reliability``) or ``GPUSPOOL_SLOW=1`` is set; a ``gpu`` test is skipped
+unless NVML initialises. So a plain ``pytest`` (CI) runs only the short versions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+def _nvml_works() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return False
+    try:
+        return bool(pynvml.nvmlDeviceGetCount())
+    except Exception:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    mine = [i for i in items if HERE in Path(str(i.fspath)).resolve().parents]
+    markexpr = config.getoption("markexpr", "") or ""
+    want_slow = "slow" in markexpr and "not slow" not in markexpr
+    if not (want_slow or os.environ.get("GPUSPOOL_SLOW") == "1"):
+        skip = pytest.mark.skip(reason="long variant: run with -m slow (or GPUSPOOL_SLOW=1)")
+        for item in mine:
+            if "slow" in item.keywords:
+                item.add_marker(skip)
+    gpu_items = [i for i in mine if "gpu" in i.keywords]
+    if gpu_items and not _nvml_works():
+        skip = pytest.mark.skip(reason="needs a GPU and NVML")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight tokenizer for the real worker (built once)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("qwen_tts")
+    out = tmp_path_factory.mktemp("tok") / "tiny"
+    subprocess.run(
+        [sys.executable, "-m", "gpuspool.extract.tiny", str(out)], check=True, capture_output=True
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def audio_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A short synthetic dataset (24 clips, 1–5 s)."""
+    from gpuspool.extract.synth import synth_dataset
+
+    return synth_dataset(tmp_path_factory.mktemp("data"), 24, min_s=1.0, max_s=5.0, seed=21)
+
+
+@pytest.fixture(scope="session")
+def reference_output(
+    tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path, audio_input: Path
+) -> bytes:
+    """The real worker's output for one uninterrupted run, with the daemon's arguments."""
+    from tests.reliability.crashkill import reference_run
+
+    return reference_run(audio_input, tokenizer_dir, tmp_path_factory.mktemp("ref") / "ref.jsonl")
