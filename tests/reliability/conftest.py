@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -78,3 +81,28 @@ def reference_output(
     from tests.reliability.crashkill import reference_run
 
     return reference_run(audio_input, tokenizer_dir, tmp_path_factory.mktemp("ref") / "ref.jsonl")
+
+
+@pytest.fixture
+def ram_dir(tmp_path: Path) -> Iterator[Path]:
+    """A scratch folder in RAM where there is one (suites that fsync thousands of small files)."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path
+        return
+    path = Path(tempfile.mkdtemp(prefix="gpuspool-test-", dir=shm))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A scratch folder every user may enter (pytest's own tmp folders are private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="gpuspool-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
