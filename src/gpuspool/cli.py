@@ -9,17 +9,28 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
+from rich.console import Console, RenderableType
 
 from gpuspool import logs
 from gpuspool.config import ConfigError, Settings, load_settings
 from gpuspool.ledger import JobRecord, Ledger, LedgerError
 from gpuspool.models import RUNNABLE_STATES, JobState
+from gpuspool.views import (
+    RECENT_FINISHED,
+    gpus_data,
+    gpus_snapshot,
+    gpus_view,
+    job_dict,
+    log_json,
+    log_line,
+    status_data,
+    status_view,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -180,91 +191,46 @@ def submit(
 # -- status and friends --------------------------------------------------------------------------
 
 
-def job_dict(job: JobRecord) -> dict[str, Any]:
-    """The JSON shape of one job in ``status --json`` and ``show``."""
-    p = job.progress
-    return {
-        "id": job.id,
-        "name": job.name,
-        "state": job.state.value,
-        "gpu_uuid": job.gpu_uuid,
-        "priority": job.priority,
-        "need_gib": job.need_gib,
-        "threshold_gib": job.threshold_gib,
-        "attempts": job.attempts,
-        "reason": job.reason,
-        "exit_class": job.exit_class,
-        "submitted_at": job.submitted_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
-        "peak_gib": job.peak_gib,
-        "submitter_uid": job.submitter_uid,
-        "input": str(job.spec.input),
-        "output": str(job.spec.output),
-        "progress": {
-            k: p.get(k)
-            for k in (
-                "lines_done",
-                "lines_total",
-                "audio_s_done",
-                "audio_s_per_s",
-                "eta_s",
-                "gpu_peak_gib",
-            )
-        },
-        "log_path": job.log_path,
-    }
+def _watch(render: Callable[[], RenderableType], interval_s: float) -> None:
+    """Redraw ``render()`` in place every ``interval_s`` until Ctrl-C."""
+    from rich.live import Live
+
+    try:
+        with Live(render(), console=console, auto_refresh=False, redirect_stderr=False) as live:
+            while True:
+                time.sleep(interval_s)
+                live.update(render(), refresh=True)
+    except KeyboardInterrupt:
+        pass
 
 
-def _progress_text(job: JobRecord) -> str:
-    p = job.progress
-    done, total = p.get("lines_done"), p.get("lines_total")
-    if done is None:
-        return ""
-    text = f"{done}/{total}" if total else str(done)
-    if total:
-        text += f" ({100.0 * done / max(total, 1):.0f}%)"
-    if p.get("audio_s_per_s"):
-        text += f" {p['audio_s_per_s']:.0f} a-s/s"
-    if p.get("eta_s") is not None and job.state == JobState.RUNNING:
-        text += f" ETA {p['eta_s']:.0f}s"
-    return text
-
-
-def status_table(jobs: list[JobRecord], draining: bool) -> Table:
-    title = "gpuspool jobs" + (" — DRAINING (no new starts)" if draining else "")
-    table = Table(title=title)
-    for col in ("id", "name", "state", "GPU", "progress", "reason"):
-        table.add_column(col)
-    for job in jobs:
-        reason = job.reason or ""
-        if job.state == JobState.RUNNING:
-            reason = ""
-        table.add_row(
-            job.id,
-            job.name or "",
-            job.state.value,
-            (job.gpu_uuid or "")[:16],
-            _progress_text(job),
-            reason,
-        )
-    return table
+IntervalOpt = Annotated[
+    float, typer.Option("--interval", "-n", min=0.1, help="Seconds between redraws (--watch)")
+]
 
 
 @app.command()
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
-    all_jobs: Annotated[bool, typer.Option("--all", help="Include finished jobs")] = True,
+    all_jobs: Annotated[
+        bool, typer.Option("--all", help=f"Every finished job, not only the last {RECENT_FINISHED}")
+    ] = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh in place")] = False,
+    interval_s: IntervalOpt = 2.0,
 ) -> None:
-    """Every job: id, name, state, GPU, progress, and why waiting jobs wait."""
+    """Jobs, a progress bar each (lines, audio-s/s, ETA, GPU, peak); why waiting ones wait."""
     s = settings()
     ledger = _ledger(s)
-    jobs = ledger.jobs() if all_jobs else ledger.active()
-    draining = ledger.get_meta("draining", "0") == "1"
+
+    def data() -> dict[str, Any]:
+        return status_data(ledger, time.time(), all_jobs=all_jobs)
+
     if as_json:
-        print(json.dumps({"draining": draining, "jobs": [job_dict(j) for j in jobs]}, indent=1))
-        return
-    console.print(status_table(jobs, draining))
+        print(json.dumps(data(), indent=1))
+    elif watch:
+        _watch(lambda: status_view(data(), poll_interval_s=s.poll_interval_s), interval_s)
+    else:
+        console.print(status_view(data(), poll_interval_s=s.poll_interval_s))
 
 
 @app.command()
@@ -281,33 +247,29 @@ def show(job: Annotated[str, typer.Argument(help="Job id (or a unique prefix, or
 
 
 @app.command()
-def gpus(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Each GPU: free/total memory, stability and reservations (as the daemon last saw them)."""
+def gpus(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh in place")] = False,
+    interval_s: IntervalOpt = 2.0,
+) -> None:
+    """Each GPU: free/total memory, fits the threshold?, stable polls, reservations, processes."""
     s = settings()
     ledger = _ledger(s)
-    raw = ledger.get_meta("gpus")
-    data = json.loads(raw) if raw else {"at": None, "gpus": []}
-    if as_json:
-        print(json.dumps(data, indent=1))
-        return
-    table = Table(title=f"GPUs (threshold {s.min_free_gib} GiB, stable {s.stable_polls} polls)")
-    for col in ("#", "uuid", "name", "free GiB", "total GiB", "reserved", "stable", "state"):
-        table.add_column(col)
-    for g in data["gpus"]:
-        hist = [h for h in g.get("history", []) if h is not None]
-        table.add_row(
-            str(g["index"]),
-            g["uuid"],
-            g["name"],
-            f"{g['free_mib'] / 1024:.1f}",
-            f"{g['total_mib'] / 1024:.1f}",
-            f"{g.get('reserved_gib', 0):.1f}",
-            f"{len(hist)}/{s.stable_polls}",
-            "ok" if g["healthy"] else f"ERROR {g.get('error')}",
+
+    def data() -> dict[str, Any]:
+        return gpus_data(
+            gpus_snapshot(ledger),
+            ledger.jobs([JobState.RUNNING]),
+            s.min_free_gib,
+            s.stable_polls,
         )
-    console.print(table)
-    if data.get("at"):
-        console.print(f"as of {time.strftime('%H:%M:%S', time.localtime(data['at']))}")
+
+    if as_json:
+        print(json.dumps(data(), indent=1))
+    elif watch:
+        _watch(lambda: gpus_view(data(), time.time()), interval_s)
+    else:
+        console.print(gpus_view(data(), time.time()))
 
 
 def _change(job_ref: str, to: JobState, expect: set[JobState], detail: str, **fields: Any) -> None:
@@ -373,48 +335,122 @@ def release(job: Annotated[str, typer.Argument(help="Job id")]) -> None:
 
 
 @app.command()
-def drain() -> None:
-    """Stop starting new jobs; running ones finish. Survives restarts."""
+def drain(
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Return once no job is running any more")
+    ] = False,
+) -> None:
+    """Stop starting new jobs; running ones finish. Survives restarts; ``resume`` undoes it."""
     ledger = _ledger(settings())
     ledger.set_meta("draining", "1")
-    console.print("draining: no new jobs will start (gpuspool resume to undo)")
+    running = ledger.jobs([JobState.RUNNING])
+    console.print(
+        f"draining: no new jobs will start; {len(running)} running will finish"
+        " (gpuspool resume to undo)"
+    )
+    while wait and running:
+        time.sleep(1.0)
+        running = ledger.jobs([JobState.RUNNING])
+    if wait:
+        console.print("drained: no job is running")
 
 
 @app.command()
 def resume() -> None:
     """Start jobs again after ``drain``."""
     ledger = _ledger(settings())
+    was = ledger.get_meta("draining", "0") == "1"
     ledger.set_meta("draining", "0")
-    console.print("resumed: jobs start when GPUs have room")
+    waiting = len(ledger.jobs(sorted(RUNNABLE_STATES)))
+    prefix = "resumed" if was else "was not draining"
+    console.print(f"{prefix}: {waiting} waiting job(s) start when GPUs have room")
 
 
 @app.command(name="logs")
 def job_logs(
     job: Annotated[str, typer.Argument(help="Job id")],
     follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Keep printing as it grows")
+        bool, typer.Option("--follow", "-f", help="Keep printing as it grows, until the job ends")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="JSON lines even on a terminal (the default otherwise)")
     ] = False,
 ) -> None:
     """The job's own log: worker output and the daemon's events for it."""
     s = settings()
-    record = _find(_ledger(s), job)
+    ledger = _ledger(s)
+    record = _find(ledger, job)
     path = Path(record.log_path) if record.log_path else s.logs_dir / f"{record.id}.log"
-    if not path.exists():
-        err.print(f"no log yet for {record.id} (state {record.state.value})")
-        raise typer.Exit(0 if not follow else 1)
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(65536)
-            if chunk:
-                sys.stdout.write(chunk.decode("utf-8", errors="replace"))
-                sys.stdout.flush()
-                continue
-            if not follow:
-                break
-            now_record = _ledger(s).get(record.id)
-            if now_record is None or now_record.state.terminal:
-                break
-            time.sleep(0.5)
+    pretty = console.is_terminal and not as_json
+
+    def emit(line: str) -> None:
+        if pretty:
+            console.print(log_line(line), soft_wrap=True, highlight=False)
+        else:
+            sys.stdout.write(log_json(line) + "\n")
+            sys.stdout.flush()
+
+    def ended() -> bool:
+        now = ledger.get(record.id)
+        return now is None or now.state.terminal
+
+    while not path.exists():
+        if not follow or ended():
+            err.print(f"no log yet for {record.id} (state {record.state.value})")
+            raise typer.Exit(0 if not follow else 1)
+        time.sleep(0.5)
+    try:
+        with open(path, "rb") as f:
+            pending = b""
+            last_read = False
+            while True:
+                chunk = f.read(65536)
+                if chunk:
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    for raw in lines:
+                        emit(raw.decode("utf-8", errors="replace"))
+                    continue
+                if not follow or last_read:
+                    break
+                # A job's last lines are written before its state changes: after seeing it end,
+                # read once more, then stop.
+                last_read = ended()
+                if not last_read:
+                    time.sleep(0.5)
+            if pending:
+                emit(pending.decode("utf-8", errors="replace"))
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def plot(
+    out: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write")],
+    hours: Annotated[float, typer.Option(min=0.01, help="How far back to draw")] = 24.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plotted data too")] = False,
+) -> None:
+    """Each GPU's free memory over time, the threshold, and when each job waited, ran and ended."""
+    from dataclasses import asdict
+
+    from gpuspool.plot import draw, plot_data
+
+    s = settings()
+    ledger = _ledger(s)
+    now = time.time()
+    data = plot_data(ledger, since=now - hours * 3600, until=now, threshold_gib=s.min_free_gib)
+    try:
+        draw(data, out, title=f"gpuspool: last {hours:g} h")
+    except ImportError as exc:
+        err.print(f"[red]plot needs matplotlib[/red] (pip install 'gpuspool[plot]'): {exc}")
+        raise typer.Exit(1) from exc
+    if as_json:
+        print(json.dumps(asdict(data)))
+    else:
+        console.print(
+            f"wrote {out}: {len(data.free_gib)} GPU(s), {len(data.jobs)} job(s),"
+            f" threshold {data.threshold_gib:g} GiB"
+        )
 
 
 @app.command(

@@ -94,6 +94,8 @@ class Daemon:
         self.stopping = False
         self.last_tick_done: float | None = None
         self.last_report = TickReport()
+        #: Called with a job's final record when it ends done or failed (e.g. the webhook).
+        self.finish_hooks: list[Callable[[JobRecord], None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -403,7 +405,15 @@ class Daemon:
         self._job_event(job, "job_retry_scheduled", reason=reason, retry_in_s=delay)
 
     def _notify_finish(self, job: JobRecord, state: JobState) -> None:
-        """Hook for finish/failure notifications (metrics, webhooks)."""
+        """Hand the job's final record to each ``finish_hooks`` entry (webhooks); never raises."""
+        if not self.finish_hooks:
+            return
+        final = self.ledger.get(job.id) or job
+        for hook in self.finish_hooks:
+            try:
+                hook(final)
+            except Exception:
+                self.log.exception("finish_hook_failed", job_id=job.id, state=state.value)
 
     def _move(self, job: JobRecord, to: JobState, now: float, reason: str, **fields: Any) -> None:
         try:
@@ -649,6 +659,7 @@ class Daemon:
                     "error": snap.error,
                     "reserved_gib": round(view.reserved_gib, 2),
                     "history": list(view.available_history),
+                    "processes": [{"pid": p.pid, "used_mib": p.used_mib} for p in snap.processes],
                 }
             )
         return out

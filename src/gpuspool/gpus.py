@@ -64,6 +64,9 @@ class NvmlProbe:
         self._nvml: Any = pynvml
         self._initialised = False
         self._init_error: str | None = None
+        #: (uuid, name) of each index at its last good poll: a GPU that fails later is still
+        #: named by its UUID (unknown, never placed on) rather than appearing as a new GPU.
+        self._seen: dict[int, tuple[str, str]] = {}
         self._try_init()
 
     def _try_init(self) -> None:
@@ -112,8 +115,7 @@ class NvmlProbe:
             return ProbeResult((), f"nvmlDeviceGetCount failed: {_nvml_error_text(exc)}")
         gpus: list[GpuSnapshot] = []
         for index in range(count):
-            uuid = f"index-{index}"
-            name = "?"
+            uuid, name = self._seen.get(index, (f"index-{index}", "?"))
             try:
                 handle = self._call(nv.nvmlDeviceGetHandleByIndex, index)
                 uuid = _str(self._call(nv.nvmlDeviceGetUUID, handle))
@@ -132,6 +134,7 @@ class NvmlProbe:
                     )
                 )
                 continue
+            self._seen[index] = (uuid, name)
             gpus.append(
                 GpuSnapshot(
                     index=index,

@@ -228,6 +228,41 @@ class Ledger:
             ).fetchall()
         return [dict(r) for r in rows]
 
+    def transitions_after(self, after_seq: int) -> list[dict[str, Any]]:
+        """Transitions newer than ``after_seq``, oldest first (metrics count them once)."""
+        rows = self._db.execute(
+            "SELECT * FROM transitions WHERE seq > ? ORDER BY seq", (after_seq,)
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    def transitions_since(self, at: float) -> list[dict[str, Any]]:
+        """All transitions of the jobs that moved at or after ``at`` or are not finished (plots)."""
+        rows = self._db.execute(
+            "SELECT * FROM transitions WHERE job_id IN"
+            " (SELECT job_id FROM transitions WHERE at >= ?)"
+            " OR job_id IN (SELECT id FROM jobs WHERE state NOT IN (?, ?, ?)) ORDER BY seq",
+            (at, *(s.value for s in TERMINAL_STATES)),
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    def last_transition_seq(self) -> int:
+        row = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM transitions").fetchone()
+        return int(row[0])
+
+    def gpu_history_buckets(self, since: float, bucket_s: float) -> list[dict[str, Any]]:
+        """GPU history in ``bucket_s`` slices: per GPU, the lowest and the mean free MiB.
+
+        A slice where every poll was unreadable has ``min_free_mib`` None (a gap, not zero).
+        """
+        rows = self._db.execute(
+            "SELECT uuid, CAST((at - ?) / ? AS INTEGER) AS bucket, MIN(at) AS at,"
+            " MIN(free_mib) AS min_free_mib, AVG(free_mib) AS mean_free_mib,"
+            " MAX(total_mib) AS total_mib, COUNT(*) AS polls"
+            " FROM gpu_history WHERE at >= ? GROUP BY uuid, bucket ORDER BY uuid, bucket",
+            (since, bucket_s, since),
+        ).fetchall()
+        return [dict(r) for r in rows]
+
     def get_meta(self, key: str, default: str | None = None) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row["value"] if row else default

@@ -19,7 +19,7 @@ from gpuspool import logs
 from gpuspool.config import Settings, load_settings
 from gpuspool.daemon import Daemon
 from gpuspool.gpus import make_probe
-from gpuspool.ledger import Ledger
+from gpuspool.ledger import JobRecord, Ledger
 from gpuspool.models import JobState
 from gpuspool.runner import Runner
 from gpuspool.spool import Spool
@@ -102,6 +102,35 @@ def build_daemon(settings: Settings) -> Daemon:
     )
 
 
+def _start_metrics(settings: Settings, daemon: Daemon) -> tuple[Any, Any]:
+    """The metrics registry and its HTTP server, if ``metrics_address`` is set (else Nones)."""
+    if not settings.metrics_address:
+        return None, None
+    from gpuspool.metrics import DaemonMetrics, MetricsServer, parse_loopback
+
+    parse_loopback(settings.metrics_address)  # refuse a non-loopback address before binding
+    metrics = DaemonMetrics(start_after_seq=daemon.ledger.last_transition_seq())
+    server = MetricsServer(metrics, settings.metrics_address)
+    logs.get().info("metrics_serving", url=server.url)
+    return metrics, server
+
+
+def _start_webhook(settings: Settings, daemon: Daemon) -> Any:
+    """The finish/failure webhook, if ``webhook_url`` is set; hooked into the daemon."""
+    if not settings.webhook_url:
+        return None
+    from gpuspool.views import job_dict
+    from gpuspool.webhook import Webhook, finish_body
+
+    webhook = Webhook(settings.webhook_url)
+
+    def on_finish(job: JobRecord) -> None:
+        webhook.notify(finish_body(job_dict(job)))
+
+    daemon.finish_hooks.append(on_finish)
+    return webhook
+
+
 def run(settings: Settings, config_path: Path | None) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     log = logs.get()
@@ -112,6 +141,14 @@ def run(settings: Settings, config_path: Path | None) -> int:
 
     daemon = build_daemon(settings)
     daemon.startup(time.time())
+    try:
+        metrics, metrics_server = _start_metrics(settings, daemon)
+        webhook = _start_webhook(settings, daemon)
+    except ValueError as exc:  # a bad metrics_address or webhook_url: fail fast
+        log.error("config_invalid", error=str(exc))
+        daemon.ledger.close()
+        daemon.probe.close()
+        return 2
     lock = threading.Lock()
 
     def tick() -> None:
@@ -122,6 +159,12 @@ def run(settings: Settings, config_path: Path | None) -> int:
                 daemon.tick(time.time())
             except Exception:
                 log.exception("tick_failed")
+                return
+            if metrics is not None:
+                try:
+                    metrics.observe(daemon)
+                except Exception:
+                    log.exception("metrics_observe_failed")
 
     scheduler = TickScheduler(tick, settings.poll_interval_s)
     scheduler.start()
@@ -178,6 +221,10 @@ def run(settings: Settings, config_path: Path | None) -> int:
         daemon.stopping = True
     scheduler.shutdown()
     _drain(daemon, flags)
+    if metrics_server is not None:
+        metrics_server.close()
+    if webhook is not None:
+        webhook.close(timeout_s=5.0)
     daemon.ledger.close()
     daemon.probe.close()
     log.info("daemon_stopped")

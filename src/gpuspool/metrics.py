@@ -1,0 +1,277 @@
+"""Prometheus metrics: what the daemon sees and does, served over HTTP on loopback only.
+
+GPU memory follows dcgm-exporter's names and units (``DCGM_FI_DEV_FB_FREE`` etc., MiB, labelled
+``gpu``/``UUID``/``modelName``), so dashboards built for it work here; everything else is
+``gpuspool_*``. Gauges are a snapshot taken at the end of each tick (``observe``); counters and
+histograms are fed from the ledger's ``transitions`` table, so a change made by the CLI (a
+cancel) counts too. Imported only when ``metrics_address`` is set; must not import torch.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector
+
+from gpuspool.models import RUNNABLE_STATES, JobState
+
+if TYPE_CHECKING:
+    from gpuspool.daemon import Daemon
+
+#: Job waits and runs last seconds to days.
+TIME_BUCKETS_S = (1, 10, 30, 60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 172800)
+GPU_LABELS = ("gpu", "UUID", "modelName")
+JOB_LABELS = ("job_id", "name", "UUID")
+
+
+class MetricsAddressError(ValueError):
+    """``metrics_address`` is malformed or not a loopback address."""
+
+
+def parse_loopback(address: str) -> tuple[str, int]:
+    """``"127.0.0.1:9404"``, ``"[::1]:9404"`` or ``"localhost:9404"`` → (host, port).
+
+    Anything that is not loopback is refused: the endpoint has no authentication, and job names
+    and paths are in its labels.
+    """
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise MetricsAddressError(
+            f"metrics_address must be HOST:PORT on loopback, e.g. 127.0.0.1:9404; got {address!r}"
+        )
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise MetricsAddressError(
+            f"metrics_address host must be a loopback IP (127.0.0.1 or ::1); got {host!r}"
+        ) from exc
+    if not ip.is_loopback:
+        raise MetricsAddressError(
+            f"metrics_address {address!r} is not loopback; the metrics endpoint only binds to"
+            " 127.0.0.1 or ::1 (put a reverse proxy in front to expose it)"
+        )
+    return host, int(port_text)
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """Gauge values as of one tick (replaced whole, so a scrape never sees half a tick)."""
+
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+    states: dict[str, int] = field(default_factory=dict)
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    last_tick: float | None = None
+    draining: bool = False
+
+
+def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=list(labels))
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self) -> None:
+        self.snapshot = _Snapshot()
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snapshot
+        free = _gauge("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB).", GPU_LABELS)
+        used = _gauge("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", GPU_LABELS)
+        total = _gauge("DCGM_FI_DEV_FB_TOTAL", "Framebuffer memory total (in MiB).", GPU_LABELS)
+        healthy = _gauge(
+            "gpuspool_gpu_healthy", "1 if the last poll read this GPU, 0 if not.", GPU_LABELS
+        )
+        reserved = _gauge(
+            "gpuspool_gpu_reserved_mib",
+            "Memory held for jobs started but not yet visible in NVML (in MiB).",
+            GPU_LABELS,
+        )
+        for g in snap.gpus:
+            labels = [str(g["index"]), g["uuid"], g["name"]]
+            healthy.add_metric(labels, 1.0 if g["healthy"] else 0.0)
+            reserved.add_metric(labels, float(g.get("reserved_gib", 0.0)) * 1024.0)
+            if g["healthy"]:  # an unreadable GPU has no value, never "0 used"
+                free.add_metric(labels, g["free_mib"])
+                used.add_metric(labels, g["total_mib"] - g["free_mib"])
+                total.add_metric(labels, g["total_mib"])
+        yield from (free, used, total, healthy, reserved)
+
+        jobs = _gauge("gpuspool_jobs", "Jobs in the ledger by state.", ["state"])
+        for state in JobState:
+            jobs.add_metric([state.value], float(snap.states.get(state.value, 0)))
+        yield jobs
+
+        per_job = {
+            "lines_done": _gauge(
+                "gpuspool_job_lines_done", "Input lines done by a running job.", JOB_LABELS
+            ),
+            "lines_total": _gauge(
+                "gpuspool_job_lines_total", "Input lines of a running job.", JOB_LABELS
+            ),
+            "audio_s_done": _gauge(
+                "gpuspool_job_audio_seconds_done",
+                "Seconds of audio encoded by a running job.",
+                JOB_LABELS,
+            ),
+            "audio_s_per_s": _gauge(
+                "gpuspool_job_audio_seconds_per_second",
+                "Throughput of a running job (audio seconds per wall second).",
+                JOB_LABELS,
+            ),
+            "eta_s": _gauge(
+                "gpuspool_job_eta_seconds", "Estimated seconds left of a running job.", JOB_LABELS
+            ),
+        }
+        for job in snap.jobs:
+            labels = [job["id"], job["name"] or "", job["gpu_uuid"] or ""]
+            for key, family in per_job.items():
+                value = job["progress"].get(key)
+                if isinstance(value, (int, float)):
+                    family.add_metric(labels, float(value))
+        yield from per_job.values()
+
+        if snap.last_tick is not None:
+            last = _gauge(
+                "gpuspool_last_tick_timestamp_seconds",
+                "Unix time the daemon's last tick completed.",
+            )
+            last.add_metric([], snap.last_tick)
+            yield last
+        draining = _gauge("gpuspool_draining", "1 while no new jobs start (gpuspool drain).")
+        draining.add_metric([], 1.0 if snap.draining else 0.0)
+        yield draining
+
+
+class DaemonMetrics:
+    """The daemon's metrics in a registry of their own; ``observe`` once after each tick."""
+
+    def __init__(self, start_after_seq: int = 0) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._snapshot = _SnapshotCollector()
+        self.registry.register(self._snapshot)
+        r = self.registry
+        self.probe_errors = Counter(
+            "gpuspool_gpu_probe_errors",
+            "Polls that could not read a GPU (UUID empty: the whole probe failed).",
+            ["UUID"],
+            registry=r,
+        )
+        self.started = Counter("gpuspool_jobs_started", "Job starts (each attempt).", registry=r)
+        self.finished = Counter(
+            "gpuspool_jobs_finished",
+            "Jobs that reached a final state, by outcome (done, failed, cancelled).",
+            ["outcome"],
+            registry=r,
+        )
+        self.retried = Counter(
+            "gpuspool_jobs_retried", "Runs that failed retryably and were deferred.", registry=r
+        )
+        self.interrupted = Counter(
+            "gpuspool_jobs_interrupted",
+            "Runs stopped before finishing (daemon stop, crash); they resume.",
+            registry=r,
+        )
+        self.wait = Histogram(
+            "gpuspool_job_wait_seconds",
+            "Seconds from becoming runnable (submitted, requeued, deferred) to starting.",
+            buckets=TIME_BUCKETS_S,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "gpuspool_job_duration_seconds",
+            "Seconds a run lasted, by how it ended (done, failed, cancelled, retry, interrupted).",
+            ["outcome"],
+            buckets=TIME_BUCKETS_S,
+            registry=r,
+        )
+        self._seq = start_after_seq
+        self._lock = threading.Lock()
+
+    def observe(self, daemon: Daemon) -> None:
+        """Take the gauges' values from the daemon and count the ledger's new transitions."""
+        with self._lock:
+            report = daemon.last_report
+            if report.probe_error:
+                self.probe_errors.labels("").inc()
+            gpus = daemon.describe_gpus()
+            for g in gpus:
+                if not g["healthy"]:
+                    self.probe_errors.labels(g["uuid"]).inc()
+            self._count_transitions(daemon)
+            running = daemon.ledger.jobs([JobState.RUNNING])
+            self._snapshot.snapshot = _Snapshot(
+                gpus=gpus,
+                states=daemon.ledger.counts(),
+                jobs=[
+                    {"id": j.id, "name": j.name, "gpu_uuid": j.gpu_uuid, "progress": j.progress}
+                    for j in running
+                ],
+                last_tick=daemon.last_tick_done,
+                draining=daemon.draining,
+            )
+
+    def _count_transitions(self, daemon: Daemon) -> None:
+        rows = daemon.ledger.transitions_after(self._seq)
+        for row in rows:
+            self._seq = max(self._seq, int(row["seq"]))
+            to, frm = row["to_state"], row["from_state"]
+            if to == JobState.RUNNING.value and frm != JobState.RUNNING.value:
+                self.started.inc()
+                became = _last_at(daemon, row, {s.value for s in RUNNABLE_STATES})
+                if became is not None:
+                    self.wait.observe(max(0.0, row["at"] - became))
+                continue
+            if frm == JobState.RUNNING.value and to != JobState.RUNNING.value:
+                began = _last_at(daemon, row, {JobState.RUNNING.value})
+                outcome = "retry" if to == JobState.DEFERRED.value else to
+                if began is not None:
+                    self.duration.labels(outcome).observe(max(0.0, row["at"] - began))
+            if to in (JobState.DONE.value, JobState.FAILED.value, JobState.CANCELLED.value):
+                self.finished.labels(to).inc()
+            elif to == JobState.DEFERRED.value:
+                self.retried.inc()
+            elif to == JobState.INTERRUPTED.value:
+                self.interrupted.inc()
+
+
+def _last_at(daemon: Daemon, row: dict[str, Any], into: set[str]) -> float | None:
+    """When the job of ``row`` last entered one of ``into`` before ``row``."""
+    earlier = [
+        t
+        for t in daemon.ledger.transitions(row["job_id"])
+        if t["seq"] < row["seq"] and t["to_state"] in into
+    ]
+    return float(earlier[-1]["at"]) if earlier else None
+
+
+class MetricsServer:
+    """The HTTP endpoint (a daemon thread of prometheus-client's WSGI server)."""
+
+    def __init__(self, metrics: DaemonMetrics, address: str) -> None:
+        host, port = parse_loopback(address)
+        try:
+            self._httpd, self._thread = start_http_server(
+                port, addr=host, registry=metrics.registry
+            )
+        except OSError as exc:
+            raise MetricsAddressError(f"cannot serve metrics on {address}: {exc}") from exc
+        bound = self._httpd.socket.getsockname()
+        self.host, self.port = str(bound[0]), int(bound[1])
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

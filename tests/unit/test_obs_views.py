@@ -1,0 +1,96 @@
+"""status / gpus / logs views: data and rendering, without a terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from rich.console import Console
+
+from gpuspool.views import (
+    gpus_data,
+    gpus_snapshot,
+    gpus_view,
+    log_json,
+    log_line,
+    status_data,
+    status_view,
+)
+from tests.conftest import Harness, gpu_entry
+
+
+def render(renderable: object, width: int = 200) -> str:
+    console = Console(width=width, record=True, force_terminal=False, color_system=None)
+    console.print(renderable)
+    return console.export_text()
+
+
+def test_status_shows_progress_and_wait_reason(harness: Harness) -> None:
+    """A finished job shows lines done; a waiting one shows why it waits; draining is shown."""
+    harness.set_gpus([gpu_entry(0, 50)])
+    done = harness.submit("first")
+    for _ in range(3):
+        harness.tick()
+    assert harness.settle(done) == "done"
+    harness.set_gpus([gpu_entry(0, 5)])
+    waiting = harness.submit("second")
+    harness.tick()
+    harness.daemon.set_draining(True)
+    harness.tick()
+    data = status_data(harness.daemon.ledger, harness.now)
+    by_id = {j["id"]: j for j in data["jobs"]}
+    assert by_id[done]["progress"]["lines_done"] == 4 and by_id[done]["state"] == "done"
+    assert by_id[waiting]["waiting_for"].startswith("draining")
+    assert data["draining"] is True and data["counts"]["queued"] == 1
+    text = render(status_view(data))
+    assert "DRAINING" in text
+    assert "4/4 100%" in text
+    assert "draining: no new jobs start" in text
+
+
+def test_status_view_flags_a_stale_daemon(harness: Harness) -> None:
+    """When the last tick is long past, the header says the daemon may not be running."""
+    harness.tick()
+    data = status_data(harness.daemon.ledger, harness.now + 600)
+    assert "daemon not running?" in render(status_view(data, poll_interval_s=1.0))
+
+
+def test_gpus_marks_our_process_and_counts_stable_polls(harness: Harness) -> None:
+    """A running job's worker pid is marked ours; a stranger's is not; stable polls count."""
+    harness.set_gpus([gpu_entry(0, 50)])
+    harness.env["STUB_MODE"] = "sleep"
+    job = harness.submit("long")
+    for _ in range(3):
+        harness.tick()
+    pid = harness.job(job).pid
+    assert pid is not None
+    procs = [{"pid": pid, "used_mib": 2048}, {"pid": os.getpid(), "used_mib": 100}]
+    harness.set_gpus([gpu_entry(0, 40, processes=procs)])
+    harness.tick()
+    harness.tick()
+    running = harness.daemon.ledger.jobs()
+    data = gpus_data(gpus_snapshot(harness.daemon.ledger), running, 20.0, 3)
+    gpu = data["gpus"][0]
+    assert [(p["pid"], p["job_id"]) for p in gpu["processes"]] == [(pid, job), (os.getpid(), None)]
+    assert gpu["meets_threshold"] is True
+    assert gpu["stable_polls"] == 3
+    text = render(gpus_view(data, harness.now))
+    assert f"★ {pid} 2.0 GiB job long" in text
+    harness.daemon.stop_all(harness.now, hard=True)
+    harness.settle(job)
+
+
+def test_log_lines_pretty_and_json() -> None:
+    """Worker and daemon events read well on a terminal; non-JSON output is wrapped as JSON."""
+    progress = json.dumps({"event": "progress", "ts": 0, "lines_done": 3, "lines_total": 12,
+                           "audio_s_per_s": 41.234})  # fmt: skip
+    assert "progress 3/12 (25%) audio_s_per_s=41.23" in log_line(progress).plain
+    daemon = json.dumps({"event": "job_started", "source": "daemon", "gpu_uuid": "GPU-1"})
+    assert log_line(daemon).plain.split() == ["daemon", "job_started", "gpu_uuid=GPU-1"]
+    assert log_json(progress) == progress
+    wrapped = json.loads(log_json("Traceback (most recent call last):"))
+    assert wrapped == {
+        "event": "output",
+        "source": "worker",
+        "line": "Traceback (most recent call last):",
+    }
