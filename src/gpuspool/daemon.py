@@ -21,8 +21,8 @@ from gpuspool.config import Settings
 from gpuspool.estimate import need_gib
 from gpuspool.exitcodes import ExitClass, classify
 from gpuspool.gpus import GpuProbe, ProbeResult
-from gpuspool.ledger import JobRecord, Ledger, LedgerError
-from gpuspool.models import RUNNABLE_STATES, GpuSnapshot, JobSpec, JobState
+from gpuspool.ledger import JobRecord, Ledger, LedgerError, Waiting
+from gpuspool.models import GpuSnapshot, JobSpec, JobState
 from gpuspool.placement import Candidate, GpuView, place
 from gpuspool.runner import JOB_ID_ENV, Exit, Launch, Runner, find_job_processes, is_alive
 from gpuspool.spool import RawJob, Refusal, Spool, display_name, validate_spec
@@ -35,6 +35,8 @@ HISTORY_EVERY_S = 10.0
 #: How long GPU history is kept.
 HISTORY_KEEP_S = 7 * 24 * 3600.0
 DRAINING_KEY = "draining"
+#: Per tick, waiting-reason changes logged one by one; the rest are summed up in one event.
+MAX_WAITING_EVENTS = 50
 
 
 @dataclass
@@ -91,6 +93,7 @@ class Daemon:
         self._running: dict[str, _Running] = {}
         self._last_history_at = float("-inf")
         self._reserved: dict[str, float] = {}
+        self._waiting_cache: tuple[tuple[int, int], list[Waiting], list[Candidate]] | None = None
         self.stopping = False
         self.last_tick_done: float | None = None
         self.last_report = TickReport()
@@ -244,9 +247,9 @@ class Daemon:
                 return f"output: folder {spec.output.parent} does not exist"
         if spec.tokenizer.startswith("/") and not Path(spec.tokenizer).exists():
             return f"tokenizer: {spec.tokenizer} does not exist"
-        for other in self.ledger.active():
-            if other.spec.output == spec.output:
-                return f"output: {spec.output} is already the output of job {other.id}"
+        other = self.ledger.output_claimed(str(spec.output))
+        if other is not None:
+            return f"output: {spec.output} is already the output of job {other}"
         return None
 
     def _need_gib(self, spec: JobSpec) -> float:
@@ -349,7 +352,7 @@ class Daemon:
         elif code is None and "summary" in events:
             code = 0
         exit_class = classify(code)
-        if exit_class == ExitClass.DONE and not job.spec.output.exists():
+        if exit_class == ExitClass.DONE and not Path(job.output).exists():
             exit_class = ExitClass.CRASH
         summary = events.get("summary", {})
         error_reason = events.get("error", {}).get("reason")
@@ -497,52 +500,80 @@ class Daemon:
             for g in self._gpus
         ]
 
+    def _waiting(self) -> tuple[list[Waiting], list[Candidate]]:
+        """Waiting jobs and their placement candidates, reloaded only when a job's state changed."""
+        version = self.ledger.jobs_version
+        if self._waiting_cache is None or self._waiting_cache[0] != version:
+            rows = self.ledger.waiting()
+            candidates = [
+                Candidate(w.id, w.threshold_gib, w.priority, w.seq, w.gpus)
+                for w in rows
+                if w.state != JobState.HELD
+            ]
+            self._waiting_cache = (version, rows, candidates)
+        return self._waiting_cache[1], self._waiting_cache[2]
+
     def _place_and_launch(self, now: float, report: TickReport) -> None:
-        waiting = self.ledger.jobs(sorted(RUNNABLE_STATES | {JobState.HELD}))
-        candidates = []
+        rows, all_candidates = self._waiting()
         reasons: dict[str, str] = {}
-        for job in waiting:
-            if job.state == JobState.HELD:
-                reasons[job.id] = "held (gpuspool release to let it run)"
-            elif job.not_before is not None and job.not_before > now:
-                reasons[job.id] = f"{job.reason or 'retrying'}: {job.not_before - now:.0f} s left"
-            elif self.draining:
-                reasons[job.id] = "draining: no new jobs start (gpuspool resume)"
-            elif self._probe_error and not self._gpus:
-                reasons[job.id] = f"no GPU readings: {self._probe_error}"
-            else:
-                candidates.append(
-                    Candidate(
-                        job.id,
-                        job.threshold_gib,
-                        job.priority,
-                        job.seq,
-                        tuple(job.spec.gpus) if job.spec.gpus is not None else None,
-                    )
-                )
+        backing_off = {w.id for w in rows if w.not_before is not None and w.not_before > now}
+        blocked = None
+        if self.draining:
+            blocked = "draining: no new jobs start (gpuspool resume)"
+        elif self._probe_error and not self._gpus:
+            blocked = f"no GPU readings: {self._probe_error}"
+        for w in rows:
+            if w.state == JobState.HELD:
+                reasons[w.id] = "held (gpuspool release to let it run)"
+            elif blocked is not None and w.id not in backing_off:
+                reasons[w.id] = blocked
+        candidates = (
+            []
+            if blocked is not None
+            else [c for c in all_candidates if c.job_id not in backing_off]
+            if backing_off
+            else all_candidates
+        )
         decision = place(candidates, self.gpu_views(), stable_polls=self.settings.stable_polls)
         reasons.update(decision.reasons)
-        by_id = {j.id: j for j in waiting}
+        started: set[str] = set()
         for start in decision.starts:
-            job = by_id[start.job_id]
+            job = self.ledger.get(start.job_id)
+            if job is None:
+                continue
             problem = self._launch(job, start.gpu_uuid, start.available_gib, now)
             if problem is None:
                 report.started.append((job.id, start.gpu_uuid))
                 reasons.pop(job.id, None)
+                started.add(job.id)
             else:
                 reasons[job.id] = problem
-        for job_id, reason in reasons.items():
-            if self._reasons.get(job_id) != reason:
-                self._reasons[job_id] = reason
-                job = by_id[job_id]
-                self.ledger.update(job_id, now=now, reason=reason)
-                self.log.info(
-                    "job_waiting",
-                    job_id=job_id,
-                    reason=reason,
-                    impossible=job_id in decision.impossible,
-                    threshold_gib=job.threshold_gib,
-                )
+        if started and self._waiting_cache is not None:
+            # Our own starts only remove jobs: update the cache instead of reloading the queue.
+            _, old_rows, old_candidates = self._waiting_cache
+            self._waiting_cache = (
+                self.ledger.jobs_version,
+                [w for w in old_rows if w.id not in started],
+                [c for c in old_candidates if c.job_id not in started],
+            )
+        changed = {k: v for k, v in reasons.items() if self._reasons.get(k) != v}
+        if not changed:
+            return
+        self._reasons.update(changed)
+        self.ledger.set_reasons(changed, now=now)
+        thresholds = {w.id: w.threshold_gib for w in rows}
+        for n, (job_id, reason) in enumerate(changed.items()):
+            if n == MAX_WAITING_EVENTS:
+                # A long queue moves together; one summary keeps the journal readable.
+                self.log.info("jobs_waiting", count=len(changed) - n, example_reason=reason)
+                break
+            self.log.info(
+                "job_waiting",
+                job_id=job_id,
+                reason=reason,
+                impossible=job_id in decision.impossible,
+                threshold_gib=thresholds.get(job_id),
+            )
 
     def worker_argv(self, job: JobRecord) -> list[str]:
         spec = job.spec

@@ -12,8 +12,9 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from gpuspool.models import TERMINAL_STATES, JobSpec, JobState
 
@@ -24,6 +25,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     id            TEXT PRIMARY KEY,
     name          TEXT,
     spec_json     TEXT NOT NULL,
+    input         TEXT NOT NULL,
+    output        TEXT NOT NULL,
+    gpus_json     TEXT,
     submitter_uid INTEGER NOT NULL,
     submitted_at  REAL NOT NULL,
     seq           INTEGER NOT NULL,
@@ -48,6 +52,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at    REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE INDEX IF NOT EXISTS jobs_output ON jobs(output);
 CREATE TABLE IF NOT EXISTS transitions (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id     TEXT NOT NULL,
@@ -71,13 +76,33 @@ CREATE INDEX IF NOT EXISTS gpu_history_at ON gpu_history(at);
 """
 
 
+@lru_cache(maxsize=4096)
+def _parse_spec(spec_json: str) -> JobSpec:
+    return JobSpec.model_validate_json(spec_json)
+
+
+class Waiting(NamedTuple):
+    """The columns placement needs of a job that is not running or finished (cheap to load)."""
+
+    id: str
+    state: JobState
+    priority: int
+    seq: int
+    threshold_gib: float
+    not_before: float | None
+    gpus: tuple[str | int, ...] | None
+    reason: str | None
+
+
 @dataclass(frozen=True, slots=True)
 class JobRecord:
     """One row of the ledger, as the rest of the daemon sees it."""
 
     id: str
     name: str | None
-    spec: JobSpec
+    spec_json: str
+    input: str
+    output: str
     submitter_uid: int
     submitted_at: float
     seq: int
@@ -105,6 +130,11 @@ class JobRecord:
     def label(self) -> str:
         return self.name or self.id
 
+    @property
+    def spec(self) -> JobSpec:
+        """The job file's settings (parsed on first use; most views need only the columns)."""
+        return _parse_spec(self.spec_json)
+
 
 class LedgerError(Exception):
     """A requested change does not apply to the job in its current state."""
@@ -114,7 +144,9 @@ def _row_to_record(row: sqlite3.Row) -> JobRecord:
     return JobRecord(
         id=row["id"],
         name=row["name"],
-        spec=JobSpec.model_validate_json(row["spec_json"]),
+        spec_json=row["spec_json"],
+        input=row["input"],
+        output=row["output"],
         submitter_uid=row["submitter_uid"],
         submitted_at=row["submitted_at"],
         seq=row["seq"],
@@ -156,9 +188,12 @@ class Ledger:
                 path, timeout=30, isolation_level=None, check_same_thread=False
             )
         self._db.row_factory = sqlite3.Row
+        self._state_writes = 0
         if not readonly:
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            # WAL + NORMAL: a commit survives a crash or kill of any process; only a power cut
+            # can drop the last commits, after which their processes are gone too.
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
             with self._tx() as db:
                 db.execute(
@@ -168,6 +203,15 @@ class Ledger:
 
     def close(self) -> None:
         self._db.close()
+
+    def _bump(self) -> None:
+        self._state_writes += 1
+
+    @property
+    def jobs_version(self) -> tuple[int, int]:
+        """Changes whenever a job's state may have changed (by this or any other connection)."""
+        data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        return (data_version, self._state_writes)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -214,6 +258,46 @@ class Ledger:
     def active(self) -> list[JobRecord]:
         """Jobs that are not terminal, in submission order."""
         return self.jobs([s for s in JobState if s not in TERMINAL_STATES])
+
+    def waiting(self) -> list[Waiting]:
+        """Jobs not running and not finished, with only what placement needs, by priority."""
+        rows = self._db.execute(
+            "SELECT id, state, priority, seq, threshold_gib, not_before, gpus_json, reason"
+            " FROM jobs WHERE state IN (?, ?, ?, ?) ORDER BY priority DESC, seq",
+            (JobState.QUEUED.value, JobState.INTERRUPTED.value, JobState.DEFERRED.value,
+             JobState.HELD.value),
+        ).fetchall()  # fmt: skip
+        return [
+            Waiting(
+                r[0],
+                JobState(r[1]),
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                None if r[6] is None else tuple(json.loads(r[6])),
+                r[7],
+            )
+            for r in rows
+        ]
+
+    def output_claimed(self, output: str) -> str | None:
+        """The id of an unfinished job that writes ``output``, if any."""
+        row = self._db.execute(
+            "SELECT id FROM jobs WHERE output = ? AND state NOT IN (?, ?, ?) LIMIT 1",
+            (output, *(s.value for s in TERMINAL_STATES)),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_reasons(self, reasons: dict[str, str], *, now: float) -> None:
+        """Record many waiting reasons in one transaction."""
+        if not reasons:
+            return
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE jobs SET reason = ?, updated_at = ? WHERE id = ?",
+                [(reason, now, job_id) for job_id, reason in reasons.items()],
+            )
 
     def counts(self) -> dict[str, int]:
         rows = self._db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
@@ -289,18 +373,22 @@ class Ledger:
         now: float,
     ) -> bool:
         """Insert a queued job; False (and no change) if ``job_id`` is already there."""
+        self._bump()
         with self._tx() as db:
             if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone():
                 return False
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
             db.execute(
-                "INSERT INTO jobs(id, name, spec_json, submitter_uid, submitted_at, seq, priority,"
-                " state, need_gib, threshold_gib, spool_file, updated_at)"
-                " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs(id, name, spec_json, input, output, gpus_json, submitter_uid,"
+                " submitted_at, seq, priority, state, need_gib, threshold_gib, spool_file,"
+                " updated_at) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     spec.name,
                     spec.model_dump_json(),
+                    str(spec.input),
+                    str(spec.output),
+                    None if spec.gpus is None else json.dumps(spec.gpus),
                     submitter_uid,
                     now,
                     seq,
@@ -353,6 +441,7 @@ class Ledger:
         unknown = set(fields) - allowed
         if unknown:
             raise ValueError(f"unknown job fields {sorted(unknown)}")
+        self._bump()
         with self._tx() as db:
             row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
@@ -392,6 +481,7 @@ class Ledger:
 
     def request_cancel(self, job_id: str, *, now: float) -> JobRecord:
         """Cancel a waiting job at once; flag a running one for the daemon to stop."""
+        self._bump()
         with self._tx() as db:
             row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:

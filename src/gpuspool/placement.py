@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from gpuspool.models import GpuSnapshot
 
@@ -34,8 +35,7 @@ class GpuView:
         return self.available_history[-1] if self.available_history else None
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
+class Candidate(NamedTuple):
     """A job that could start now (runnable, not held, not backing off)."""
 
     job_id: str
@@ -112,13 +112,24 @@ def place(
     starts: list[Start] = []
     reasons: dict[str, str] = {}
     impossible: set[str] = set()
+    # Jobs with the same threshold and allow-list get the same answer until a start changes
+    # what is left, so a queue of thousands costs one evaluation per distinct kind of job.
+    memo: dict[tuple[float, tuple[str | int, ...] | None], tuple[str, bool]] = {}
     for job in ordered:
+        key = (job.threshold_gib, job.allowed_gpus)
+        known_answer = memo.get(key)
+        if known_answer is not None:
+            reasons[job.job_id] = known_answer[0]
+            if known_answer[1]:
+                impossible.add(job.job_id)
+            continue
         allowed = _allowed(job, gpus)
         if not allowed:
             reasons[job.job_id] = (
                 f"none of the allowed GPUs {list(job.allowed_gpus or ())} exist on this host"
             )
             impossible.add(job.job_id)
+            memo[key] = (reasons[job.job_id], True)
             continue
         known = [g for g in allowed if g.snapshot.healthy and g.snapshot.total_mib > 0]
         if known and len(known) == len(allowed):
@@ -129,6 +140,7 @@ def place(
                     f" largest is {largest:.1f} GiB"
                 )
                 impossible.add(job.job_id)
+                memo[key] = (reasons[job.job_id], True)
                 continue
         fitting = [
             g
@@ -141,6 +153,7 @@ def place(
             best = min(fitting, key=lambda g: (g.available_gib or 0.0, g.snapshot.index))
             started_on.add(best.uuid)
             starts.append(Start(job.job_id, best.uuid, best.available_gib or 0.0))
+            memo.clear()
             continue
         # Explain with the GPU that came closest: most available among the known ones.
         closest = max(
@@ -155,4 +168,5 @@ def place(
         reasons[job.job_id] = _why_not(
             closest, job.threshold_gib, stable_polls, closest.uuid in started_on
         )
+        memo[key] = (reasons[job.job_id], False)
     return Decision(tuple(starts), reasons, frozenset(impossible))

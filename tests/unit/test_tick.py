@@ -34,8 +34,11 @@ def test_job_waits_until_free_memory_is_stable(harness: Harness) -> None:
 
 def test_reservation_prevents_double_booking(harness: Harness) -> None:
     """Two jobs that each fit, but not together, never start on the same free memory."""
+    from gpuspool.estimate import need_gib
+
     harness.env["STUB_MODE"] = "sleep"
-    harness.set_gpus([gpu_entry(0, 30)])
+    free = need_gib(0.0, 600.0) * 1.5  # room for one job's need, not two
+    harness.set_gpus([gpu_entry(0, free)])
     a = harness.submit("a", min_free_gib="auto", batch_seconds=600.0)
     b = harness.submit("b", min_free_gib="auto", batch_seconds=600.0)
     for _ in range(6):
@@ -45,11 +48,12 @@ def test_reservation_prevents_double_booking(harness: Harness) -> None:
     running = a if harness.state(a) == "running" else b
     waiting = b if running == a else a
     need = harness.job(running).need_gib
-    assert 15 < need < 30  # 600 s of padded audio ≈ 18.9 GiB: one fits in 30, two don't
+    assert need == need_gib(0.0, 600.0)
     assert "reserved" in harness.job(waiting).reason
     # The process now shows its memory in NVML: the reservation is released, free drops.
     pid = harness.job(running).pid
-    harness.set_gpus([gpu_entry(0, 30 - need, processes=[{"pid": pid, "used_mib": need * 1024}])])
+    used = [{"pid": pid, "used_mib": need * 1024}]
+    harness.set_gpus([gpu_entry(0, free - need, processes=used)])
     for _ in range(4):
         harness.tick()
     assert harness.state(waiting) == "queued"
@@ -69,7 +73,7 @@ def test_oom_retries_with_backoff_then_fails(harness: Harness) -> None:
     rec = harness.job(job)
     assert rec.attempts == 1 and rec.not_before == rec.updated_at + 10.0
     harness.tick(5)
-    assert harness.state(job) == "deferred" and "s left" in harness.job(job).reason
+    assert harness.state(job) == "deferred" and "retry 2 of 3 after 10 s" in harness.job(job).reason
     harness.tick(6)
     assert harness.state(job) == "running"
     assert harness.settle(job) == "deferred"
