@@ -16,7 +16,6 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console, RenderableType
 
-from gpuspool import logs
 from gpuspool.config import ConfigError, Settings, load_settings
 from gpuspool.ledger import JobRecord, Ledger, LedgerError
 from gpuspool.models import RUNNABLE_STATES, JobState
@@ -83,6 +82,8 @@ def _find(ledger: Ledger, ref: str) -> JobRecord:
 def daemon() -> None:
     """Run the daemon in the foreground (systemd runs this)."""
     s = settings()
+    from gpuspool import logs
+
     logs.configure(s.log_format, s.log_level)
     from gpuspool import service
 
@@ -215,10 +216,14 @@ def status(
     all_jobs: Annotated[
         bool, typer.Option("--all", help=f"Every finished job, not only the last {RECENT_FINISHED}")
     ] = False,
+    all_waiting: Annotated[
+        bool, typer.Option("--all-waiting", help="List every waiting job, not only the first 40")
+    ] = False,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh in place")] = False,
     interval_s: IntervalOpt = 2.0,
 ) -> None:
     """Jobs, a progress bar each (lines, audio-s/s, ETA, GPU, peak); why waiting ones wait."""
+    max_waiting = None if all_waiting else 40
     s = settings()
     ledger = _ledger(s)
 
@@ -226,11 +231,18 @@ def status(
         return status_data(ledger, time.time(), all_jobs=all_jobs)
 
     if as_json:
-        print(json.dumps(data(), indent=1))
+        print(json.dumps(data()))
     elif watch:
-        _watch(lambda: status_view(data(), poll_interval_s=s.poll_interval_s), interval_s)
+        _watch(
+            lambda: status_view(
+                data(), poll_interval_s=s.poll_interval_s, max_waiting=max_waiting
+            ),
+            interval_s,
+        )
     else:
-        console.print(status_view(data(), poll_interval_s=s.poll_interval_s))
+        console.print(
+            status_view(data(), poll_interval_s=s.poll_interval_s, max_waiting=max_waiting)
+        )
 
 
 @app.command()

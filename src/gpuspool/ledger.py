@@ -281,6 +281,35 @@ class Ledger:
             for r in rows
         ]
 
+    def status_rows(self, *, finished_limit: int | None) -> list[dict[str, Any]]:
+        """Plain rows for ``status``: every unfinished job, then the latest finished ones.
+
+        Reads columns only (no job-file parsing), so a queue of 10,000 jobs stays fast.
+        """
+        cols = (
+            "id, name, state, gpu_uuid, priority, need_gib, threshold_gib, attempts, reason,"
+            " exit_class, submitted_at, started_at, finished_at, peak_gib, submitter_uid, input,"
+            " output, progress_json, log_path, seq, updated_at"
+        )
+        terminal = [s.value for s in TERMINAL_STATES]
+        limit = -1 if finished_limit is None else finished_limit
+        cur = self._db.cursor()
+        cur.row_factory = None  # plain tuples: much cheaper than sqlite3.Row for many rows
+        rows: list[dict[str, Any]] = []
+        for sql, args in (
+            (f"SELECT {cols} FROM jobs WHERE state NOT IN (?, ?, ?)", terminal),
+            (
+                f"SELECT {cols} FROM jobs WHERE state IN (?, ?, ?)"
+                " ORDER BY COALESCE(finished_at, updated_at) DESC LIMIT ?",
+                [*terminal, limit],
+            ),
+        ):
+            cur.execute(sql, args)
+            names = [d[0] for d in cur.description]
+            rows.extend(dict(zip(names, r, strict=True)) for r in cur.fetchall())
+        rows.sort(key=lambda r: r["seq"])
+        return rows
+
     def output_claimed(self, output: str) -> str | None:
         """The id of an unfinished job that writes ``output``, if any."""
         row = self._db.execute(

@@ -55,8 +55,8 @@ def job_dict(job: JobRecord) -> dict[str, Any]:
         "finished_at": job.finished_at,
         "peak_gib": job.peak_gib,
         "submitter_uid": job.submitter_uid,
-        "input": str(job.spec.input),
-        "output": str(job.spec.output),
+        "input": job.input,
+        "output": job.output,
         "progress": {k: p.get(k) for k in PROGRESS_KEYS},
         "log_path": job.log_path,
     }
@@ -70,28 +70,29 @@ def gpus_snapshot(ledger: Ledger) -> dict[str, Any]:
 
 def status_data(ledger: Ledger, now: float, *, all_jobs: bool = False) -> dict[str, Any]:
     """Everything ``status`` shows, as plain data (``status --json`` prints exactly this)."""
-    jobs = ledger.jobs()
-    active = [j for j in jobs if j.state not in TERMINAL_STATES]
-    finished = [j for j in jobs if j.state in TERMINAL_STATES]
-    if not all_jobs:
-        finished.sort(key=lambda j: j.finished_at or j.updated_at)
-        finished = finished[-RECENT_FINISHED:]
-    shown = sorted(active + finished, key=lambda j: j.seq)
+    rows = ledger.status_rows(finished_limit=None if all_jobs else RECENT_FINISHED)
     snap = gpus_snapshot(ledger)
     index = {g["uuid"]: g["index"] for g in snap["gpus"]}
+    waiting_states = {s.value for s in JobState if s.runnable} | {JobState.HELD.value}
     out = []
-    for job in shown:
-        d = job_dict(job)
-        d["gpu_index"] = index.get(job.gpu_uuid or "")
-        d["waiting_for"] = job.reason if job.state.runnable or job.state == JobState.HELD else None
-        end = job.finished_at if job.state in TERMINAL_STATES else now
-        d["elapsed_s"] = None if job.started_at is None else max(0.0, (end or now) - job.started_at)
-        out.append(d)
+    for row in rows:
+        raw = row.pop("progress_json")
+        progress = json.loads(raw) if raw else {}
+        row["progress"] = {k: progress.get(k) for k in PROGRESS_KEYS}
+        row["gpu_index"] = index.get(row["gpu_uuid"] or "")
+        row["waiting_for"] = row["reason"] if row["state"] in waiting_states else None
+        end = row["finished_at"] if row["state"] in TERMINAL_VALUES else now
+        started = row["started_at"]
+        row["elapsed_s"] = None if started is None else max(0.0, (end or now) - started)
+        del row["seq"], row["updated_at"]
+        out.append(row)
+    counts = dict.fromkeys((s.value for s in JobState), 0)
+    counts.update(ledger.counts())
     return {
         "at": now,
         "draining": ledger.get_meta("draining", "0") == "1",
         "last_tick": snap["at"],
-        "counts": {s.value: n for s, n in _counts(jobs).items()},
+        "counts": counts,
         "jobs": out,
     }
 
@@ -114,7 +115,9 @@ def _duration(seconds: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def status_view(data: dict[str, Any], *, poll_interval_s: float = 5.0) -> RenderableType:
+def status_view(
+    data: dict[str, Any], *, poll_interval_s: float = 5.0, max_waiting: int | None = 40
+) -> RenderableType:
     """A header line and a table with a progress bar per running job."""
     c = data["counts"]
     waiting = c["queued"] + c["interrupted"] + c["deferred"]
@@ -139,7 +142,14 @@ def status_view(data: dict[str, Any], *, poll_interval_s: float = 5.0) -> Render
     for col in ("id", "name", "state", "GPU", "progress", "lines", "audio-s/s", "ETA", "peak",
                 "why waiting / result"):  # fmt: skip
         table.add_column(col, no_wrap=col not in ("why waiting / result", "name"))
+    waiting_shown = 0
+    hidden = 0
     for job in data["jobs"]:
+        if job["waiting_for"] is not None and job["state"] != "held":
+            waiting_shown += 1
+            if max_waiting is not None and waiting_shown > max_waiting:
+                hidden += 1
+                continue
         p = job["progress"]
         done, total = p.get("lines_done"), p.get("lines_total")
         running = job["state"] == "running"
@@ -175,6 +185,9 @@ def status_view(data: dict[str, Any], *, poll_interval_s: float = 5.0) -> Render
         )
     if not data["jobs"]:
         return Group(head, Text("no jobs", "dim"))
+    if hidden:
+        more = Text(f"… and {hidden} more waiting jobs (gpuspool status --all-waiting)", "dim")
+        return Group(head, table, more)
     return Group(head, table)
 
 
