@@ -92,7 +92,9 @@ class Daemon:
         self._reasons: dict[str, str] = {}
         self._running: dict[str, _Running] = {}
         self._last_history_at = float("-inf")
+        self._last_prune = float("-inf")
         self._reserved: dict[str, float] = {}
+        self._now = 0.0  # the time of the tick in progress, for events written to job logs
         self._waiting_cache: tuple[tuple[int, int], list[Waiting], list[Candidate]] | None = None
         self.stopping = False
         self.last_tick_done: float | None = None
@@ -104,6 +106,7 @@ class Daemon:
 
     def startup(self, now: float) -> None:
         """Recover after a restart: adopt live jobs, requeue those whose process is gone."""
+        self._now = now
         self.spool.ensure_dirs()
         self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
         orphans = find_job_processes() if self.ledger.jobs([JobState.RUNNING]) else {}
@@ -131,6 +134,7 @@ class Daemon:
 
     def tick(self, now: float) -> TickReport:
         """Everything the daemon does at one poll. Never raises for a job's or a file's fault."""
+        self._now = now
         report = TickReport()
         self.intake(now, report)
         self.reap(now, report)
@@ -270,6 +274,7 @@ class Daemon:
     # -- running jobs ------------------------------------------------------------------------------
 
     def reap(self, now: float, report: TickReport) -> None:
+        self._now = now
         for job in self.ledger.jobs([JobState.RUNNING]):
             state = self._running.setdefault(job.id, _Running())
             self._read_log(job, now)
@@ -431,7 +436,7 @@ class Daemon:
         fields = {"job_id": job.id, "gpu_uuid": job.gpu_uuid, **fields}
         self.log.info(event, **fields)
         if job.log_path:
-            line = {"event": event, "source": "daemon", **fields}
+            line = {"event": event, "source": "daemon", "ts": round(self._now, 3), **fields}
             try:
                 with open(job.log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(line, default=str) + "\n")
@@ -488,6 +493,9 @@ class Daemon:
                 del self._history[uuid]
         self._reserved = reserved
         if now - self._last_history_at >= HISTORY_EVERY_S and result.gpus:
+            if now - self._last_prune >= 3600.0:
+                self._last_prune = now
+                self.ledger.prune_gpu_history(now - HISTORY_KEEP_S)
             self._last_history_at = now
             self.ledger.record_gpu_history(
                 now, [(g.uuid, g.free_mib if g.healthy else None, g.total_mib) for g in result.gpus]
