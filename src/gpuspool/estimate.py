@@ -12,12 +12,21 @@ from typing import Literal
 
 Dtype = Literal["fp32", "bf16"]
 
-#: Activation peak per minute of padded audio in one batch (GiB), encoder, measured on an H100.
-ACT_GIB_PER_MIN: dict[str, float] = {"fp32": 1.72, "bf16": 0.86}
+#: Peak (torch reserved) per minute of padded audio in one batch (GiB), encoder, H100. fp32: the
+#: worker's default full fp32 with deterministic cuDNN algorithms, fitted on 9 points from 160 to
+#: 1920 padded seconds (bench/results/extract_h100.txt). bf16: earlier measurement, not refitted.
+ACT_GIB_PER_MIN: dict[str, float] = {"fp32": 1.23, "bf16": 0.86}
+#: ``--tf32`` (TF32 convolutions, cuDNN's heuristic algorithms) takes more activation memory:
+#: 1.72 GiB per padded minute measured, 1.40 × the fp32 default.
+TF32_ACT_FACTOR = 1.40
 #: Encoder weights and codebooks on the GPU (GiB); the decoder is never moved to the GPU.
 WEIGHTS_GIB: dict[str, float] = {"fp32": 0.21, "bf16": 0.11}
-#: A CUDA context with cuDNN/cuBLAS handles loaded (GiB).
-CONTEXT_GIB = 0.55
+#: A CUDA context with cuDNN/cuBLAS handles loaded (GiB), NVML's per-process figure minus
+#: torch's reserved memory (0.67 GiB on an H100, driver 580, torch 2.11).
+CONTEXT_GIB = 0.67
+#: Reserved memory beyond weights and activations (allocator segments, workspaces), GiB: the
+#: intercept of the fit.
+WORKSPACE_GIB = 0.44
 #: Allocator slack on top of the activation peak (fraction).
 MARGIN = 0.10
 
@@ -34,4 +43,4 @@ def need_gib(longest_clip_s: float, budget_s: float, dtype: Dtype = "fp32") -> f
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(ACT_GIB_PER_MIN)}")
     padded_min = max(longest_clip_s, budget_s) / 60.0
     activations = ACT_GIB_PER_MIN[dtype] * padded_min * (1.0 + MARGIN)
-    return round(WEIGHTS_GIB[dtype] + CONTEXT_GIB + activations, 2)
+    return round(WEIGHTS_GIB[dtype] + CONTEXT_GIB + WORKSPACE_GIB + activations, 2)

@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--loader-workers",
         type=_positive_int,
-        default=max(1, min(16, os.cpu_count() or 1)),
-        help="CPU threads decoding and resampling audio (default min(16, cores))",
+        default=max(1, min(16, (os.cpu_count() or 2) - 1)),
+        help="CPU threads decoding and resampling audio (default min(16, cores - 1))",
     )
     ap.add_argument("--progress-interval-s", type=_positive_float, default=5.0)
     ap.add_argument(
@@ -93,9 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-resume", action="store_true", help="discard a partial output and start over"
     )
     ap.add_argument(
-        "--strict-fp32",
+        "--tf32",
         action="store_true",
-        help="no TF32 and deterministic cuDNN algorithms on the GPU (slower)",
+        help="allow TF32 convolutions on the GPU: faster, but codes then depend slightly on "
+        "batch shapes (off by default: full fp32, deterministic cuDNN algorithms)",
+    )
+    ap.add_argument(
+        "--loader-mode",
+        choices=("process", "thread"),
+        default="process",
+        help="decode audio in worker processes (default) or threads",
     )
     ap.add_argument("--cpu-threads", type=_positive_int, default=None, help="torch CPU threads")
     return ap
@@ -131,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         sort_window=a.sort_window,
         prefetch_batches=a.prefetch_batches,
         resume=not a.no_resume,
-        strict_fp32=a.strict_fp32,
+        tf32=a.tf32,
+        loader_mode=a.loader_mode,
         cpu_threads=a.cpu_threads,
     )
     with contextlib.redirect_stdout(sys.stderr):

@@ -92,7 +92,7 @@ def resampled_length(frames: int, samplerate: int) -> int:
     """
     if samplerate == MODEL_SAMPLE_RATE:
         return frames
-    return int(math.ceil(frames * (float(MODEL_SAMPLE_RATE) / samplerate)))
+    return math.ceil(frames * (float(MODEL_SAMPLE_RATE) / samplerate))
 
 
 def padded_samples(samples: int) -> int:
@@ -124,7 +124,9 @@ def clip_seconds(path: str | os.PathLike[str]) -> float:
     return frames / sr
 
 
-def iter_lines(path: Path, offset: int = 0, first_line: int = 1) -> Iterator[tuple[int, bytes, int]]:
+def iter_lines(
+    path: Path, offset: int = 0, first_line: int = 1
+) -> Iterator[tuple[int, bytes, int]]:
     """Yield (line number, raw line, byte offset just after the line) from ``offset`` on."""
     with open(path, "rb") as f:
         f.seek(offset)
@@ -136,7 +138,9 @@ def iter_lines(path: Path, offset: int = 0, first_line: int = 1) -> Iterator[tup
             lineno += 1
 
 
-def parse_line(raw: bytes, lineno: int, base_dir: Path) -> tuple[dict[str, Any], Path] | BadLine | None:
+def parse_line(
+    raw: bytes, lineno: int, base_dir: Path
+) -> tuple[dict[str, Any], Path] | BadLine | None:
     """Parse one input line: (record, audio path), a :class:`BadLine`, or None for a blank line."""
     try:
         text = raw.decode("utf-8")
@@ -161,7 +165,9 @@ def parse_line(raw: bytes, lineno: int, base_dir: Path) -> tuple[dict[str, Any],
     return record, p
 
 
-def inspect_line(raw: bytes, lineno: int, base_dir: Path, end_offset: int = 0) -> Clip | BadLine | None:
+def inspect_line(
+    raw: bytes, lineno: int, base_dir: Path, end_offset: int = 0
+) -> Clip | BadLine | None:
     """Parse a line and read its audio header: a :class:`Clip`, a :class:`BadLine`, or None."""
     parsed = parse_line(raw, lineno, base_dir)
     if parsed is None or isinstance(parsed, BadLine):

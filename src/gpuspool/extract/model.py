@@ -35,9 +35,11 @@ def resolve_device(spec: str) -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {spec!r} asked for, but CUDA is not available")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
+        index: int | None = dev.index
+        if index is None:
+            index = torch.cuda.current_device()
+            dev = torch.device("cuda", index)
+        if index >= torch.cuda.device_count():
             raise ValueError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s)")
     return dev
 

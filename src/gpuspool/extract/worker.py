@@ -11,13 +11,14 @@ checkpoint is written, and the worker exits with INTERRUPTED.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import queue
 import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -26,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from gpuspool.estimate import need_gib
+from gpuspool.estimate import TF32_ACT_FACTOR, need_gib
 from gpuspool.exitcodes import ExitCode
 from gpuspool.extract.audio import Wave, load_padded
 from gpuspool.extract.events import Events
@@ -63,7 +64,8 @@ class Options:
     sort_window: int = 2048
     prefetch_batches: int = 4
     resume: bool = True
-    strict_fp32: bool = False
+    tf32: bool = False
+    loader_mode: Literal["process", "thread"] = "process"
     cpu_threads: int | None = None
 
     @property
@@ -124,8 +126,26 @@ def _fingerprint(opts: Options) -> dict[str, Any]:
         "tokenizer": opts.tokenizer,
         "dtype": opts.dtype,
         "on_bad_line": opts.on_bad_line,
-        "strict_fp32": opts.strict_fp32,
+        "tf32": opts.tf32,
     }
+
+
+def _loader_init(parent: int) -> None:
+    """Set up a loader process.
+
+    SIGINT/SIGTERM are left to the parent, which stops the loaders in order. If the parent dies
+    without that (kill -9), the loader exits by itself: it would otherwise wait forever on a
+    task queue that its siblings keep open.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _skip_text(bad: BadLine) -> str:
@@ -165,7 +185,7 @@ class _Producer(threading.Thread):
         self,
         opts: Options,
         writer: OrderedWriter,
-        pool: ThreadPoolExecutor,
+        pool: Executor,
         collate_pool: ThreadPoolExecutor,
         out_q: queue.Queue[tuple[Any, ...]],
         stop: threading.Event,
@@ -220,9 +240,9 @@ class _Producer(threading.Thread):
                     imm.append(("bad", got, end))
                 else:
                     window.append(got)
-                if len(window) >= self.opts.sort_window or len(imm) >= 1024:
-                    if not self._flush(window, imm):
-                        return
+                full = len(window) >= self.opts.sort_window or len(imm) >= 1024
+                if full and not self._flush(window, imm):
+                    return
             if self._flush(window, imm):
                 self._put(_END)
         except BaseException as exc:  # surfaced by the main thread
@@ -332,9 +352,25 @@ class Run:
             raise WorkerExit(ExitCode.USAGE, str(exc)) from exc
         w = self.writer
         self.prior_lines = w.ck.lines_done + sum(1 for e in w.ready.values() if e.kind == "out")
-        self.prior_skipped = w.ck.lines_skipped + sum(1 for e in w.ready.values() if e.kind == "skip")
+        self.prior_skipped = w.ck.lines_skipped + sum(
+            1 for e in w.ready.values() if e.kind == "skip"
+        )
         self.prior_audio_s = w.ck.audio_s_done + sum(e.audio_s for e in w.ready.values())
 
+        # Start reading and decoding before the (slow) torch import, so they overlap.
+        self._start_pipeline()
+        try:
+            self._load_and_consume(scan)
+        finally:
+            self._stop_pipeline()
+        self._check_writes(final=True)
+        self.writer.finish()
+        self._summary()
+        return int(ExitCode.OK)
+
+    def _load_and_consume(self, scan: InputScan) -> None:
+        o = self.opts
+        assert self.writer is not None
         if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
             os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
         import torch
@@ -349,11 +385,12 @@ class Run:
             torch.set_num_threads(o.cpu_threads)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = False
-            if o.strict_fp32:
-                torch.backends.cudnn.allow_tf32 = False
-                torch.backends.cuda.matmul.allow_tf32 = False
-                torch.backends.cudnn.deterministic = True
-        self.encoder = enc = CodeEncoder(o.tokenizer, device, o.dtype)
+            # TF32 convolutions make codes depend on the algorithm cuDNN picks for each batch
+            # shape; full fp32 with deterministic algorithms keeps them batch-independent.
+            torch.backends.cudnn.allow_tf32 = o.tf32
+            torch.backends.cuda.matmul.allow_tf32 = o.tf32
+            torch.backends.cudnn.deterministic = not o.tf32
+        self.encoder = CodeEncoder(o.tokenizer, device, o.dtype)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         self.events.emit(
@@ -366,68 +403,92 @@ class Run:
             device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             batch_seconds=o.batch_seconds,
             dtype=o.dtype,
-            need_gib=need_gib(scan.longest_s, o.batch_seconds, o.dtype),
+            tf32=o.tf32,
+            need_gib=self._need(),
             resumed=self.writer.resumed,
             resume_line=self.writer.next_line,
             lines_already_done=self.writer.ck.lines_done,
             output=str(o.output),
         )
-        self._pipeline()
-        self.writer.finish()
-        self._summary()
-        return int(ExitCode.OK)
+        self._consume()
 
-    def _pipeline(self) -> None:
+    def _start_pipeline(self) -> None:
         o = self.opts
         writer = self.writer
         assert writer is not None
-        stop = threading.Event()
-        q: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=max(1, o.prefetch_batches))
-        pool = ThreadPoolExecutor(max_workers=max(1, o.loader_workers), thread_name_prefix="load")
-        collate_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collate")
+        self._stop = threading.Event()
+        self._q: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=max(1, o.prefetch_batches))
+        workers = max(1, o.loader_workers)
+        self._pool: Executor
+        if o.loader_mode == "process":
+            # Processes, not threads: decoding holds the GIL often enough to starve the thread
+            # that feeds the GPU. "spawn": the parent will hold a CUDA context.
+            self._pool = ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_loader_init,
+                initargs=(os.getpid(),),
+            )
+        else:
+            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="load")
+        self._collate_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collate")
         # Serialising codes to JSON and the fsync'd writes run beside the encoder.
         self._write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
-        producer = _Producer(o, writer, pool, collate_pool, q, stop, load_padded)
+        producer = _Producer(
+            o, writer, self._pool, self._collate_pool, self._q, self._stop, load_padded
+        )
         producer.start()
+
+    def _stop_pipeline(self) -> None:
+        self._stop.set()
+        self._collate_pool.shutdown(wait=False, cancel_futures=True)
+        while True:  # unblock the producer
+            try:
+                self._q.get_nowait()
+            except queue.Empty:
+                break
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._write_pool is not None:
+            self._write_pool.shutdown(wait=True)
+
+    def _consume(self) -> None:
         self.t_proc = time.monotonic()
         self._last_progress = self.t_proc
-        try:
-            while True:
-                if self.signals.flag.is_set():
-                    self._interrupted()
-                self._check_writes()
-                try:
-                    item = q.get(timeout=0.25)
-                except queue.Empty:
-                    self._maybe_progress()
-                    continue
-                kind = item[0]
-                if kind == "end":
-                    break
+        while True:
+            if self.signals.flag.is_set():
+                self._interrupted()
+            self._check_writes()
+            try:
+                item = self._q.get(timeout=0.25)
+            except queue.Empty:
+                self._maybe_progress()
+                continue
+            kind = item[0]
+            if kind == "end":
+                break
+            try:
                 if kind == "crash":
                     raise item[1]
                 if kind == "imm":
                     self._immediates(item[1])
                 elif kind == "batch":
                     self._batch(item[2])
-                self._maybe_progress()
-        finally:
-            stop.set()
-            pool.shutdown(wait=False, cancel_futures=True)
-            collate_pool.shutdown(wait=False, cancel_futures=True)
-            while True:  # unblock the producer
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    break
-            self._write_pool.shutdown(wait=True)
-        self._check_writes(final=True)
+            except (WorkerExit, KeyboardInterrupt):
+                raise
+            except Exception:
+                if self.signals.flag.is_set():  # e.g. loader processes hit by the signal
+                    self._interrupted()
+                raise
+            self._maybe_progress()
 
     def _submit_write(self, entries: list[Entry]) -> None:
         assert self.writer is not None
+        assert self._write_pool is not None
         self._writes.append(self._write_pool.submit(self.writer.add, entries))
 
-    def _submit_codes(self, good: list[tuple[Clip, int]], codes: list[Any], skipped: list[Entry]) -> None:
+    def _submit_codes(
+        self, good: list[tuple[Clip, int]], codes: list[Any], skipped: list[Entry]
+    ) -> None:
         def job() -> None:
             entries = list(skipped)
             for (c, n), code in zip(good, codes, strict=True):
@@ -438,6 +499,7 @@ class Run:
             assert self.writer is not None
             self.writer.add(entries)
 
+        assert self._write_pool is not None
         self._writes.append(self._write_pool.submit(job))
 
     def _check_writes(self, final: bool = False) -> None:
@@ -512,6 +574,12 @@ class Run:
             self.prior_audio_s + self.session_audio_s,
         )
 
+    def _need(self) -> float:
+        """The memory estimate for this run (``--tf32`` takes more activation memory)."""
+        assert self.scan is not None
+        f = TF32_ACT_FACTOR if self.opts.tf32 else 1.0
+        return need_gib(self.scan.longest_s * f, self.opts.batch_seconds * f, self.opts.dtype)
+
     def _rate(self) -> float:
         el = time.monotonic() - (self.t_proc or self.t0)
         return self.session_audio_s / el if el > 0 else 0.0
@@ -561,7 +629,7 @@ class Run:
             gpu_context_source=mem.context_source if mem else None,
             batches=self.batches,
             max_batch_padded_s=self.max_batch_padded_s,
-            need_gib=need_gib(self.scan.longest_s, self.opts.batch_seconds, self.opts.dtype),
+            need_gib=self._need(),
             output=str(self.opts.output),
             skip_report=str(self.opts.report_path) if w.ck.lines_skipped else None,
         )

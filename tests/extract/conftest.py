@@ -1,0 +1,113 @@
+"""Fixtures for the extraction worker: a tiny random-weight tokenizer and synthesized audio."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpuspool.extract.synth import synth_dataset
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight tokenizer saved with save_pretrained (built once)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("qwen_tts")
+    from gpuspool.extract.tiny import build_tiny_tokenizer
+
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 clips of 0.4–7 s: every sample rate, mono and stereo, WAV/FLAC/MP3; returns the JSONL."""
+    return synth_dataset(tmp_path_factory.mktemp("ds"), 16, 0.4, 7.0, seed=3, stereo_fraction=0.4)
+
+
+@pytest.fixture(scope="session")
+def official_tokenizer(tiny_tokenizer: Path) -> Any:
+    """The tiny tokenizer loaded the official way, for reference codes."""
+    from qwen_tts import Qwen3TTSTokenizer
+
+    return Qwen3TTSTokenizer.from_pretrained(str(tiny_tokenizer), device_map="cpu")
+
+
+class Result:
+    """Exit code and parsed stdout events of one worker run."""
+
+    def __init__(self, code: int, stdout: str):
+        self.code = code
+        self.stdout = stdout
+        self.events = [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+    def of(self, name: str) -> list[dict[str, Any]]:
+        """Events with this name."""
+        return [e for e in self.events if e["event"] == name]
+
+    def one(self, name: str) -> dict[str, Any]:
+        """The single event with this name."""
+        got = self.of(name)
+        assert len(got) == 1, f"expected one {name!r} event, got {self.events}"
+        return got[0]
+
+
+def run_extract(*args: str | os.PathLike[str]) -> Result:
+    """Run the worker in this process; capture its stdout events."""
+    from gpuspool.extract.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main([str(a) for a in args])
+    return Result(code, buf.getvalue())
+
+
+def spawn_extract(*args: str | os.PathLike[str]) -> subprocess.Popen[str]:
+    """Start the worker as ``python -m gpuspool.extract`` in a child process."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.Popen(
+        [sys.executable, "-m", "gpuspool.extract", *[str(a) for a in args]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Parse a JSONL file."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def chdir(path: Path) -> Iterator[None]:
+    """Temporarily change the working directory."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+@pytest.fixture
+def extract() -> Any:
+    """The in-process runner: ``extract(*args) -> Result``."""
+    return run_extract
+
+
+@pytest.fixture
+def spawn() -> Any:
+    """The child-process runner: ``spawn(*args) -> Popen``."""
+    return spawn_extract

@@ -1,0 +1,151 @@
+"""Crash safety: SIGKILL at several points and SIGTERM, then resume, give the same bytes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpuspool.exitcodes import ExitCode
+from gpuspool.extract.synth import synth_dataset
+
+pytest.importorskip("torch")
+pytest.importorskip("qwen_tts")
+
+ARGS = ["--batch-seconds", "2", "--sort-window", "12", "--loader-workers", "2"]
+
+
+@pytest.fixture(scope="module")
+def many_clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48 short clips, so a run has dozens of batches and checkpoints to interrupt."""
+    return synth_dataset(tmp_path_factory.mktemp("many"), 48, 0.3, 2.0, seed=11)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(
+    many_clips: Path, tiny_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory
+) -> bytes:
+    """Output bytes of one run that nobody interrupts."""
+    import contextlib
+    import io
+
+    from gpuspool.extract.cli import main
+
+    out = tmp_path_factory.mktemp("u") / "out.jsonl"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert (
+            main(
+                [
+                    "--input",
+                    str(many_clips),
+                    "--output",
+                    str(out),
+                    "--tokenizer",
+                    str(tiny_tokenizer),
+                    *ARGS,
+                ]
+            )
+            == 0
+        )
+    return out.read_bytes()
+
+
+def _ckpt(out: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(Path(str(out) + ".partial.ckpt").read_text())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_then_signal(
+    proc: subprocess.Popen[str], out: Path, ready: Any, sig: int, timeout: float = 120.0
+) -> None:
+    """Poll the checkpoint until ``ready(ckpt)``; then send ``sig``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        ck = _ckpt(out)
+        if ck is not None and ready(ck):
+            proc.send_signal(sig)
+            return
+        time.sleep(0.002)
+    raise AssertionError(f"run ended (rc={proc.poll()}) before the kill point")
+
+
+def test_sigkill_at_several_points_then_resume(
+    spawn: Any, many_clips: Path, tiny_tokenizer: Path, tmp_path: Path, uninterrupted: bytes
+) -> None:
+    """Three SIGKILLs (early, mid-window with pending results, late) lose and duplicate nothing."""
+    out = tmp_path / "out.jsonl"
+    args = ["--input", many_clips, "--output", out, "--tokenizer", tiny_tokenizer, *ARGS]
+    points = [
+        lambda ck: ck["next_line"] >= 4,
+        lambda ck: ck["pending_bytes"] > 0 and ck["next_line"] >= 12,
+        lambda ck: ck["next_line"] >= 36,
+    ]
+    seen_lines = []
+    for ready in points:
+        proc = spawn(*args)
+        _wait_then_signal(proc, out, ready, signal.SIGKILL)
+        proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL
+        ck = _ckpt(out)
+        assert ck is not None
+        seen_lines.append(ck["next_line"])
+        # The partial file never holds more than the checkpoint vouches for, modulo the tail
+        # that a resume cuts off; what it vouches for is a prefix of the uninterrupted output.
+        part = Path(str(out) + ".partial").read_bytes()[: ck["partial_bytes"]]
+        assert uninterrupted.startswith(part)
+    assert seen_lines == sorted(seen_lines)
+    proc = spawn(*args)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    events = [json.loads(x) for x in stdout.splitlines()]
+    start = next(e for e in events if e["event"] == "start")
+    assert start["resumed"] is True and start["resume_line"] > 1
+    assert out.read_bytes() == uninterrupted
+    assert not Path(str(out) + ".partial").exists()
+
+
+def test_sigterm_checkpoints_and_exits_143(
+    spawn: Any, many_clips: Path, tiny_tokenizer: Path, tmp_path: Path, uninterrupted: bytes
+) -> None:
+    """SIGTERM finishes the batch in flight, checkpoints, exits 143; a rerun completes the file."""
+    out = tmp_path / "out.jsonl"
+    args = ["--input", many_clips, "--output", out, "--tokenizer", tiny_tokenizer, *ARGS]
+    proc = spawn(*args)
+    _wait_then_signal(proc, out, lambda ck: ck["next_line"] >= 6, signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == ExitCode.INTERRUPTED
+    events = [json.loads(x) for x in stdout.splitlines()]
+    assert events[-1]["event"] == "error" and events[-1]["exit_code"] == 143
+    assert "SIGTERM" in events[-1]["reason"]
+    ck = _ckpt(out)
+    assert ck is not None and ck["next_line"] >= 6
+    size = Path(str(out) + ".partial").stat().st_size
+    assert size == ck["partial_bytes"]  # a clean stop leaves no unvouched tail
+    proc = spawn(*args)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    assert out.read_bytes() == uninterrupted
+
+
+def test_finished_run_whose_cleanup_was_cut_short(
+    extract: Any, many_clips: Path, tiny_tokenizer: Path, tmp_path: Path, uninterrupted: bytes
+) -> None:
+    """If the run died after renaming OUT but before removing its checkpoint, a rerun exits 0."""
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(uninterrupted)
+    Path(str(out) + ".partial.ckpt").write_text(
+        json.dumps({"version": 1, "fingerprint": {}, "complete": True, "lines_done": 48})
+    )
+    r = extract("--input", many_clips, "--output", out, "--tokenizer", tiny_tokenizer, *ARGS)
+    assert r.code == 0
+    assert r.one("summary")["lines_done"] == 48
+    assert out.read_bytes() == uninterrupted
+    assert not Path(str(out) + ".partial.ckpt").exists()
