@@ -64,6 +64,15 @@ class GpuMemory:
         return self.max_reserved + self.context
 
 
+@dataclass
+class Pending:
+    """A batch on its way through the encoder."""
+
+    codes: torch.Tensor
+    frames: list[int]
+    done: Any
+
+
 class CodeEncoder:
     """Encodes padded 24 kHz waveforms into (frames, 16) code arrays."""
 
@@ -86,32 +95,45 @@ class CodeEncoder:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         self.model = model.to(device).eval()
+        self.num_quantizers = int(model.encoder_valid_num_quantizers)
         self.dtype = self.model.dtype
         self._context: tuple[float, str] | None = None
 
-    def encode(self, batch: npt.NDArray[np.float32], frames: list[int]) -> list[Codes]:
-        """Codes, (frames[i], 16) each, for the rows of ``batch`` (B, L).
+    def launch(self, batch: npt.NDArray[np.float32], frames: list[int]) -> Pending:
+        """Start encoding the rows of ``batch`` (B, L); ``collect`` returns the codes.
 
         Each row holds a clip right-padded with zeros to whole frames (and then to L);
-        ``frames[i]`` is the clip's frame count, ``ceil(samples / 1920)``.
+        ``frames[i]`` is the clip's frame count, ``ceil(samples / 1920)``. The work is queued on
+        the device and this returns at once, so the next batch can be prepared (and launched)
+        while this one runs. The encoder call is the one ``Qwen3TTSTokenizerV2Model.encode``
+        makes (the whole padded batch, then the first 16 codebooks, then each clip's frames);
+        the per-clip cut happens on the host, which saves a device sync per clip.
         """
         b, longest = batch.shape
         if longest % self.frame or len(frames) != b:
             raise ValueError("batch rows must be right-padded to whole frames, one count a row")
-        x = torch.from_numpy(batch).to(self.device).to(self.dtype)
-        lengths = torch.tensor([f * self.frame for f in frames], device=self.device)
-        mask = (torch.arange(longest, device=self.device)[None, :] < lengths[:, None]).long()
+        x = torch.from_numpy(batch).to(self.device, non_blocking=True).to(self.dtype)
         with torch.inference_mode():
-            enc = self.model.encode(x, mask, return_dict=True)
-            codes = list(enc.audio_codes)
-            flat = torch.cat(codes, dim=0).to("cpu").numpy()
-        out: list[Codes] = []
-        start = 0
-        for c in codes:
-            n = int(c.shape[0])
-            out.append(flat[start : start + n])
-            start += n
-        return out
+            enc = self.model.encoder.encode(input_values=x.unsqueeze(1), return_dict=True)
+            codes = enc.audio_codes[:, : self.num_quantizers]  # (B, 16, T)
+            if self.device.type == "cuda":
+                host = torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True)
+                host.copy_(codes, non_blocking=True)
+                done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                done.record()  # type: ignore[no-untyped-call]
+                return Pending(host, frames, done)
+            return Pending(codes, frames, None)
+
+    def collect(self, pending: Pending) -> list[Codes]:
+        """Wait for a launched batch and return (frames[i], 16) codes for each of its rows."""
+        if pending.done is not None:
+            pending.done.synchronize()
+        arr = pending.codes.numpy()
+        return [arr[i, :, :f].T for i, f in enumerate(pending.frames)]
+
+    def encode(self, batch: npt.NDArray[np.float32], frames: list[int]) -> list[Codes]:
+        """``launch`` then ``collect``: the codes of one batch."""
+        return self.collect(self.launch(batch, frames))
 
     # -- memory --------------------------------------------------------------------------------
     def memory(self) -> GpuMemory | None:

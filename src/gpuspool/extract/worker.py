@@ -10,6 +10,7 @@ checkpoint is written, and the worker exits with INTERRUPTED.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -271,6 +272,7 @@ class Run:
         self.scan: InputScan | None = None
         self.writer: OrderedWriter | None = None
         self.encoder: Any = None
+        self._pending: tuple[Any, Collated, list[Entry]] | None = None
         self.signals = _Signals()
         self._last_progress = 0.0
 
@@ -461,10 +463,12 @@ class Run:
             try:
                 item = self._q.get(timeout=0.25)
             except queue.Empty:
+                self._collect_pending()  # the loaders are behind: finish what the device has
                 self._maybe_progress()
                 continue
             kind = item[0]
             if kind == "end":
+                self._collect_pending()
                 break
             try:
                 if kind == "crash":
@@ -474,8 +478,10 @@ class Run:
                 elif kind == "batch":
                     self._batch(item[2])
             except (WorkerExit, KeyboardInterrupt):
+                self._salvage_pending()
                 raise
             except Exception:
+                self._salvage_pending()
                 if self.signals.flag.is_set():  # e.g. loader processes hit by the signal
                     self._interrupted()
                 raise
@@ -547,10 +553,27 @@ class Run:
         if col.array is None:
             return
         frames = [-(-n // FRAME_SAMPLES) for _, n in col.good]
-        codes = self.encoder.encode(col.array, frames)
+        # Launch this batch before collecting the previous one, so the device never waits for
+        # the host between batches.
+        pending = self.encoder.launch(col.array, frames)
         self.max_batch_padded_s = max(
             self.max_batch_padded_s, col.array.shape[0] * col.array.shape[1] / MODEL_SAMPLE_RATE
         )
+        self._collect_pending()
+        self._pending = (pending, col, skipped)
+
+    def _salvage_pending(self) -> None:
+        """On the way out, keep the batch already on the device if it finished cleanly."""
+        with contextlib.suppress(Exception):
+            self._collect_pending()
+
+    def _collect_pending(self) -> None:
+        """Finish the batch launched last: count it and hand its codes to the writer."""
+        if self._pending is None:
+            return
+        pending, col, skipped = self._pending
+        self._pending = None
+        codes = self.encoder.collect(pending)
         self.batches += 1
         if self.batches == 1:
             self.encoder.remeasure_context()
