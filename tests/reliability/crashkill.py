@@ -246,6 +246,8 @@ class CrashKill:
     ) -> None:
         self.workdir = workdir
         self.rng = random.Random(seed)
+        #: Which live worker to kill depends on timing: its own RNG keeps ``rng``'s plan fixed.
+        self.victim_rng = random.Random(seed + 1)
         self.cycles = cycles
         self.real_fraction = real_fraction if tokenizer is not None else 0.0
         self.tokenizer = tokenizer
@@ -321,7 +323,7 @@ class CrashKill:
 
     def _kill_workers(self, how_many: int) -> int:
         live = self.sampler.sample()
-        victims = self.rng.sample(sorted(live), min(how_many, len(live)))
+        victims = self.victim_rng.sample(sorted(live), min(how_many, len(live)))
         for job in victims:
             for sid in live[job]:
                 try:
