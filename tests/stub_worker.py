@@ -1,7 +1,7 @@
 """A stand-in extraction worker for the daemon's unit tests: real process, scripted outcome.
 
 It takes the worker's flags, and behaves as ``STUB_MODE`` says: ok (write the output, exit 0),
-oom (exit 75), data (exit 65), crash (exit 1), sleep (run until SIGTERM, then exit 143). The
+oom (exit 75), data (exit 65), exists (exit 73), crash (exit 1), sleep (run until SIGTERM, then exit 143). The
 integration tests run the real worker instead.
 """
 
@@ -19,20 +19,37 @@ def emit(**event):
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    for flag in ("--input", "--output", "--tokenizer", "--device", "--batch-seconds",
-                 "--on-bad-line", "--dtype"):
+    for flag in (
+        "--input",
+        "--output",
+        "--tokenizer",
+        "--device",
+        "--batch-seconds",
+        "--on-bad-line",
+        "--dtype",
+    ):
         ap.add_argument(flag)
     args = ap.parse_args()
     mode = os.environ.get("STUB_MODE", "ok")
     emit(event="start", lines_total=4, device=args.device)
-    emit(event="progress", lines_done=1, lines_total=4, audio_s_done=2.0, audio_s_per_s=10.0,
-         eta_s=0.6, gpu_peak_gib=None)
+    emit(
+        event="progress",
+        lines_done=1,
+        lines_total=4,
+        audio_s_done=2.0,
+        audio_s_per_s=10.0,
+        eta_s=0.6,
+        gpu_peak_gib=None,
+    )
     if mode == "oom":
         emit(event="error", exit_code=75, reason="CUDA out of memory (stub)")
         return 75
     if mode == "data":
         emit(event="error", exit_code=65, reason="line 3: audio file missing", line=3)
         return 65
+    if mode == "exists":
+        emit(event="error", exit_code=73, reason=f"output {args.output} exists")
+        return 73
     if mode == "crash":
         raise RuntimeError("boom")
     if mode == "sleep":
@@ -44,8 +61,15 @@ def main() -> int:
         return 143
     with open(args.output, "w") as f:
         f.write(json.dumps({"audio": "a.wav", "audio_codes": [[1] * 16]}) + "\n")
-    emit(event="summary", lines_done=4, lines_skipped=0, audio_s_done=8.0, audio_s_per_s=10.0,
-         wall_s=0.8, peak_gpu_gib=1.5)
+    emit(
+        event="summary",
+        lines_done=4,
+        lines_skipped=0,
+        audio_s_done=8.0,
+        audio_s_per_s=10.0,
+        wall_s=0.8,
+        peak_gpu_gib=1.5,
+    )
     return 0
 
 

@@ -19,12 +19,20 @@ from typing import Any
 from gpuspool import logs
 from gpuspool.config import Settings
 from gpuspool.estimate import need_gib
-from gpuspool.exitcodes import ExitClass, classify
+from gpuspool.exitcodes import ExitClass, ExitCode, classify
 from gpuspool.gpus import GpuProbe, ProbeResult
 from gpuspool.ledger import JobRecord, Ledger, LedgerError, Waiting
 from gpuspool.models import GpuSnapshot, JobSpec, JobState
 from gpuspool.placement import Candidate, GpuView, place
-from gpuspool.runner import JOB_ID_ENV, Exit, Launch, Runner, find_job_processes, is_alive
+from gpuspool.runner import (
+    JOB_ID_ENV,
+    Exit,
+    Launch,
+    Runner,
+    find_job_processes,
+    is_alive,
+    kill_leftovers,
+)
 from gpuspool.spool import RawJob, Refusal, Spool, display_name, validate_spec
 from gpuspool.systemd import scrub_env
 
@@ -350,6 +358,9 @@ class Daemon:
     ) -> None:
         """File a job whose process is gone, by its exit code (or, if adopted, its last event)."""
         state = self._running.pop(job.id, _Running())
+        strays = kill_leftovers(job.id)
+        if strays:
+            self.log.warning("job_strays_killed", job_id=job.id, pids=strays)
         events = state.last_events
         code = gone.returncode
         if code is None and "error" in events:
@@ -359,6 +370,8 @@ class Daemon:
         exit_class = classify(code)
         if exit_class == ExitClass.DONE and not Path(job.output).exists():
             exit_class = ExitClass.CRASH
+        if code == ExitCode.OUTPUT_EXISTS and self._finished_by_earlier_run(job):
+            exit_class = ExitClass.DONE
         summary = events.get("summary", {})
         error_reason = events.get("error", {}).get("reason")
         peak = summary.get("peak_gpu_gib")
@@ -393,6 +406,16 @@ class Daemon:
             self._notify_finish(job, JobState.FAILED)
         if report is not None:
             report.finished.append((job.id, exit_class))
+
+    def _finished_by_earlier_run(self, job: JobRecord) -> bool:
+        """An earlier run of this job renamed its complete output into place, then was killed
+        before it said so; the rerun then finds the output. Intake made sure the output did not
+        exist and no other job claims it, so a complete output with no partial left is ours."""
+        output = Path(job.output)
+        if not output.is_file() or Path(f"{job.output}.partial").exists():
+            return False
+        runs = [t for t in self.ledger.transitions(job.id) if t["to_state"] == "running"]
+        return len(runs) >= 2
 
     def _retry_or_fail(self, job: JobRecord, now: float, detail: str, base: dict[str, Any]) -> None:
         attempts = job.attempts + 1

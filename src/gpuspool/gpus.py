@@ -112,6 +112,8 @@ class NvmlProbe:
         try:
             count = self._call(nv.nvmlDeviceGetCount)
         except nv.NVMLError as exc:
+            if getattr(exc, "value", None) == nv.NVML_ERROR_UNINITIALIZED:
+                self._initialised = False  # e.g. the driver was reloaded: init again next poll
             return ProbeResult((), f"nvmlDeviceGetCount failed: {_nvml_error_text(exc)}")
         gpus: list[GpuSnapshot] = []
         for index in range(count):

@@ -132,3 +132,18 @@ def find_job_processes() -> dict[str, tuple[int, float]]:
         if job_id not in found or created < found[job_id][1]:
             found[job_id] = (proc.info["pid"], created)
     return found
+
+
+def kill_leftovers(job_id: str) -> list[int]:
+    """SIGKILL every process still carrying ``job_id`` (a finished job's stray children,
+    e.g. loaders of a worker that was killed); returns their pids."""
+    killed = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get(JOB_ID_ENV) != job_id:
+                continue
+            proc.kill()
+        except (psutil.Error, OSError):
+            continue
+        killed.append(proc.info["pid"])
+    return killed

@@ -115,7 +115,9 @@ def test_nvml_free_matches_cuda_free() -> None:
     torch.cuda.init()
     free_b, total_b = torch.cuda.mem_get_info(0)
     uuid = str(torch.cuda.get_device_properties(0).uuid)
-    gpus = {g.uuid.removeprefix("GPU-"): g for g in NvmlProbe().poll().gpus}
+    probe = NvmlProbe()
+    gpus = {g.uuid.removeprefix("GPU-"): g for g in probe.poll().gpus}
+    probe.close()
     gpu = gpus[uuid]
     print(f"CUDA free {free_b / 2**20:.0f} MiB total {total_b / 2**20:.0f};"
           f" NVML free {gpu.free_mib:.0f} total {gpu.total_mib:.0f}")  # fmt: skip

@@ -232,3 +232,17 @@ def test_fault_storm_never_places_on_unknown_or_short_gpus(
     print(f"NVML fault storm: {faults} faults injected over 1,500 polls, {fake.errors_raised}"
           f" NVML errors raised, {len(jobs)} jobs done, 0 placements on unknown GPUs")  # fmt: skip
     assert faults > 500
+
+
+def test_probe_initialises_again_after_nvml_forgets_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If NVML answers UNINITIALIZED mid-run (a driver reload), the probe calls nvmlInit again."""
+    fake = FakeNvml([FakeGpu("GPU-a", free_mib=70 * GIB)])
+    probe = nvml_probe(monkeypatch, fake)
+    assert probe.poll().gpus[0].uuid == "GPU-a"
+    fake.reset()
+    lost = probe.poll()
+    assert lost.gpus == () and lost.error and "nvmlDeviceGetCount failed" in lost.error
+    inits = fake.calls["nvmlInit"]
+    back = probe.poll()
+    assert fake.calls["nvmlInit"] == inits + 1
+    assert back.error is None and back.gpus[0].uuid == "GPU-a"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 from structlog.testing import capture_logs
 
@@ -208,3 +209,36 @@ def test_unreadable_gpu_file_keeps_daemon_up(harness: Harness) -> None:
     assert harness.state(job) == "running"
     harness.settle(job)
     assert json.loads(harness.job(job).spec.model_dump_json())["name"] == "a"
+
+
+def test_output_completed_by_a_killed_run_counts_as_done(harness: Harness) -> None:
+    """A worker killed after renaming its finished output into place, before saying so: the
+    rerun finds the output (exit 73) and the job is done, not failed."""
+    harness.env["STUB_MODE"] = "sleep"
+    harness.set_gpus([gpu_entry(0, 50)])
+    job = harness.submit("a")
+    for _ in range(3):
+        harness.tick()
+    pid = harness.job(job).pid
+    Path(harness.job(job).output).write_text('{"audio": "a.wav", "audio_codes": []}\n')
+    harness.env["STUB_MODE"] = "exists"  # what the rerun will find
+    os.kill(pid, signal.SIGKILL)
+    assert harness.settle(job) in {"interrupted", "done"}
+    for _ in range(3):
+        harness.tick()
+    assert harness.settle(job) == "done"
+    states = [t["to_state"] for t in harness.daemon.ledger.transitions(job)]
+    assert states.count("running") == 2 and "interrupted" in states
+
+
+def test_output_existing_at_first_start_fails(harness: Harness) -> None:
+    """On a job's first run, an output that appeared since intake is not taken as its own."""
+    harness.env["STUB_MODE"] = "exists"
+    harness.set_gpus([gpu_entry(0, 50)])
+    job = harness.submit("a")
+    harness.tick()
+    Path(harness.job(job).output).write_text("someone else's file\n")
+    for _ in range(2):
+        harness.tick()
+    assert harness.settle(job) == "failed"
+    assert "exists" in harness.job(job).reason
