@@ -103,6 +103,15 @@ class Harness:
         os.rename(staging / filename, dest)
         return dest
 
+    def start(self, mode: str, **fields: Any) -> str:
+        """Submit job "a" with the stub worker in ``mode`` on a roomy GPU; tick until it starts."""
+        self.env["STUB_MODE"] = mode
+        self.set_gpus([gpu_entry(0, 50)])
+        job = self.submit("a", **fields)
+        for _ in range(3):
+            self.tick()
+        return job
+
     def tick(self, dt: float = 1.0) -> Any:
         self.now += dt
         return self.daemon.tick(self.now)

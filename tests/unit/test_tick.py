@@ -65,11 +65,7 @@ def test_reservation_prevents_double_booking(harness: Harness) -> None:
 
 def test_oom_retries_with_backoff_then_fails(harness: Harness) -> None:
     """CUDA OOM defers the job with a growing delay; after max_attempts it fails."""
-    harness.env["STUB_MODE"] = "oom"
-    harness.set_gpus([gpu_entry(0, 50)])
-    job = harness.submit("a")
-    for _ in range(3):
-        harness.tick()
+    job = harness.start("oom")
     assert harness.settle(job) == "deferred"
     rec = harness.job(job)
     assert rec.attempts == 1 and rec.not_before == rec.updated_at + 10.0
@@ -87,11 +83,7 @@ def test_oom_retries_with_backoff_then_fails(harness: Harness) -> None:
 
 def test_bad_data_fails_without_retry(harness: Harness) -> None:
     """A data error is final and its reason (with the line number) is kept."""
-    harness.env["STUB_MODE"] = "data"
-    harness.set_gpus([gpu_entry(0, 50)])
-    job = harness.submit("a")
-    for _ in range(3):
-        harness.tick()
+    job = harness.start("data")
     assert harness.settle(job) == "failed"
     assert harness.job(job).reason == "line 3: audio file missing"
     assert harness.job(job).exit_class == "data_error"
@@ -99,22 +91,14 @@ def test_bad_data_fails_without_retry(harness: Harness) -> None:
 
 def test_crash_is_retried(harness: Harness) -> None:
     """An unexpected worker crash is retried like a transient fault."""
-    harness.env["STUB_MODE"] = "crash"
-    harness.set_gpus([gpu_entry(0, 50)])
-    job = harness.submit("a")
-    for _ in range(3):
-        harness.tick()
+    job = harness.start("crash")
     assert harness.settle(job) == "deferred"
     assert "worker crashed" in harness.job(job).reason
 
 
 def test_cancel_stops_running_job(harness: Harness) -> None:
     """Cancelling a running job sends SIGTERM to its group and files it as cancelled."""
-    harness.env["STUB_MODE"] = "sleep"
-    harness.set_gpus([gpu_entry(0, 50)])
-    job = harness.submit("a")
-    for _ in range(3):
-        harness.tick()
+    job = harness.start("sleep")
     assert harness.state(job) == "running"
     harness.daemon.ledger.request_cancel(job, now=harness.now)
     assert harness.settle(job) == "cancelled"
@@ -122,11 +106,7 @@ def test_cancel_stops_running_job(harness: Harness) -> None:
 
 def test_hung_job_times_out(harness: Harness) -> None:
     """A job running past its timeout is stopped and retried (or failed) with that reason."""
-    harness.env["STUB_MODE"] = "sleep"
-    harness.set_gpus([gpu_entry(0, 50)])
-    job = harness.submit("a", timeout_s=30.0, max_attempts=1)
-    for _ in range(3):
-        harness.tick()
+    job = harness.start("sleep", timeout_s=30.0, max_attempts=1)
     harness.tick(31)
     assert harness.settle(job) == "failed"
     assert "timed out after 30 s" in harness.job(job).reason
@@ -134,11 +114,7 @@ def test_hung_job_times_out(harness: Harness) -> None:
 
 def test_restart_adopts_live_job_and_requeues_dead_one(harness: Harness) -> None:
     """After a daemon restart a live job is adopted (not rerun); a killed one resumes."""
-    harness.env["STUB_MODE"] = "sleep"
-    harness.set_gpus([gpu_entry(0, 50)])
-    job = harness.submit("a")
-    for _ in range(3):
-        harness.tick()
+    job = harness.start("sleep")
     pid = harness.job(job).pid
     harness.daemon = harness.new_daemon()  # a new daemon over the same ledger
     harness.tick()
@@ -214,11 +190,7 @@ def test_unreadable_gpu_file_keeps_daemon_up(harness: Harness) -> None:
 def test_output_completed_by_a_killed_run_counts_as_done(harness: Harness) -> None:
     """A worker killed after renaming its finished output into place, before saying so: the
     rerun finds the output (exit 73) and the job is done, not failed."""
-    harness.env["STUB_MODE"] = "sleep"
-    harness.set_gpus([gpu_entry(0, 50)])
-    job = harness.submit("a")
-    for _ in range(3):
-        harness.tick()
+    job = harness.start("sleep")
     pid = harness.job(job).pid
     Path(harness.job(job).output).write_text('{"audio": "a.wav", "audio_codes": []}\n')
     harness.env["STUB_MODE"] = "exists"  # what the rerun will find
