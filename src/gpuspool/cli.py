@@ -227,11 +227,11 @@ def status(
     s = settings()
     ledger = _ledger(s)
 
-    def data() -> dict[str, Any]:
-        return status_data(ledger, time.time(), all_jobs=all_jobs)
+    def data(limit: int | None = max_waiting) -> dict[str, Any]:
+        return status_data(ledger, time.time(), all_jobs=all_jobs, max_waiting=limit)
 
     if as_json:
-        print(json.dumps(data()))
+        print(json.dumps(data(None)))
     elif watch:
         _watch(
             lambda: status_view(

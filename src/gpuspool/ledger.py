@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from gpuspool.models import TERMINAL_STATES, JobSpec, JobState
+from gpuspool.models import RUNNABLE_STATES, TERMINAL_STATES, JobSpec, JobState
 
 SCHEMA_VERSION = 1
 
@@ -281,8 +281,11 @@ class Ledger:
             for r in rows
         ]
 
-    def status_rows(self, *, finished_limit: int | None) -> list[dict[str, Any]]:
-        """Plain rows for ``status``: every unfinished job, then the latest finished ones.
+    def status_rows(
+        self, *, finished_limit: int | None, waiting_limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Plain rows for ``status``: unfinished jobs (at most ``waiting_limit`` of those that
+        wait, first to start first) and the latest finished ones, in submission order.
 
         Reads columns only (no job-file parsing), so a queue of 10,000 jobs stays fast.
         """
@@ -296,8 +299,14 @@ class Ledger:
         cur = self._db.cursor()
         cur.row_factory = None  # plain tuples: much cheaper than sqlite3.Row for many rows
         rows: list[dict[str, Any]] = []
+        waiting = [st.value for st in (*RUNNABLE_STATES, JobState.HELD)]
         for sql, args in (
-            (f"SELECT {cols} FROM jobs WHERE state NOT IN (?, ?, ?)", terminal),
+            (f"SELECT {cols} FROM jobs WHERE state = ?", [JobState.RUNNING.value]),
+            (
+                f"SELECT {cols} FROM jobs WHERE state IN (?, ?, ?, ?)"
+                " ORDER BY priority DESC, seq LIMIT ?",
+                [*waiting, -1 if waiting_limit is None else waiting_limit],
+            ),
             (
                 f"SELECT {cols} FROM jobs WHERE state IN (?, ?, ?)"
                 " ORDER BY COALESCE(finished_at, updated_at) DESC LIMIT ?",

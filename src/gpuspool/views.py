@@ -68,9 +68,17 @@ def gpus_snapshot(ledger: Ledger) -> dict[str, Any]:
     return json.loads(raw) if raw else {"at": None, "gpus": []}
 
 
-def status_data(ledger: Ledger, now: float, *, all_jobs: bool = False) -> dict[str, Any]:
-    """Everything ``status`` shows, as plain data (``status --json`` prints exactly this)."""
-    rows = ledger.status_rows(finished_limit=None if all_jobs else RECENT_FINISHED)
+def status_data(
+    ledger: Ledger, now: float, *, all_jobs: bool = False, max_waiting: int | None = None
+) -> dict[str, Any]:
+    """Everything ``status`` shows, as plain data (``status --json`` prints exactly this).
+
+    ``max_waiting`` lists only the first waiting jobs (by start order); ``hidden_waiting``
+    counts the rest.
+    """
+    rows = ledger.status_rows(
+        finished_limit=None if all_jobs else RECENT_FINISHED, waiting_limit=max_waiting
+    )
     snap = gpus_snapshot(ledger)
     index = {g["uuid"]: g["index"] for g in snap["gpus"]}
     waiting_states = {s.value for s in JobState if s.runnable} | {JobState.HELD.value}
@@ -88,7 +96,9 @@ def status_data(ledger: Ledger, now: float, *, all_jobs: bool = False) -> dict[s
         out.append(row)
     counts = dict.fromkeys((s.value for s in JobState), 0)
     counts.update(ledger.counts())
+    listed_waiting = sum(1 for r in out if r["state"] in waiting_states)
     return {
+        "hidden_waiting": sum(counts[s] for s in waiting_states) - listed_waiting,
         "at": now,
         "draining": ledger.get_meta("draining", "0") == "1",
         "last_tick": snap["at"],
@@ -143,9 +153,9 @@ def status_view(
                 "why waiting / result"):  # fmt: skip
         table.add_column(col, no_wrap=col not in ("why waiting / result", "name"))
     waiting_shown = 0
-    hidden = 0
+    hidden = data.get("hidden_waiting", 0)
     for job in data["jobs"]:
-        if job["waiting_for"] is not None and job["state"] != "held":
+        if job["waiting_for"] is not None:
             waiting_shown += 1
             if max_waiting is not None and waiting_shown > max_waiting:
                 hidden += 1
