@@ -166,6 +166,70 @@ def dispatch_latency(rounds: int) -> dict[str, Any]:
     )
 
 
+def dispatch_latency_nvml(rounds: int) -> dict[str, Any]:
+    """Real NVML: another tenant holds the GPU; when it exits, how soon does the job start?"""
+    import pynvml
+
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    total_gib = pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**30
+    pynvml.nvmlShutdown()
+    threshold = 30.0
+    hold_gib = total_gib - threshold + 10  # leaves ~20 GiB free: below the threshold
+    work = Path(tempfile.mkdtemp(prefix="gpuspool-dispatch-nvml-"))
+    cfg = write_config(work, "nvml", stable_polls=3, min_free_gib=threshold)
+    proc = start_daemon(work, cfg)
+    (work / "in.jsonl").write_text('{"audio": "a.wav"}\n')
+    from gpuspool.spool import Spool
+
+    spool = Spool(work / "spool")
+    latencies = []
+    tenant_code = (
+        "import sys, time, torch; n = int(float(sys.argv[1]) * 2**30);"
+        " x = torch.empty(n, dtype=torch.uint8, device='cuda'); torch.cuda.synchronize();"
+        " print('holding', flush=True); sys.stdin.read()"
+    )
+    try:
+        for i in range(rounds):
+            tenant = subprocess.Popen(
+                [sys.executable, "-c", tenant_code, str(hold_gib)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            assert tenant.stdout is not None and tenant.stdout.readline().strip() == "holding"
+            data = {"input": str(work / "in.jsonl"), "output": str(work / f"o{i}.jsonl"),
+                    "tokenizer": "t"}  # fmt: skip
+            _, job_id = spool.submit(data, stem=f"j{i}")
+            time.sleep(3.5)
+            ledger = Ledger(work / "state" / "ledger.sqlite3", readonly=True)
+            assert ledger.get(job_id).state.value == "queued"  # type: ignore[union-attr]
+            tenant.stdin.close()  # type: ignore[union-attr]
+            tenant.wait(timeout=60)
+            gone = time.time()
+            while True:
+                rec = ledger.get(job_id)
+                assert rec is not None
+                if rec.started_at:
+                    latencies.append(rec.started_at - gone)
+                    break
+                time.sleep(0.01)
+            while ledger.get(job_id).state.value == "running":  # type: ignore[union-attr]
+                time.sleep(0.05)
+            ledger.close()
+    finally:
+        stop(proc)
+    return emit(
+        measure="dispatch_latency_nvml",
+        gpu_total_gib=round(total_gib, 1),
+        tenant_held_gib=round(hold_gib, 1),
+        threshold_gib=threshold,
+        poll_interval_s=1.0,
+        stable_polls=3,
+        rounds=rounds,
+        latency_s=[round(x, 3) for x in latencies],
+        latency_s_median=round(statistics.median(latencies), 3),
+    )
+
+
 def big_queue(n_jobs: int) -> list[dict[str, Any]]:
     """Tick time and ``status`` time with ``n_jobs`` queued (the tick runs in this process)."""
     from gpuspool.config import Settings
@@ -264,8 +328,11 @@ def main() -> int:
          gpu_source=a.gpu_source)  # fmt: skip
     if a.only in (None, "idle"):
         idle_cost(a.gpu_source, a.idle_seconds)
-    if a.only in (None, "dispatch") and a.gpu_source == "file":
-        dispatch_latency(a.dispatch_rounds)
+    if a.only in (None, "dispatch"):
+        if a.gpu_source == "file":
+            dispatch_latency(a.dispatch_rounds)
+        else:
+            dispatch_latency_nvml(a.dispatch_rounds)
     if a.only in (None, "queue") and a.gpu_source == "file":
         big_queue(a.queue)
     return 0
