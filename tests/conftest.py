@@ -41,8 +41,11 @@ def wait_until(cond: Callable[[], Any], timeout: float = 20.0, step: float = 0.0
 class Harness:
     """A daemon with fake time, a file GPU source and a stub worker."""
 
-    def __init__(self, tmp: Path, **overrides: Any) -> None:
+    def __init__(
+        self, tmp: Path, *, identity_for: Callable[[int], Any] | None = None, **overrides: Any
+    ) -> None:
         self.tmp = tmp
+        self.identity_for = identity_for
         self.gpu_file = tmp / "gpus.json"
         self.set_gpus([gpu_entry(0, 10)])
         self.env: dict[str, str] = {"PATH": os.environ.get("PATH", "")}
@@ -76,6 +79,7 @@ class Harness:
             runner=Runner(),
             environ=self.env,
             daemon_euid=os.geteuid(),
+            identity_for=self.identity_for,
         )
         d.startup(self.now)
         return d

@@ -31,7 +31,7 @@ def main() -> int:
         ap.add_argument(flag)
     args = ap.parse_args()
     mode = os.environ.get("STUB_MODE", "ok")
-    emit(event="start", lines_total=4, device=args.device)
+    emit(event="start", lines_total=4, device=args.device, uid=os.getuid(), gid=os.getgid())
     emit(
         event="progress",
         lines_done=1,
