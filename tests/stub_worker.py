@@ -1,8 +1,8 @@
 """A stand-in extraction worker for the daemon's unit tests: real process, scripted outcome.
 
 It takes the worker's flags, and behaves as ``STUB_MODE`` says: ok (write the output, exit 0),
-oom (exit 75), data (exit 65), exists (exit 73), crash (exit 1), sleep (run until SIGTERM, then exit 143). The
-integration tests run the real worker instead.
+oom (exit 75), data (exit 65), exists (exit 73), crash (exit 1), sleep (run until SIGTERM, then
+exit 143). The integration tests run the real worker instead.
 """
 
 import argparse
