@@ -234,9 +234,7 @@ def status(
         print(json.dumps(data(None)))
     elif watch:
         _watch(
-            lambda: status_view(
-                data(), poll_interval_s=s.poll_interval_s, max_waiting=max_waiting
-            ),
+            lambda: status_view(data(), poll_interval_s=s.poll_interval_s, max_waiting=max_waiting),
             interval_s,
         )
     else:
