@@ -96,6 +96,11 @@ class CodeEncoder:
             torch.cuda.set_device(device)
         self.model = model.to(device).eval()
         self.num_quantizers = int(model.encoder_valid_num_quantizers)
+        self._copy_stream = (
+            torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+            if device.type == "cuda"
+            else None
+        )
         self.dtype = self.model.dtype
         self._context: tuple[float, str] | None = None
 
@@ -112,7 +117,18 @@ class CodeEncoder:
         b, longest = batch.shape
         if longest % self.frame or len(frames) != b:
             raise ValueError("batch rows must be right-padded to whole frames, one count a row")
-        x = torch.from_numpy(batch).to(self.device, non_blocking=True).to(self.dtype)
+        host = torch.from_numpy(batch)
+        if self._copy_stream is not None:
+            # Copy from pinned memory on a side stream: the copy overlaps the batch still
+            # running, and this call returns without waiting for it.
+            pinned = host.pin_memory()
+            with torch.cuda.stream(self._copy_stream):
+                x = pinned.to(self.device, non_blocking=True)
+            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+            x.record_stream(torch.cuda.current_stream(self.device))
+        else:
+            x = host.to(self.device)
+        x = x.to(self.dtype)
         with torch.inference_mode():
             enc = self.model.encoder.encode(input_values=x.unsqueeze(1), return_dict=True)
             codes = enc.audio_codes[:, : self.num_quantizers]  # (B, 16, T)

@@ -273,6 +273,11 @@ class Run:
         self.writer: OrderedWriter | None = None
         self.encoder: Any = None
         self._pending: tuple[Any, Collated, list[Entry]] | None = None
+        # Where the encoding thread's time goes (seconds): waiting for decoded audio, queueing
+        # work on the device, waiting for the device to finish a batch.
+        self.t_audio_wait = 0.0
+        self.t_launch = 0.0
+        self.t_device_wait = 0.0
         self.signals = _Signals()
         self._last_progress = 0.0
 
@@ -460,12 +465,15 @@ class Run:
             if self.signals.flag.is_set():
                 self._interrupted()
             self._check_writes()
+            t_wait = time.monotonic()
             try:
                 item = self._q.get(timeout=0.25)
             except queue.Empty:
+                self.t_audio_wait += time.monotonic() - t_wait
                 self._collect_pending()  # the loaders are behind: finish what the device has
                 self._maybe_progress()
                 continue
+            self.t_audio_wait += time.monotonic() - t_wait
             kind = item[0]
             if kind == "end":
                 self._collect_pending()
@@ -555,7 +563,9 @@ class Run:
         frames = [-(-n // FRAME_SAMPLES) for _, n in col.good]
         # Launch this batch before collecting the previous one, so the device never waits for
         # the host between batches.
+        t = time.monotonic()
         pending = self.encoder.launch(col.array, frames)
+        self.t_launch += time.monotonic() - t
         self.max_batch_padded_s = max(
             self.max_batch_padded_s, col.array.shape[0] * col.array.shape[1] / MODEL_SAMPLE_RATE
         )
@@ -573,7 +583,9 @@ class Run:
             return
         pending, col, skipped = self._pending
         self._pending = None
+        t = time.monotonic()
         codes = self.encoder.collect(pending)
+        self.t_device_wait += time.monotonic() - t
         self.batches += 1
         if self.batches == 1:
             self.encoder.remeasure_context()
@@ -651,6 +663,9 @@ class Run:
             gpu_context_gib=mem.context if mem else None,
             gpu_context_source=mem.context_source if mem else None,
             batches=self.batches,
+            waiting_for_audio_s=round(self.t_audio_wait, 3),
+            launching_s=round(self.t_launch, 3),
+            waiting_for_device_s=round(self.t_device_wait, 3),
             max_batch_padded_s=self.max_batch_padded_s,
             need_gib=self._need(),
             output=str(self.opts.output),
