@@ -96,11 +96,6 @@ class CodeEncoder:
             torch.cuda.set_device(device)
         self.model = model.to(device).eval()
         self.num_quantizers = int(model.encoder_valid_num_quantizers)
-        self._copy_stream = (
-            torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-            if device.type == "cuda"
-            else None
-        )
         self.dtype = self.model.dtype
         self._context: tuple[float, str] | None = None
 
@@ -108,27 +103,18 @@ class CodeEncoder:
         """Start encoding the rows of ``batch`` (B, L); ``collect`` returns the codes.
 
         Each row holds a clip right-padded with zeros to whole frames (and then to L);
-        ``frames[i]`` is the clip's frame count, ``ceil(samples / 1920)``. The work is queued on
-        the device and this returns at once, so the next batch can be prepared (and launched)
-        while this one runs. The encoder call is the one ``Qwen3TTSTokenizerV2Model.encode``
+        ``frames[i]`` is the clip's frame count, ``ceil(samples / 1920)``. The copy of the codes
+        back to the host is queued, not waited for; the encoder itself still waits on the device
+        at places inside its forward pass (on an H100 nearly all of a run's time is spent in
+        this call), so batches overlap only at their ends. The encoder call is the one
+        ``Qwen3TTSTokenizerV2Model.encode``
         makes (the whole padded batch, then the first 16 codebooks, then each clip's frames);
         the per-clip cut happens on the host, which saves a device sync per clip.
         """
         b, longest = batch.shape
         if longest % self.frame or len(frames) != b:
             raise ValueError("batch rows must be right-padded to whole frames, one count a row")
-        host = torch.from_numpy(batch)
-        if self._copy_stream is not None:
-            # Copy from pinned memory on a side stream: the copy overlaps the batch still
-            # running, and this call returns without waiting for it.
-            pinned = host.pin_memory()
-            with torch.cuda.stream(self._copy_stream):
-                x = pinned.to(self.device, non_blocking=True)
-            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
-            x.record_stream(torch.cuda.current_stream(self.device))
-        else:
-            x = host.to(self.device)
-        x = x.to(self.dtype)
+        x = torch.from_numpy(batch).to(self.device).to(self.dtype)
         with torch.inference_mode():
             enc = self.model.encoder.encode(input_values=x.unsqueeze(1), return_dict=True)
             codes = enc.audio_codes[:, : self.num_quantizers]  # (B, 16, T)
