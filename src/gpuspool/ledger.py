@@ -172,6 +172,20 @@ def _row_to_record(row: sqlite3.Row) -> JobRecord:
     )
 
 
+def _record_transition(
+    db: sqlite3.Connection,
+    job_id: str,
+    at: float,
+    from_state: str | None,
+    to_state: str,
+    detail: str | None,
+) -> None:
+    db.execute(
+        "INSERT INTO transitions(job_id, at, from_state, to_state, detail) VALUES(?, ?, ?, ?, ?)",
+        (job_id, at, from_state, to_state, detail),
+    )
+
+
 class Ledger:
     """The job queue on disk. Thread-confined: open one per thread (or process)."""
 
@@ -438,11 +452,7 @@ class Ledger:
                     now,
                 ),
             )
-            db.execute(
-                "INSERT INTO transitions(job_id, at, from_state, to_state, detail)"
-                " VALUES(?, ?, NULL, ?, ?)",
-                (job_id, now, JobState.QUEUED.value, "submitted"),
-            )
+            _record_transition(db, job_id, now, None, JobState.QUEUED.value, "submitted")
         return True
 
     def transition(
@@ -493,11 +503,7 @@ class Ledger:
             values: list[Any] = [to.value, now, *fields.values(), job_id]
             db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", values)
             if current != to:
-                db.execute(
-                    "INSERT INTO transitions(job_id, at, from_state, to_state, detail)"
-                    " VALUES(?, ?, ?, ?, ?)",
-                    (job_id, now, current.value, to.value, detail),
-                )
+                _record_transition(db, job_id, now, current.value, to.value, detail)
             new = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _row_to_record(new)
 
@@ -538,10 +544,8 @@ class Ledger:
                     " WHERE id = ?",
                     (JobState.CANCELLED.value, now, "cancelled by user", now, job_id),
                 )
-                db.execute(
-                    "INSERT INTO transitions(job_id, at, from_state, to_state, detail)"
-                    " VALUES(?, ?, ?, ?, ?)",
-                    (job_id, now, state.value, JobState.CANCELLED.value, "cancelled by user"),
+                _record_transition(
+                    db, job_id, now, state.value, JobState.CANCELLED.value, "cancelled by user"
                 )
             new = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _row_to_record(new)
