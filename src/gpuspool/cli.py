@@ -7,6 +7,7 @@ WAL) and the spool; none of them imports torch.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from gpuspool.views import (
     job_dict,
     log_json,
     log_line,
+    read_snapshot,
     status_data,
     status_view,
 )
@@ -65,6 +67,30 @@ def _ledger(s: Settings) -> Ledger:
         err.print(f"[red]no queue at {s.ledger_path}[/red] (has the daemon run with this config?)")
         raise typer.Exit(2)
     return Ledger(s.ledger_path)
+
+
+def _ledger_or_snapshot(s: Settings) -> Ledger | None:
+    """The ledger if this user may open it; None means: show the daemon's published snapshot
+    (submitters on a shared server may drop jobs but not open the daemon's database)."""
+    if os.access(s.ledger_path, os.R_OK | os.W_OK):
+        try:
+            return Ledger(s.ledger_path)
+        except Exception:  # e.g. the WAL files belong to someone else
+            pass
+    if read_snapshot(s.status_snapshot_path) is None:
+        err.print(
+            f"[red]cannot open the queue at {s.ledger_path}, and no status snapshot at"
+            f" {s.status_snapshot_path}[/red] (is the daemon running, and are you in the"
+            " submitters' group?)"
+        )
+        raise typer.Exit(2)
+    return None
+
+
+def _snapshot_part(s: Settings, part: str) -> dict[str, Any]:
+    snap = read_snapshot(s.status_snapshot_path) or {}
+    data: dict[str, Any] = snap.get(part, {})
+    return data
 
 
 def _find(ledger: Ledger, ref: str) -> JobRecord:
@@ -225,9 +251,11 @@ def status(
     """Jobs, a progress bar each (lines, audio-s/s, ETA, GPU, peak); why waiting ones wait."""
     max_waiting = None if all_waiting else 40
     s = settings()
-    ledger = _ledger(s)
+    ledger = _ledger_or_snapshot(s)
 
     def data(limit: int | None = max_waiting) -> dict[str, Any]:
+        if ledger is None:
+            return _snapshot_part(s, "status")
         return status_data(ledger, time.time(), all_jobs=all_jobs, max_waiting=limit)
 
     if as_json:
@@ -264,9 +292,11 @@ def gpus(
 ) -> None:
     """Each GPU: free/total memory, fits the threshold?, stable polls, reservations, processes."""
     s = settings()
-    ledger = _ledger(s)
+    ledger = _ledger_or_snapshot(s)
 
     def data() -> dict[str, Any]:
+        if ledger is None:
+            return _snapshot_part(s, "gpus")
         return gpus_data(
             gpus_snapshot(ledger),
             ledger.jobs([JobState.RUNNING]),

@@ -105,6 +105,12 @@ class Settings(BaseSettings):
         return self.spool_dir / "rejected"
 
     @property
+    def status_snapshot_path(self) -> Path:
+        """What ``status``/``gpus`` show, published by the daemon for users who cannot open
+        the ledger (readable by the spool's group, like the drop folder)."""
+        return self.spool_dir / "status" / "status.json"
+
+    @property
     def ledger_path(self) -> Path:
         return self.state_dir / "ledger.sqlite3"
 

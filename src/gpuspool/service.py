@@ -25,6 +25,7 @@ from gpuspool.runner import Runner
 from gpuspool.spool import Spool
 from gpuspool.systemd import Notifier
 from gpuspool.timers import TickScheduler
+from gpuspool.views import publish_snapshot
 
 
 class _Flags:
@@ -153,8 +154,8 @@ def run(settings: Settings, config_path: Path | None) -> int:
 
     def tick() -> None:
         with lock:
-            if daemon.stopping:
-                return
+            if daemon.stopping or flags.stop:  # SIGTERM: start nothing more, even before the
+                return  # main thread gets to stop the scheduler
             try:
                 daemon.tick(time.time())
             except Exception:
@@ -165,6 +166,26 @@ def run(settings: Settings, config_path: Path | None) -> int:
                     metrics.observe(daemon)
                 except Exception:
                     log.exception("metrics_observe_failed")
+            _publish(daemon)
+
+    published = [0.0]
+
+    def _publish(daemon: Daemon) -> None:
+        """At most once a second, the status snapshot for users who cannot open the ledger."""
+        now = time.time()
+        if now - published[0] < 1.0:
+            return
+        published[0] = now
+        try:
+            publish_snapshot(
+                daemon.settings.status_snapshot_path,
+                daemon.ledger,
+                now,
+                threshold_gib=daemon.settings.min_free_gib,
+                stable_polls=daemon.settings.stable_polls,
+            )
+        except Exception:
+            log.exception("status_snapshot_failed")
 
     scheduler = TickScheduler(tick, settings.poll_interval_s)
     scheduler.start()

@@ -10,6 +10,7 @@ import json
 import os
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from rich.console import Group, RenderableType
@@ -339,3 +340,44 @@ def log_json(raw: str) -> str:
         except ValueError:
             pass
     return json.dumps({"event": "output", "source": "worker", "line": raw})
+
+
+#: Waiting jobs listed in the published snapshot (the rest are counted).
+SNAPSHOT_WAITING = 200
+
+
+def publish_snapshot(
+    path: Path, ledger: Ledger, now: float, *, threshold_gib: float, stable_polls: int
+) -> None:
+    """Write what ``status`` and ``gpus`` show to ``path`` (atomically), readable by the group
+    that owns the folder above it (the spool's submitters), so users who may not open the
+    ledger still see the queue."""
+    data = {
+        "status": status_data(ledger, now, max_waiting=SNAPSHOT_WAITING),
+        "gpus": gpus_data(
+            gpus_snapshot(ledger), ledger.jobs([JobState.RUNNING]), threshold_gib, stable_polls
+        ),
+    }
+    folder = path.parent
+    if not folder.is_dir():
+        folder.mkdir(mode=0o750, parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            os.chown(folder, 0, folder.parent.stat().st_gid)
+    tmp = folder / f".{path.name}.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    try:
+        os.write(fd, json.dumps(data).encode())
+        if os.geteuid() == 0:
+            os.fchown(fd, 0, folder.stat().st_gid)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_snapshot(path: Path) -> dict[str, Any] | None:
+    """The last published snapshot, or None if there is none (or it cannot be read)."""
+    try:
+        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data

@@ -92,3 +92,31 @@ def test_status_show_hold_release_cancel_retry(
     assert shown["spec"]["tokenizer"] == "tiny"
     code, _, err = run(cfg, capsys, "show", "nope")
     assert code == 1 and "no job matches" in err
+
+
+def test_status_and_gpus_fall_back_to_the_published_snapshot(
+    cli: tuple[Harness, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A user who cannot open the ledger sees the daemon's published snapshot instead."""
+    from gpuspool.views import publish_snapshot
+
+    h, cfg = cli
+    job = h.submit("a")
+    h.tick()
+    publish_snapshot(
+        h.settings.status_snapshot_path, h.daemon.ledger, h.now, threshold_gib=20.0,
+        stable_polls=3,
+    )  # fmt: skip
+    snap_dir = h.settings.status_snapshot_path.parent
+    assert snap_dir.stat().st_mode & 0o777 == 0o750
+    assert h.settings.status_snapshot_path.stat().st_mode & 0o777 == 0o640
+    h.settings.ledger_path.rename(h.tmp / "hidden.sqlite3")  # as if it were not ours to open
+    code, out, _ = run(cfg, capsys, "status", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["jobs"][0]["id"] == job
+    assert "need 20.0" in data["jobs"][0]["waiting_for"]
+    code, out, _ = run(cfg, capsys, "gpus", "--json")
+    assert code == 0 and json.loads(out)["gpus"][0]["uuid"] == "GPU-sim-0"
+    h.settings.status_snapshot_path.unlink()
+    code, _, err = run(cfg, capsys, "status")
+    assert code == 2 and "no status snapshot" in err
