@@ -304,7 +304,8 @@ def _check_folder(
 
 
 def check_config(settings: Settings, config_path: Path | None) -> Check:
-    """The config file loads, and ``fallback_user`` (if set) is an existing non-root user."""
+    """The config file loads, ``fallback_user`` (if set) is an existing non-root user, and
+    ``metrics_address`` (if set) is on loopback."""
     name = "config"
     if config_path is not None:
         try:
@@ -322,6 +323,13 @@ def check_config(settings: Settings, config_path: Path | None) -> Check:
             return Check(
                 name, False, "fallback_user is root", "Jobs never run as root: use another user."
             )
+    if settings.metrics_address:
+        from gpuspool.metrics import MetricsAddressError, parse_loopback
+
+        try:
+            parse_loopback(settings.metrics_address)
+        except MetricsAddressError as exc:
+            return Check(name, False, str(exc), "Use a loopback address such as 127.0.0.1:9404.")
     where = str(config_path) if config_path is not None else "defaults and environment"
     return Check(name, True, f"loaded from {where}")
 

@@ -232,6 +232,13 @@ def test_config_errors_are_reported(tmp_path: Path) -> None:
     assert check_config(Settings(), good).ok
 
 
+def test_metrics_address_must_be_loopback() -> None:
+    """A metrics address off loopback is a config problem with the fix named; loopback passes."""
+    check = check_config(Settings(metrics_address="0.0.0.0:9404"), None)
+    assert not check.ok and check.fix is not None and "loopback" in check.fix
+    assert check_config(Settings(metrics_address="127.0.0.1:9404"), None).ok
+
+
 def test_fallback_user_must_exist_and_not_be_root(user: Identity) -> None:
     """fallback_user naming root or nobody known fails; an ordinary user passes."""
     assert not check_config(Settings(fallback_user="root"), None).ok
