@@ -124,8 +124,14 @@ class Spool:
             try:
                 fd = os.open(name, flags, dir_fd=dir_fd)
             except OSError as exc:
-                if os.path.islink(os.path.join(bytes(self.incoming), name)):
+                try:
+                    mode = os.lstat(name, dir_fd=dir_fd).st_mode
+                except OSError:
+                    mode = stat.S_IFREG
+                if stat.S_ISLNK(mode):
                     return Refusal(name, "is a symbolic link (links are never followed)")
+                if not stat.S_ISREG(mode):  # e.g. a socket, which cannot be opened at all
+                    return Refusal(name, f"not a regular file ({_kind(mode)})")
                 return Refusal(name, f"cannot open: {exc.strerror}")
             try:
                 return self._read_fd(name, fd, suffix.decode())

@@ -105,3 +105,16 @@ def test_job_id_is_stable_for_the_same_file(spool: Spool) -> None:
     first, second = read(spool, "a.json"), read(spool, "a.json")
     assert isinstance(first, RawJob) and isinstance(second, RawJob)
     assert first.job_id == second.job_id
+
+
+def test_socket_is_refused_as_a_socket(spool: Spool) -> None:
+    """A UNIX socket in incoming/ is named as such (it cannot even be opened)."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(spool.incoming / "s.json"))
+        result = read(spool, "s.json")
+        assert isinstance(result, Refusal) and result.reason == "not a regular file (a socket)"
+    finally:
+        sock.close()
