@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -390,7 +389,9 @@ class Daemon:
             self._job_event(job, "job_finished", summary=summary, peak_gib=base.get("peak_gib"))
             self._notify_finish(job, JobState.DONE)
         elif state.stop_reason and state.stop_reason.startswith("timed out"):
-            self._retry_or_fail(job, now, state.stop_reason, {**base, "exit_class": "timeout"})
+            self._retry_or_fail(
+                job, now, state.stop_reason, {**base, "exit_class": ExitClass.TIMEOUT}
+            )
         elif exit_class == ExitClass.INTERRUPTED:
             why = state.stop_reason or "process ended without finishing (killed or daemon restart)"
             self._move(job, JobState.INTERRUPTED, now, f"interrupted: {why}; resumes", **base)
@@ -725,10 +726,3 @@ class Daemon:
                 }
             )
         return out
-
-
-def signal_name(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return str(sig)

@@ -91,7 +91,6 @@ class Waiting(NamedTuple):
     threshold_gib: float
     not_before: float | None
     gpus: tuple[str | int, ...] | None
-    reason: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,14 +268,10 @@ class Ledger:
             ).fetchall()
         return [_row_to_record(r) for r in rows]
 
-    def active(self) -> list[JobRecord]:
-        """Jobs that are not terminal, in submission order."""
-        return self.jobs([s for s in JobState if s not in TERMINAL_STATES])
-
     def waiting(self) -> list[Waiting]:
         """Jobs not running and not finished, with only what placement needs, by priority."""
         rows = self._db.execute(
-            "SELECT id, state, priority, seq, threshold_gib, not_before, gpus_json, reason"
+            "SELECT id, state, priority, seq, threshold_gib, not_before, gpus_json"
             " FROM jobs WHERE state IN (?, ?, ?, ?) ORDER BY priority DESC, seq",
             (JobState.QUEUED.value, JobState.INTERRUPTED.value, JobState.DEFERRED.value,
              JobState.HELD.value),
@@ -290,7 +285,6 @@ class Ledger:
                 r[4],
                 r[5],
                 None if r[6] is None else tuple(json.loads(r[6])),
-                r[7],
             )
             for r in rows
         ]
@@ -563,9 +557,3 @@ class Ledger:
     def prune_gpu_history(self, older_than: float) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM gpu_history WHERE at < ?", (older_than,))
-
-    def gpu_history(self, since: float) -> list[dict[str, Any]]:
-        rows = self._db.execute(
-            "SELECT * FROM gpu_history WHERE at >= ? ORDER BY at", (since,)
-        ).fetchall()
-        return [dict(r) for r in rows]

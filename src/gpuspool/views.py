@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -106,13 +105,6 @@ def status_data(
         "counts": counts,
         "jobs": out,
     }
-
-
-def _counts(jobs: Iterable[JobRecord]) -> dict[JobState, int]:
-    counts = dict.fromkeys(JobState, 0)
-    for job in jobs:
-        counts[job.state] += 1
-    return counts
 
 
 def _duration(seconds: float | None) -> str:
