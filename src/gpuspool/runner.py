@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,16 +118,21 @@ def is_alive(pid: int | None, pid_start: float | None) -> bool:
     return pid_start is None or pid_start == 0.0 or abs(created - pid_start) < 0.01
 
 
-def find_job_processes() -> dict[str, tuple[int, float]]:
-    """Live processes carrying ``GPUSPOOL_JOB_ID``: job id → (pid, start time) of the oldest."""
-    found: dict[str, tuple[int, float]] = {}
+def _job_processes() -> Iterator[tuple[psutil.Process, str]]:
+    """Every live process that carries ``GPUSPOOL_JOB_ID``, with that job id."""
     for proc in psutil.process_iter(["pid", "create_time"]):
         try:
             job_id = proc.environ().get(JOB_ID_ENV)
         except (psutil.Error, OSError):
             continue
-        if not job_id:
-            continue
+        if job_id:
+            yield proc, job_id
+
+
+def find_job_processes() -> dict[str, tuple[int, float]]:
+    """Live processes carrying ``GPUSPOOL_JOB_ID``: job id → (pid, start time) of the oldest."""
+    found: dict[str, tuple[int, float]] = {}
+    for proc, job_id in _job_processes():
         created = proc.info["create_time"]
         if job_id not in found or created < found[job_id][1]:
             found[job_id] = (proc.info["pid"], created)
@@ -138,12 +143,12 @@ def kill_leftovers(job_id: str) -> list[int]:
     """SIGKILL every process still carrying ``job_id`` (a finished job's stray children,
     e.g. loaders of a worker that was killed); returns their pids."""
     killed = []
-    for proc in psutil.process_iter(["pid"]):
+    for proc, owner in _job_processes():
+        if owner != job_id:
+            continue
         try:
-            if proc.environ().get(JOB_ID_ENV) != job_id:
-                continue
             proc.kill()
-        except (psutil.Error, OSError):
+        except psutil.Error:
             continue
         killed.append(proc.info["pid"])
     return killed
