@@ -119,6 +119,23 @@ def idle_cost(gpu_source: str, seconds: float) -> dict[str, Any]:
     )
 
 
+def _start_latency(work: Path, job_id: str, free_memory: Any) -> float:
+    """Seconds from ``free_memory()`` returning to the waiting job's start; then let it end."""
+    ledger = Ledger(work / "state" / "ledger.sqlite3", readonly=True)
+    try:
+        assert ledger.get(job_id).state.value == "queued"  # type: ignore[union-attr]
+        free_memory()
+        freed = time.time()
+        while (rec := ledger.get(job_id)) is not None and not rec.started_at:
+            time.sleep(0.01)
+        assert rec is not None and rec.started_at is not None
+        while ledger.get(job_id).state.value == "running":  # type: ignore[union-attr]
+            time.sleep(0.05)
+        return rec.started_at - freed
+    finally:
+        ledger.close()
+
+
 def dispatch_latency(rounds: int) -> dict[str, Any]:
     """Free memory rises → the job starts; stable_polls × poll_interval_s is the designed wait."""
     work = Path(tempfile.mkdtemp(prefix="gpuspool-dispatch-"))
@@ -138,20 +155,9 @@ def dispatch_latency(rounds: int) -> dict[str, Any]:
                     "tokenizer": "t"}  # fmt: skip
             _, job_id = spool.submit(data, stem=f"j{i}")
             time.sleep(2.5)
-            ledger = Ledger(work / "state" / "ledger.sqlite3", readonly=True)
-            assert ledger.get(job_id).state.value == "queued"  # type: ignore[union-attr]
-            rise = time.time()
-            write_gpu_file(gpu_file, sim_gpus(8, 50))
-            while True:
-                rec = ledger.get(job_id)
-                assert rec is not None
-                if rec.started_at:
-                    latencies.append(rec.started_at - rise)
-                    break
-                time.sleep(0.01)
-            while ledger.get(job_id).state.value == "running":  # type: ignore[union-attr]
-                time.sleep(0.05)
-            ledger.close()
+            latencies.append(
+                _start_latency(work, job_id, lambda: write_gpu_file(gpu_file, sim_gpus(8, 50)))
+            )
     finally:
         stop(proc)
     return emit(
@@ -200,21 +206,12 @@ def dispatch_latency_nvml(rounds: int) -> dict[str, Any]:
                     "tokenizer": "t"}  # fmt: skip
             _, job_id = spool.submit(data, stem=f"j{i}")
             time.sleep(3.5)
-            ledger = Ledger(work / "state" / "ledger.sqlite3", readonly=True)
-            assert ledger.get(job_id).state.value == "queued"  # type: ignore[union-attr]
-            tenant.stdin.close()  # type: ignore[union-attr]
-            tenant.wait(timeout=60)
-            gone = time.time()
-            while True:
-                rec = ledger.get(job_id)
-                assert rec is not None
-                if rec.started_at:
-                    latencies.append(rec.started_at - gone)
-                    break
-                time.sleep(0.01)
-            while ledger.get(job_id).state.value == "running":  # type: ignore[union-attr]
-                time.sleep(0.05)
-            ledger.close()
+
+            def tenant_exits(tenant: subprocess.Popen[str] = tenant) -> None:
+                tenant.stdin.close()  # type: ignore[union-attr]
+                tenant.wait(timeout=60)
+
+            latencies.append(_start_latency(work, job_id, tenant_exits))
     finally:
         stop(proc)
     return emit(
