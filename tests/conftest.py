@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -137,6 +138,24 @@ class Harness:
 
         wait_until(done, timeout, step=0.05)
         return self.state(job_id)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight tokenizer saved with save_pretrained, built once per test run (in a
+    child process, so this one needs not import torch)."""
+    pytest.importorskip("qwen_tts")
+    out = tmp_path_factory.mktemp("tiny-tokenizer") / "tiny"
+    subprocess.run(
+        [sys.executable, "-m", "gpuspool.extract.tiny", str(out)], check=True, capture_output=True
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tiny_tokenizer: Path) -> Path:
+    """The tiny tokenizer, under the name the daemon-level tests use."""
+    return tiny_tokenizer
 
 
 @pytest.fixture

@@ -20,16 +20,6 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random-weight tokenizer saved with save_pretrained (built once)."""
-    pytest.importorskip("torch")
-    pytest.importorskip("qwen_tts")
-    from gpuspool.extract.tiny import build_tiny_tokenizer
-
-    return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
-
-
-@pytest.fixture(scope="session")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """16 clips of 0.4–7 s: every sample rate, mono and stereo, WAV/FLAC/MP3; returns the JSONL."""
     return synth_dataset(tmp_path_factory.mktemp("ds"), 16, 0.4, 7.0, seed=3, stereo_fraction=0.4)

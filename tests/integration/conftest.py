@@ -21,17 +21,6 @@ from tests.conftest import gpu_entry, wait_until
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tok") / "tiny"
-    subprocess.run(
-        [sys.executable, "-m", "gpuspool.extract.tiny", str(out)],
-        check=True,
-        capture_output=True,
-    )
-    return out
-
-
-@pytest.fixture(scope="session")
 def audio_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from gpuspool.extract.synth import synth_dataset
 
@@ -102,6 +91,18 @@ class LiveDaemon:
                 "tokenizer": str(tokenizer), "name": name, **extra}  # fmt: skip
         _, job_id = self.spool.submit(data, stem=name)
         return job_id
+
+    def start_job(self, audio_input: Path, tokenizer: Path) -> str:
+        """Start the daemon with a roomy GPU and submit one job."""
+        self.set_gpus(gpu_entry(0, 50))
+        self.start()
+        return self.submit(audio_input, tokenizer)
+
+    def finishes_identically(self, job_id: str, reference: bytes) -> None:
+        """The job ends done, its output equals an uninterrupted run's, the daemon stops with 0."""
+        assert wait_state(self, job_id, {"done", "failed"}) == "done"
+        assert (self.tmp / "job.jsonl").read_bytes() == reference
+        assert self.stop() == 0
 
     def job(self, job_id: str) -> Any:
         if not self.ledger_path.exists():

@@ -40,27 +40,21 @@ def test_kill9_daemon_mid_job_then_restart_finishes_identically(
     live: LiveDaemon, tokenizer_dir: Path, audio_input: Path, reference_output: bytes
 ) -> None:
     """SIGKILL of the daemon mid-job, then a restart: the job ends done, output identical."""
-    live.set_gpus(gpu_entry(0, 50))
-    live.start()
-    job = live.submit(audio_input, tokenizer_dir)
+    job = live.start_job(audio_input, tokenizer_dir)
     wait_until(lambda: live.job(job) and live.job(job).progress.get("lines_done", 0) > 0, 120)
     worker = live.job(job).pid
     live.kill9()
     # The worker, in its own session, survives its daemon; kill it too, mid-run.
     os.killpg(worker, signal.SIGKILL)
     live.start()
-    assert wait_state(live, job, {"done", "failed"}) == "done"
-    assert (live.tmp / "job.jsonl").read_bytes() == reference_output
-    assert live.stop() == 0
+    live.finishes_identically(job, reference_output)
 
 
 def test_kill9_daemon_adopts_surviving_worker(
     live: LiveDaemon, tokenizer_dir: Path, audio_input: Path, reference_output: bytes
 ) -> None:
     """A worker that outlives a killed daemon is adopted on restart, never started twice."""
-    live.set_gpus(gpu_entry(0, 50))
-    live.start()
-    job = live.submit(audio_input, tokenizer_dir)
+    job = live.start_job(audio_input, tokenizer_dir)
     wait_state(live, job, {"running"})
     worker = live.job(job).pid
     live.kill9()
@@ -77,13 +71,9 @@ def test_sigterm_interrupts_cleanly_and_job_resumes(
     live: LiveDaemon, tokenizer_dir: Path, audio_input: Path, reference_output: bytes
 ) -> None:
     """SIGTERM stops new starts, interrupts the running job (resumable) and exits 0."""
-    live.set_gpus(gpu_entry(0, 50))
-    live.start()
-    job = live.submit(audio_input, tokenizer_dir)
+    job = live.start_job(audio_input, tokenizer_dir)
     wait_until(lambda: live.job(job) and live.job(job).progress.get("lines_done", 0) > 0, 120)
     assert live.stop() == 0
     assert live.state(job) in {"interrupted", "done"}
     live.start()
-    assert wait_state(live, job, {"done", "failed"}) == "done"
-    assert (live.tmp / "job.jsonl").read_bytes() == reference_output
-    assert live.stop() == 0
+    live.finishes_identically(job, reference_output)

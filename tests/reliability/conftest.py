@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,18 +49,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         skip = pytest.mark.skip(reason="needs a GPU and NVML")
         for item in gpu_items:
             item.add_marker(skip)
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random-weight tokenizer for the real worker (built once)."""
-    pytest.importorskip("torch")
-    pytest.importorskip("qwen_tts")
-    out = tmp_path_factory.mktemp("tok") / "tiny"
-    subprocess.run(
-        [sys.executable, "-m", "gpuspool.extract.tiny", str(out)], check=True, capture_output=True
-    )
-    return out
 
 
 @pytest.fixture(scope="session")
