@@ -412,8 +412,10 @@ class Daemon:
         """An earlier run of this job renamed its complete output into place, then was killed
         before it said so; the rerun then finds the output. Intake made sure the output did not
         exist and no other job claims it, so a complete output with no partial left is ours."""
+        from gpuspool.extract.writer import partial_path  # torch-free
+
         output = Path(job.output)
-        if not output.is_file() or Path(f"{job.output}.partial").exists():
+        if not output.is_file() or partial_path(output).exists():
             return False
         runs = [t for t in self.ledger.transitions(job.id) if t["to_state"] == "running"]
         return len(runs) >= 2

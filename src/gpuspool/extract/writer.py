@@ -31,6 +31,11 @@ CKPT_VERSION = 1
 Kind = Literal["out", "skip", "blank"]
 
 
+def partial_path(out: str | os.PathLike[str]) -> Path:
+    """Where the finished prefix of ``out`` lives until the run completes (``OUT.partial``)."""
+    return Path(str(out) + ".partial")
+
+
 @dataclass(frozen=True)
 class Entry:
     """One finished input line: an output line, a skip-report line, or nothing (blank)."""
@@ -90,7 +95,7 @@ class OrderedWriter:
     def __init__(self, out: Path, report: Path, fingerprint: dict[str, Any], resume: bool = True):
         self.out = out
         self.report = report
-        self.partial = Path(str(out) + ".partial")
+        self.partial = partial_path(out)
         self.ckpt_path = Path(str(out) + ".partial.ckpt")
         self.pending_path = Path(str(out) + ".partial.pending")
         self.report_partial = Path(str(report) + ".partial")
