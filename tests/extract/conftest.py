@@ -75,11 +75,6 @@ def spawn_extract(*args: str | os.PathLike[str]) -> subprocess.Popen[str]:
     )
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Parse a JSONL file."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 @contextlib.contextmanager
 def chdir(path: Path) -> Iterator[None]:
     """Temporarily change the working directory."""
