@@ -53,6 +53,18 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _step(label: str, argv: list[str], cwd: Path | None = None) -> tuple[str, float]:
+    """Run one measured step in its own process; its stdout and wall time, or stop with why."""
+    t = time.monotonic()
+    p = subprocess.run(argv, cwd=cwd, env=_env(), capture_output=True, text=True, check=False)
+    wall = time.monotonic() - t
+    if p.returncode:
+        raise SystemExit(
+            f"{label} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-4000:]}"
+        )
+    return p.stdout, wall
+
+
 def _last_json(stdout: str, event: str | None = None) -> dict[str, Any]:
     for line in reversed(stdout.splitlines()):
         line = line.strip()
@@ -535,60 +547,16 @@ def cmd_all(a: argparse.Namespace) -> None:
 
     # 1. official
     off_out = work / "official.jsonl"
-    t = time.monotonic()
-    p = subprocess.run(
-        [
-            py,
-            here,
-            "official",
-            "--input",
-            str(jl),
-            "--output",
-            str(off_out),
-            "--tokenizer",
-            str(tok_dir),
-            "--device",
-            a.device,
-        ],
-        cwd=jl.parent,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    wall = time.monotonic() - t
-    if p.returncode:
-        raise SystemExit(f"official run failed:\n{p.stderr[-4000:]}")
-    res["official"] = _last_json(p.stdout) | {"wall_s": wall}
+    official = [py, here, "official", "--input", str(jl), "--output", str(off_out),
+                "--tokenizer", str(tok_dir), "--device", a.device]  # fmt: skip
+    stdout, wall = _step("official run", official, cwd=jl.parent)
+    res["official"] = _last_json(stdout) | {"wall_s": wall}
     print(f"[bench] official: {res['official']}", flush=True)
 
     # 1b. official variants on a subset (one process)
-    p = subprocess.run(
-        [
-            py,
-            here,
-            "official",
-            "--input",
-            str(jl),
-            "--output",
-            str(off_out),
-            "--tokenizer",
-            str(tok_dir),
-            "--device",
-            a.device,
-            "--variants",
-            "--limit",
-            str(a.subset),
-        ],
-        cwd=jl.parent,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if p.returncode:
-        raise SystemExit(f"official variants failed:\n{p.stderr[-4000:]}")
-    res["official_variants"] = _last_json(p.stdout) | {"lines": a.subset}
+    variants = [*official, "--variants", "--limit", str(a.subset)]
+    stdout, _ = _step("official variants", variants, cwd=jl.parent)
+    res["official_variants"] = _last_json(stdout) | {"lines": a.subset}
 
     # 2. gpuspool
     res["gpuspool"] = []
@@ -619,14 +587,8 @@ def cmd_all(a: argparse.Namespace) -> None:
         ]
         if tf32:
             cmd.append("--tf32")
-        t = time.monotonic()
-        p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, check=False)
-        wall = time.monotonic() - t
-        if p.returncode:
-            raise SystemExit(
-                f"gpuspool run failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-            )
-        s = _last_json(p.stdout, "summary")
+        stdout, wall = _step("gpuspool run", cmd)
+        s = _last_json(stdout, "summary")
         steady = s["audio_s_done"] / (s["scan_s"] + s["processing_s"])
         r = {
             "budget_s": budget,
@@ -646,7 +608,8 @@ def cmd_all(a: argparse.Namespace) -> None:
         )
 
     # 3. GPU-only limit and memory points
-    p = subprocess.run(
+    stdout, _ = _step(
+        "gpuonly",
         [
             py,
             here,
@@ -666,14 +629,8 @@ def cmd_all(a: argparse.Namespace) -> None:
             "--long",
             *map(str, a.long),
         ],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        check=False,
     )
-    if p.returncode:
-        raise SystemExit(f"gpuonly failed:\n{p.stderr[-4000:]}")
-    res["gpuonly"] = _last_json(p.stdout)
+    res["gpuonly"] = _last_json(stdout)
 
     # 4. agreement
     agreement = []
