@@ -58,7 +58,7 @@ TINY_CONFIG: dict[str, Any] = {
         "num_filters": 4,
         "num_hidden_layers": 2,
         "num_key_value_heads": 2,
-        "num_quantizers": 16,
+        "num_quantizers": 32,
         "num_residual_layers": 1,
         "num_semantic_quantizers": 1,
         "pad_mode": "constant",
