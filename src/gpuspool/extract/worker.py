@@ -265,6 +265,8 @@ class Run:
         self.prior_skipped = 0
         self.prior_audio_s = 0.0
         self.scan_s = 0.0
+        self.import_s = 0.0
+        self.model_load_s = 0.0
         self._writes: list[Future[None]] = []
         self._write_pool: ThreadPoolExecutor | None = None
         self.batches = 0
@@ -380,9 +382,13 @@ class Run:
         assert self.writer is not None
         if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
             os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+        t = time.monotonic()
         import torch
 
-        from gpuspool.extract.model import CodeEncoder, resolve_device
+        from gpuspool.extract.model import CodeEncoder, import_tokenizer_stack, resolve_device
+
+        import_tokenizer_stack()
+        self.import_s = time.monotonic() - t
 
         try:
             device = resolve_device(o.device)
@@ -397,9 +403,12 @@ class Run:
             torch.backends.cudnn.allow_tf32 = o.tf32
             torch.backends.cuda.matmul.allow_tf32 = o.tf32
             torch.backends.cudnn.deterministic = not o.tf32
+        t = time.monotonic()
         self.encoder = CodeEncoder(o.tokenizer, device, o.dtype)
+        self.encoder.warm_up()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        self.model_load_s = time.monotonic() - t
         self.events.emit(
             "start",
             lines_total=scan.lines,
@@ -658,6 +667,8 @@ class Run:
             wall_s=time.monotonic() - self.t0,
             processing_s=time.monotonic() - (self.t_proc or self.t0),
             scan_s=self.scan_s,
+            import_s=round(self.import_s, 3),
+            model_load_s=round(self.model_load_s, 3),
             peak_gpu_gib=peak,
             peak_gpu_reserved_gib=peak_res,
             gpu_context_gib=mem.context if mem else None,
