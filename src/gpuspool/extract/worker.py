@@ -275,6 +275,7 @@ class Run:
         self.writer: OrderedWriter | None = None
         self.encoder: Any = None
         self._pending: tuple[Any, Collated, list[Entry]] | None = None
+        self._started = False
         # Where the encoding thread's time goes (seconds): waiting for decoded audio, queueing
         # work on the device, waiting for the device to finish a batch.
         self.t_audio_wait = 0.0
@@ -366,8 +367,6 @@ class Run:
         )
         self.prior_audio_s = w.ck.audio_s_done + sum(e.audio_s for e in w.ready.values())
 
-        # Start reading and decoding before the (slow) torch import, so they overlap.
-        self._start_pipeline()
         try:
             self._load_and_consume(scan)
         finally:
@@ -394,6 +393,10 @@ class Run:
             device = resolve_device(o.device)
         except (ValueError, RuntimeError) as exc:
             raise WorkerExit(ExitCode.USAGE, str(exc)) from exc
+        # The loaders start now, not before the imports: decoding outpaces the encoder anyway,
+        # and a dozen processes starting up beside the imports slowed them down. They get the
+        # first batches ready while the model loads.
+        self._start_pipeline()
         if o.cpu_threads:
             torch.set_num_threads(o.cpu_threads)
         if device.type == "cuda":
@@ -432,6 +435,7 @@ class Run:
         o = self.opts
         writer = self.writer
         assert writer is not None
+        self._started = True
         self._stop = threading.Event()
         self._q: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=max(1, o.prefetch_batches))
         workers = max(1, o.loader_workers)
@@ -456,6 +460,8 @@ class Run:
         producer.start()
 
     def _stop_pipeline(self) -> None:
+        if not self._started:
+            return
         self._stop.set()
         self._collate_pool.shutdown(wait=False, cancel_futures=True)
         while True:  # unblock the producer
