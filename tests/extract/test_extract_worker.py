@@ -148,6 +148,9 @@ def test_events_and_summary(
     assert s["audio_s_done"] == pytest.approx(start["audio_s_total"], rel=1e-3)
     assert s["audio_s_per_s"] > 0 and s["wall_s"] > 0 and s["peak_gpu_gib"] is None
     assert s["max_batch_padded_s"] <= 2.0 + 7.2  # one clip over budget may run alone
+    # start-up is timed apart from the work: imports, then model load and warm-up
+    assert s["import_s"] >= 0 and s["model_load_s"] > 0
+    assert s["import_s"] + s["model_load_s"] + s["processing_s"] <= s["wall_s"]
     assert not Path(str(out) + ".partial").exists()
     assert not Path(str(out) + ".partial.ckpt").exists()
 
