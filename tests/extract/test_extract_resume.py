@@ -149,3 +149,32 @@ def test_finished_run_whose_cleanup_was_cut_short(
     assert r.one("summary")["lines_done"] == 48
     assert out.read_bytes() == uninterrupted
     assert not Path(str(out) + ".partial.ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    "renamed_out", [False, True], ids=["before-out-rename", "after-out-rename"]
+)
+def test_finished_run_cut_short_keeps_output_and_report(
+    extract: Any, many_clips: Path, tiny_tokenizer: Path, tmp_path: Path, uninterrupted: bytes,
+    renamed_out: bool,
+) -> None:  # fmt: skip
+    """A run that died after marking its checkpoint complete: the rerun renames what is left,
+    the finished output is not encoded again and the skip report is not lost."""
+    out = tmp_path / "out.jsonl"
+    report = Path(str(out) + ".skipped.jsonl")
+    (out if renamed_out else Path(str(out) + ".partial")).write_bytes(uninterrupted)
+    Path(str(report) + ".partial").write_text('{"line": 3, "reason": "x"}\n')
+    Path(str(out) + ".partial.ckpt").write_text(
+        json.dumps(
+            {"version": 1, "fingerprint": {}, "complete": True, "lines_done": 47,
+             "lines_skipped": 1}
+        )
+    )  # fmt: skip
+    r = extract("--input", many_clips, "--output", out, "--tokenizer", tiny_tokenizer, *ARGS)
+    assert r.code == 0
+    assert r.one("summary")["already_complete"] is True
+    assert out.read_bytes() == uninterrupted
+    assert report.read_text() == '{"line": 3, "reason": "x"}\n'
+    leftovers = [".partial", ".partial.ckpt", ".partial.pending"]
+    assert not [s for s in leftovers if Path(str(out) + s).exists()]
+    assert not Path(str(report) + ".partial").exists()

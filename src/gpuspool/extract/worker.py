@@ -44,7 +44,7 @@ from gpuspool.extract.headers import (
     scan_input,
 )
 from gpuspool.extract.plan import pack
-from gpuspool.extract.writer import Entry, OrderedWriter, ResumeMismatch, complete_marker
+from gpuspool.extract.writer import Entry, OrderedWriter, ResumeMismatch, finish_completed
 
 
 @dataclass
@@ -322,29 +322,25 @@ class Run:
         o = self.opts
         if o.batch_seconds <= 0:
             raise WorkerExit(ExitCode.USAGE, "--batch-seconds must be > 0")
-        if o.output.exists():
-            done = complete_marker(o.output)
-            if done is not None and not o.overwrite:
-                # A finished run died before removing its checkpoint: finish the clean-up.
-                for p in (Path(str(o.output) + ".partial.ckpt"),):
-                    p.unlink(missing_ok=True)
-                Path(str(o.output) + ".partial.pending").unlink(missing_ok=True)
-                self.events.emit(
-                    "summary",
-                    lines_done=done.lines_done,
-                    lines_skipped=done.lines_skipped,
-                    audio_s_done=done.audio_s_done,
-                    audio_s_per_s=None,
-                    wall_s=time.monotonic() - self.t0,
-                    peak_gpu_gib=None,
-                    output=str(o.output),
-                    already_complete=True,
-                )
-                return int(ExitCode.OK)
-            if not o.overwrite:
-                raise WorkerExit(
-                    ExitCode.OUTPUT_EXISTS, f"output exists: {o.output} (pass --overwrite)"
-                )
+        done = None if o.overwrite else finish_completed(o.output, o.report_path)
+        if done is not None:
+            # A finished run died before the end of its clean-up; that is now done.
+            self.events.emit(
+                "summary",
+                lines_done=done.lines_done,
+                lines_skipped=done.lines_skipped,
+                audio_s_done=done.audio_s_done,
+                audio_s_per_s=None,
+                wall_s=time.monotonic() - self.t0,
+                peak_gpu_gib=None,
+                output=str(o.output),
+                already_complete=True,
+            )
+            return int(ExitCode.OK)
+        if o.output.exists() and not o.overwrite:
+            raise WorkerExit(
+                ExitCode.OUTPUT_EXISTS, f"output exists: {o.output} (pass --overwrite)"
+            )
         if not o.input.is_file():
             raise WorkerExit(ExitCode.DATA_ERROR, f"input not found: {o.input}")
         t_scan = time.monotonic()

@@ -36,6 +36,18 @@ def partial_path(out: str | os.PathLike[str]) -> Path:
     return Path(str(out) + ".partial")
 
 
+def _ckpt_path(out: Path) -> Path:
+    return Path(str(out) + ".partial.ckpt")
+
+
+def _pending_path(out: Path) -> Path:
+    return Path(str(out) + ".partial.pending")
+
+
+def _report_partial(report: Path) -> Path:
+    return Path(str(report) + ".partial")
+
+
 @dataclass(frozen=True)
 class Entry:
     """One finished input line: an output line, a skip-report line, or nothing (blank)."""
@@ -96,12 +108,12 @@ class OrderedWriter:
         self.out = out
         self.report = report
         self.partial = partial_path(out)
-        self.ckpt_path = Path(str(out) + ".partial.ckpt")
-        self.pending_path = Path(str(out) + ".partial.pending")
-        self.report_partial = Path(str(report) + ".partial")
+        self.ckpt_path = _ckpt_path(out)
+        self.pending_path = _pending_path(out)
+        self.report_partial = _report_partial(report)
         self.ready: dict[int, Entry] = {}
         self.resumed = False
-        ck = self._read_ckpt() if resume else None
+        ck = _read_ckpt(self.ckpt_path) if resume else None
         if ck is not None and ck.fingerprint != fingerprint:
             raise ResumeMismatch(
                 f"{self.partial} was written by a run with other arguments or another input; "
@@ -203,15 +215,7 @@ class OrderedWriter:
         self._write_ckpt()
         for f in (self._f_out, self._f_rep, self._f_pend):
             f.close()
-        os.replace(self.partial, self.out)
-        if self.ck.lines_skipped:
-            os.replace(self.report_partial, self.report)
-        else:
-            self.report_partial.unlink(missing_ok=True)
-        _fsync_dir(self.out.parent)
-        self.pending_path.unlink(missing_ok=True)
-        self.ckpt_path.unlink(missing_ok=True)
-        _fsync_dir(self.out.parent)
+        _complete_files(self.out, self.report, self.ck)
 
     def close(self) -> None:
         """Close the files, leaving the partial state for a later resume."""
@@ -220,18 +224,6 @@ class OrderedWriter:
                 f.close()
 
     # -- internals -----------------------------------------------------------------------------
-    def _read_ckpt(self) -> Checkpoint | None:
-        try:
-            raw = json.loads(self.ckpt_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        if not isinstance(raw, dict) or raw.get("version") != CKPT_VERSION:
-            return None
-        try:
-            return Checkpoint(**raw)
-        except TypeError:
-            return None
-
     def _write_ckpt(self) -> None:
         tmp = Path(str(self.ckpt_path) + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -253,15 +245,46 @@ class OrderedWriter:
                 self.ready[r["i"]] = Entry(r["i"], r["e"], r["k"], r["t"], r["a"])
 
 
-def complete_marker(out: Path) -> Checkpoint | None:
-    """The checkpoint of a run that finished but died before removing it, if OUT exists."""
-    ck_path = Path(str(out) + ".partial.ckpt")
+def _read_ckpt(path: Path) -> Checkpoint | None:
     try:
-        raw = json.loads(ck_path.read_text(encoding="utf-8"))
-        ck = Checkpoint(**raw)
-    except (OSError, ValueError, TypeError):
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
-    return ck if ck.complete and out.exists() else None
+    if not isinstance(raw, dict) or raw.get("version") != CKPT_VERSION:
+        return None
+    try:
+        return Checkpoint(**raw)
+    except TypeError:
+        return None
+
+
+def _complete_files(out: Path, report: Path, ck: Checkpoint) -> None:
+    """The end of a finished run, after its checkpoint is marked complete; safe to repeat."""
+    partial, report_partial = partial_path(out), _report_partial(report)
+    if partial.exists():
+        os.replace(partial, out)
+    if ck.lines_skipped and report_partial.exists():
+        os.replace(report_partial, report)
+    else:
+        report_partial.unlink(missing_ok=True)
+    _fsync_dir(out.parent)
+    _pending_path(out).unlink(missing_ok=True)
+    _ckpt_path(out).unlink(missing_ok=True)
+    _fsync_dir(out.parent)
+
+
+def finish_completed(out: Path, report: Path) -> Checkpoint | None:
+    """Finish the clean-up of a run that completed but died before the end of it.
+
+    Returns that run's checkpoint, or None if no complete run is left behind (then nothing is
+    touched). Wherever the earlier run stopped after marking its checkpoint complete, its
+    output (and skip report) end up under their final names.
+    """
+    ck = _read_ckpt(_ckpt_path(out))
+    if ck is None or not ck.complete or not (out.exists() or partial_path(out).exists()):
+        return None
+    _complete_files(out, report, ck)
+    return ck
 
 
 __all__ = [
@@ -269,5 +292,6 @@ __all__ = [
     "Entry",
     "OrderedWriter",
     "ResumeMismatch",
-    "complete_marker",
+    "finish_completed",
+    "partial_path",
 ]
