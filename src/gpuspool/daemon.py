@@ -21,7 +21,7 @@ from gpuspool.estimate import need_gib
 from gpuspool.exitcodes import ExitClass, ExitCode, classify
 from gpuspool.gpus import GpuProbe, ProbeResult
 from gpuspool.ledger import JobRecord, Ledger, LedgerError, Waiting
-from gpuspool.models import GpuSnapshot, JobSpec, JobState
+from gpuspool.models import RUNNABLE_STATES, GpuSnapshot, JobSpec, JobState
 from gpuspool.placement import Candidate, GpuView, place
 from gpuspool.runner import (
     JOB_ID_ENV,
@@ -570,26 +570,16 @@ class Daemon:
         )
         decision = place(candidates, self.gpu_views(), stable_polls=self.settings.stable_polls)
         reasons.update(decision.reasons)
-        started: set[str] = set()
         for start in decision.starts:
             job = self.ledger.get(start.job_id)
-            if job is None:
+            if job is None or not job.state.runnable:  # cancelled or held since the queue was read
                 continue
             problem = self._launch(job, start.gpu_uuid, start.available_gib, now)
             if problem is None:
                 report.started.append((job.id, start.gpu_uuid))
                 reasons.pop(job.id, None)
-                started.add(job.id)
             else:
                 reasons[job.id] = problem
-        if started and self._waiting_cache is not None:
-            # Our own starts only remove jobs: update the cache instead of reloading the queue.
-            _, old_rows, old_candidates = self._waiting_cache
-            self._waiting_cache = (
-                self.ledger.jobs_version,
-                [w for w in old_rows if w.id not in started],
-                [c for c in old_candidates if c.job_id not in started],
-            )
         changed = {k: v for k, v in reasons.items() if self._reasons.get(k) != v}
         if not changed:
             return
@@ -670,7 +660,7 @@ class Daemon:
                 job.id,
                 JobState.RUNNING,
                 now=now,
-                expect=[job.state],
+                expect=sorted(RUNNABLE_STATES),
                 detail=f"starting on {gpu_uuid}",
                 gpu_uuid=gpu_uuid,
                 started_at=now,

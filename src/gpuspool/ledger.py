@@ -336,12 +336,13 @@ class Ledger:
         return None if row is None else str(row[0])
 
     def set_reasons(self, reasons: dict[str, str], *, now: float) -> None:
-        """Record many waiting reasons in one transaction."""
+        """Record many waiting reasons in one transaction (jobs no longer waiting keep theirs)."""
         if not reasons:
             return
+        waiting = ", ".join(f"'{s.value}'" for s in sorted(RUNNABLE_STATES | {JobState.HELD}))
         with self._tx() as db:
             db.executemany(
-                "UPDATE jobs SET reason = ?, updated_at = ? WHERE id = ?",
+                f"UPDATE jobs SET reason = ?, updated_at = ? WHERE id = ? AND state IN ({waiting})",
                 [(reason, now, job_id) for job_id, reason in reasons.items()],
             )
 

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 from structlog.testing import capture_logs
 
@@ -102,6 +103,35 @@ def test_cancel_stops_running_job(harness: Harness) -> None:
     assert harness.state(job) == "running"
     harness.daemon.ledger.request_cancel(job, now=harness.now)
     assert harness.settle(job) == "cancelled"
+
+
+def test_job_cancelled_during_a_start_never_runs(harness: Harness) -> None:
+    """A job cancelled by another client while the daemon starts a different one stays
+    cancelled, keeps its reason, and is never started when a GPU frees up later."""
+    from gpuspool.ledger import Ledger
+
+    harness.env["STUB_MODE"] = "sleep"
+    harness.set_gpus([gpu_entry(0, 30)])
+    k = harness.submit("k", min_free_gib=20)
+    j = harness.submit("j", min_free_gib=60)
+    other = Ledger(harness.settings.ledger_path)
+    start = harness.daemon.runner.start
+
+    def start_while_cancelling(launch: Any) -> Any:
+        other.request_cancel(j, now=harness.now)  # the CLI cancels j meanwhile
+        return start(launch)
+
+    harness.daemon.runner.start = start_while_cancelling  # type: ignore[method-assign]
+    for _ in range(3):
+        harness.tick()
+    harness.daemon.runner.start = start  # type: ignore[method-assign]
+    assert harness.state(k) == "running" and harness.state(j) == "cancelled"
+    harness.set_gpus([gpu_entry(0, 30), gpu_entry(1, 75)])
+    for _ in range(4):
+        harness.tick()
+    assert harness.state(j) == "cancelled" and harness.job(j).pid is None
+    assert "cancel" in harness.job(j).reason
+    harness.daemon.stop_all(harness.now, hard=True)
 
 
 def test_hung_job_times_out(harness: Harness) -> None:
