@@ -62,11 +62,13 @@ def settings() -> Settings:
         raise typer.Exit(2) from exc
 
 
-def _ledger(s: Settings) -> Ledger:
+def _ledger(s: Settings, *, readonly: bool = False) -> Ledger:
+    """Open the daemon's ledger; commands that only read open it read-only, so they never
+    take the write lock the daemon's tick needs."""
     if not s.ledger_path.exists():
         err.print(f"[red]no queue at {s.ledger_path}[/red] (has the daemon run with this config?)")
         raise typer.Exit(2)
-    return Ledger(s.ledger_path)
+    return Ledger(s.ledger_path, readonly=readonly)
 
 
 def _ledger_or_snapshot(s: Settings) -> Ledger | None:
@@ -74,7 +76,7 @@ def _ledger_or_snapshot(s: Settings) -> Ledger | None:
     (submitters on a shared server may drop jobs but not open the daemon's database)."""
     if os.access(s.ledger_path, os.R_OK | os.W_OK):
         try:
-            return Ledger(s.ledger_path)
+            return Ledger(s.ledger_path, readonly=True)
         except Exception:  # e.g. the WAL files belong to someone else
             pass
     if read_snapshot(s.status_snapshot_path) is None:
@@ -275,7 +277,7 @@ def status(
 def show(job: Annotated[str, typer.Argument(help="Job id (or a unique prefix, or name)")]) -> None:
     """Everything about one job, with its history."""
     s = settings()
-    ledger = _ledger(s)
+    ledger = _ledger(s, readonly=True)
     record = _find(ledger, job)
     out = job_dict(record)
     out["spec"] = json.loads(record.spec.model_dump_json())
@@ -418,7 +420,7 @@ def job_logs(
 ) -> None:
     """The job's own log: worker output and the daemon's events for it."""
     s = settings()
-    ledger = _ledger(s)
+    ledger = _ledger(s, readonly=True)
     record = _find(ledger, job)
     path = Path(record.log_path) if record.log_path else s.logs_dir / f"{record.id}.log"
     pretty = console.is_terminal and not as_json
@@ -476,7 +478,7 @@ def plot(
     from gpuspool.plot import draw, plot_data
 
     s = settings()
-    ledger = _ledger(s)
+    ledger = _ledger(s, readonly=True)
     now = time.time()
     data = plot_data(ledger, since=now - hours * 3600, until=now, threshold_gib=s.min_free_gib)
     try:
