@@ -387,7 +387,6 @@ class Daemon:
                 self.ledger.update(job.id, now=now, progress=final)
             self._move(job, JobState.DONE, now, "done", finished_at=now, **base)
             self._job_event(job, "job_finished", summary=summary, peak_gib=base.get("peak_gib"))
-            self._notify_finish(job, JobState.DONE)
         elif state.stop_reason and state.stop_reason.startswith("timed out"):
             self._retry_or_fail(
                 job, now, state.stop_reason, {**base, "exit_class": ExitClass.TIMEOUT}
@@ -404,7 +403,6 @@ class Daemon:
             detail = error_reason or f"worker exited with {exit_class} (code {code})"
             self._move(job, JobState.FAILED, now, detail, finished_at=now, **base)
             self._job_event(job, "job_failed", reason=detail, exit_class=exit_class)
-            self._notify_finish(job, JobState.FAILED)
         if report is not None:
             report.finished.append((job.id, exit_class))
 
@@ -429,7 +427,6 @@ class Daemon:
                 job, JobState.FAILED, now, reason, finished_at=now, attempts=attempts, **base
             )
             self._job_event(job, "job_failed", reason=reason, exit_class=base["exit_class"])
-            self._notify_finish(job, JobState.FAILED)
             return
         delay = self.settings.retry_backoff_s * (2 ** (attempts - 1))
         reason = f"{detail}; retry {attempts + 1} of {limit} after {delay:.0f} s"
@@ -438,24 +435,25 @@ class Daemon:
         )
         self._job_event(job, "job_retry_scheduled", reason=reason, retry_in_s=delay)
 
-    def _notify_finish(self, job: JobRecord, state: JobState) -> None:
-        """Hand the job's final record to each ``finish_hooks`` entry (webhooks); never raises."""
-        if not self.finish_hooks:
-            return
-        final = self.ledger.get(job.id) or job
-        for hook in self.finish_hooks:
-            try:
-                hook(final)
-            except Exception:
-                self.log.exception("finish_hook_failed", job_id=job.id, state=state.value)
-
-    def _move(self, job: JobRecord, to: JobState, now: float, reason: str, **fields: Any) -> None:
+    def _move(
+        self, job: JobRecord, to: JobState, now: float, reason: str, **fields: Any
+    ) -> JobRecord | None:
+        """Move a job on from the state it was read in; a job that ends done or failed is handed
+        to each ``finish_hooks`` entry (webhooks). None if the job had moved on meanwhile."""
         try:
-            self.ledger.transition(
+            moved = self.ledger.transition(
                 job.id, to, now=now, expect=[job.state], detail=reason, reason=reason, **fields
             )
         except LedgerError as exc:
             self.log.warning("job_transition_skipped", job_id=job.id, to=to.value, error=str(exc))
+            return None
+        if to in (JobState.DONE, JobState.FAILED):
+            for hook in self.finish_hooks:
+                try:
+                    hook(moved)
+                except Exception:
+                    self.log.exception("finish_hook_failed", job_id=job.id, state=to.value)
+        return moved
 
     def _job_event(self, job: JobRecord, event: str, **fields: Any) -> None:
         """Log an event for a job, to the daemon's log and to the job's own log file."""

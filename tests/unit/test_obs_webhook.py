@@ -111,3 +111,21 @@ def test_finish_hooks_get_the_final_record(harness: Harness) -> None:
         harness.tick()
     assert harness.settle(job) == "done"
     assert [(r.id, r.state.value, r.peak_gib) for r in seen] == [(job, "done", 1.5)]
+
+
+def test_finish_hooks_hear_of_a_worker_that_cannot_start(harness: Harness) -> None:
+    """A job that fails for good at launch (the worker cannot be started) reaches the hooks."""
+    seen: list[Any] = []
+    harness.daemon.finish_hooks.append(seen.append)
+
+    def cannot_start(launch: Any) -> Any:
+        raise OSError("no such interpreter")
+
+    harness.daemon.runner.start = cannot_start  # type: ignore[method-assign]
+    harness.set_gpus([gpu_entry(0, 50)])
+    job = harness.submit("unstartable")
+    for _ in range(3):
+        harness.tick()
+    assert harness.state(job) == "failed"
+    assert [(r.id, r.state.value) for r in seen] == [(job, "failed")]
+    assert "could not start the worker" in seen[0].reason
