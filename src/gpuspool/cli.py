@@ -140,7 +140,7 @@ def submit(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON")] = False,
 ) -> None:
     """Submit a job (from a job file, flags, or both: flags win) into the spool."""
-    from gpuspool.estimate import need_gib
+    from gpuspool.estimate import job_need_gib, job_threshold_gib
     from gpuspool.spool import Spool, parse_job_bytes, validate_spec
 
     s = settings()
@@ -179,22 +179,19 @@ def submit(
         problems.append(f"input: {spec.input} does not exist")
     if spec.output.exists():
         problems.append(f"output: {spec.output} already exists")
+    elif not spec.output.parent.is_dir():
+        problems.append(f"output: folder {spec.output.parent} does not exist")
     if problems:
         err.print("[red]" + "; ".join(problems) + "[/red]")
         raise typer.Exit(1)
-    budget = spec.batch_seconds or s.default_batch_seconds
-    longest = 0.0
-    try:
-        from gpuspool.extract.headers import scan_input
-
-        longest = scan_input(spec.input).longest_s
-    except Exception as exc:
+    estimate = job_need_gib(spec, s.default_batch_seconds)
+    if estimate.partial is not None:
         err.print(
-            f"[yellow]could not read every audio header ({exc}); estimate is partial[/yellow]"
+            f"[yellow]could not read every audio header ({estimate.partial}); estimate is"
+            " partial[/yellow]"
         )
-    need = need_gib(longest, budget, spec.dtype)
-    chosen = spec.min_free_gib if spec.min_free_gib is not None else s.min_free_gib
-    threshold = need if chosen == "auto" else float(chosen)
+    need, longest, budget = estimate.gib, estimate.longest_s, estimate.budget_s
+    threshold = job_threshold_gib(spec, s.min_free_gib, need)
     try:
         path, job_id = Spool(s.spool_dir).submit(data, stem=spec.name or spec.input.stem)
     except OSError as exc:

@@ -17,7 +17,7 @@ from typing import Any
 
 from gpuspool import logs
 from gpuspool.config import Settings
-from gpuspool.estimate import need_gib
+from gpuspool.estimate import job_need_gib, job_threshold_gib
 from gpuspool.exitcodes import ExitClass, ExitCode, classify
 from gpuspool.gpus import GpuProbe, ProbeResult
 from gpuspool.ledger import JobRecord, Ledger, LedgerError, Waiting
@@ -264,19 +264,13 @@ class Daemon:
         return None
 
     def _need_gib(self, spec: JobSpec) -> float:
-        budget = spec.batch_seconds or self.settings.default_batch_seconds
-        longest = 0.0
-        try:
-            from gpuspool.extract.headers import scan_input
-
-            longest = scan_input(spec.input).longest_s
-        except Exception as exc:
-            self.log.warning("need_estimate_partial", input=str(spec.input), error=str(exc))
-        return need_gib(longest, budget, spec.dtype)
+        need = job_need_gib(spec, self.settings.default_batch_seconds)
+        if need.partial is not None:
+            self.log.warning("need_estimate_partial", input=str(spec.input), error=need.partial)
+        return need.gib
 
     def _threshold_gib(self, spec: JobSpec, need: float) -> float:
-        chosen = spec.min_free_gib if spec.min_free_gib is not None else self.settings.min_free_gib
-        return need if chosen == "auto" else float(chosen)
+        return job_threshold_gib(spec, self.settings.min_free_gib, need)
 
     # -- running jobs ------------------------------------------------------------------------------
 

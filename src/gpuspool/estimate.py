@@ -8,7 +8,11 @@ so the largest batch holds ``max(budget, longest clip)`` padded seconds.
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from gpuspool.models import JobSpec
 
 Dtype = Literal["fp32", "bf16"]
 
@@ -44,3 +48,33 @@ def need_gib(longest_clip_s: float, budget_s: float, dtype: Dtype = "fp32") -> f
     padded_min = max(longest_clip_s, budget_s) / 60.0
     activations = ACT_GIB_PER_MIN[dtype] * padded_min * (1.0 + MARGIN)
     return round(WEIGHTS_GIB[dtype] + CONTEXT_GIB + WORKSPACE_GIB + activations, 2)
+
+
+@dataclass(frozen=True)
+class JobNeed:
+    """A job's memory need and what it rests on."""
+
+    gib: float
+    longest_s: float
+    budget_s: float
+    #: Why the estimate is partial (an audio header could not be read), or None.
+    partial: str | None = None
+
+
+def job_need_gib(spec: JobSpec, default_batch_seconds: float) -> JobNeed:
+    """A job's need from its longest clip (audio headers) and its batch budget."""
+    from gpuspool.extract.headers import scan_input  # torch-free
+
+    budget = spec.batch_seconds or default_batch_seconds
+    longest, partial = 0.0, None
+    try:
+        longest = scan_input(spec.input).longest_s
+    except Exception as exc:
+        partial = str(exc)
+    return JobNeed(need_gib(longest, budget, spec.dtype), longest, budget, partial)
+
+
+def job_threshold_gib(spec: JobSpec, default_min_free: float, need: float) -> float:
+    """Free memory a job waits for: its own ``min_free_gib``, else the default; ``auto`` = need."""
+    chosen = spec.min_free_gib if spec.min_free_gib is not None else default_min_free
+    return need if chosen == "auto" else float(chosen)
