@@ -169,7 +169,7 @@ class Daemon:
                 state.stop_deadline = now + self.settings.stop_grace_s
 
     def running_count(self) -> int:
-        return len(self.ledger.jobs([JobState.RUNNING]))
+        return self.ledger.counts().get(JobState.RUNNING.value, 0)
 
     # -- intake ------------------------------------------------------------------------------------
 

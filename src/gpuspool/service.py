@@ -226,7 +226,7 @@ def run(settings: Settings, config_path: Path | None) -> int:
             notifier.ready()
         done = daemon.last_tick_done
         # Ping the watchdog only while ticks actually complete.
-        stale_after = max(3 * settings.poll_interval_s, 2 * (watchdog_s or 0.0))
+        stale_after = max(3 * daemon.settings.poll_interval_s, 2 * (watchdog_s or 0.0))
         if watchdog_s and done is not None and time.time() - done < stale_after:
             notifier.watchdog()
         line = status_line(daemon)
