@@ -123,25 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         events.emit("error", exit_code=int(ExitCode.USAGE), reason="bad command line")
         return int(ExitCode.USAGE)
-    opts = Options(
-        input=a.input,
-        output=a.output,
-        tokenizer=a.tokenizer,
-        device=a.device,
-        batch_seconds=a.batch_seconds,
-        on_bad_line=a.on_bad_line,
-        dtype=a.dtype,
-        overwrite=a.overwrite,
-        skip_report=a.skip_report,
-        loader_workers=a.loader_workers,
-        progress_interval_s=a.progress_interval_s,
-        sort_window=a.sort_window,
-        prefetch_batches=a.prefetch_batches,
-        resume=not a.no_resume,
-        tf32=a.tf32,
-        loader_mode=a.loader_mode,
-        cpu_threads=a.cpu_threads,
-    )
+    kw = vars(a)
+    kw["resume"] = not kw.pop("no_resume")
+    opts = Options(**kw)
     with contextlib.redirect_stdout(sys.stderr):
         return Run(opts, events).execute()
 

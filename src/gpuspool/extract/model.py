@@ -174,7 +174,7 @@ class CodeEncoder:
         if self.device.type != "cuda":
             return None
         if self._context is None:
-            self._context = self._measure_context()
+            self._context = nonallocator_gib(self.device)
         ctx, src = self._context
         return GpuMemory(
             torch.cuda.max_memory_allocated(self.device) / GIB,
@@ -186,21 +186,17 @@ class CodeEncoder:
     def remeasure_context(self) -> None:
         """Measure the context again (after the first batch has loaded cuDNN and cuBLAS)."""
         if self.device.type == "cuda":
-            self._context = self._measure_context()
-
-    def _measure_context(self) -> tuple[float, str]:
-        return nonallocator_gib(self.device)
+            self._context = nonallocator_gib(self.device)
 
 
-def keep_shape_buffers_on_host(module: torch.nn.Module) -> int:
-    """Move 0-d integer buffers (convolution shape bookkeeping) back to the CPU; return how many.
+def keep_shape_buffers_on_host(module: torch.nn.Module) -> None:
+    """Move 0-d integer buffers (convolution shape bookkeeping) back to the CPU.
 
     The encoder's causal convolutions compute their padding from ``stride``, ``kernel_size`` and
     ``padding_total`` buffers and hand the result to ``F.pad`` as Python ints. With the buffers
     on the GPU, each of those reads is a device synchronisation; on the CPU it is a few
     microseconds of scalar arithmetic with the same values.
     """
-    moved = 0
     for sub in module.modules():
         for name, buf in list(sub._buffers.items()):
             if (
@@ -210,8 +206,6 @@ def keep_shape_buffers_on_host(module: torch.nn.Module) -> int:
                 and buf.device.type != "cpu"
             ):
                 sub._buffers[name] = buf.cpu()
-                moved += 1
-    return moved
 
 
 def nonallocator_gib(device: torch.device) -> tuple[float, str]:

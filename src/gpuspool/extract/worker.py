@@ -656,7 +656,6 @@ class Run:
     def _summary(self) -> None:
         w = self.writer
         assert w is not None and self.scan is not None
-        peak, peak_res = self._gpu()
         mem = self.encoder.memory() if self.encoder is not None else None
         self.events.emit(
             "summary",
@@ -671,8 +670,8 @@ class Run:
             scan_s=self.scan_s,
             import_s=round(self.import_s, 3),
             model_load_s=round(self.model_load_s, 3),
-            peak_gpu_gib=peak,
-            peak_gpu_reserved_gib=peak_res,
+            peak_gpu_gib=mem.peak if mem else None,
+            peak_gpu_reserved_gib=mem.peak_reserved if mem else None,
             gpu_context_gib=mem.context if mem else None,
             gpu_context_source=mem.context_source if mem else None,
             batches=self.batches,
