@@ -30,8 +30,7 @@ SRC = HERE.parent / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
-FRAME = 1920
-RATE = 24000
+from gpuspool.extract.headers import FRAME_SAMPLES, MODEL_SAMPLE_RATE  # noqa: E402  (torch-free)
 
 
 def shapes(budget_s: float, n: int, seed: int) -> list[tuple[int, int]]:
@@ -40,8 +39,8 @@ def shapes(budget_s: float, n: int, seed: int) -> list[tuple[int, int]]:
     out = []
     for _ in range(n):
         frames = int(rng.integers(13, 376))
-        b = max(1, int(budget_s * RATE) // (frames * FRAME))
-        out.append((b, frames * FRAME))
+        b = max(1, int(budget_s * MODEL_SAMPLE_RATE) // (frames * FRAME_SAMPLES))
+        out.append((b, frames * FRAME_SAMPLES))
     return out
 
 
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if cuda else "cpu"}
     res["torch"] = torch.__version__
     res["cudnn"] = torch.backends.cudnn.version() if cuda else None
-    call(batch(2, 10 * FRAME))  # first-call costs (handles, kernels) out of the way
+    call(batch(2, 10 * FRAME_SAMPLES))  # first-call costs (handles, kernels) out of the way
     variants = [
         ("device buffers, 32 codebooks", device, None),
         ("host buffers, 16 codebooks", "cpu", nq_valid),
@@ -110,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
             buffers_to(buf_dev)
             shp = shapes(budget, a.shapes, int(budget) * 10 + k)  # new shapes: cold
             xs = [batch(b, n) for b, n in shp]
-            audio = sum(b * n for b, n in shp) / RATE
+            audio = sum(b * n for b, n in shp) / MODEL_SAMPLE_RATE
             cold = [timed(lambda x=x, q=nq: call(x, q)) for x in xs]
             warm = [timed(lambda x=x, q=nq: call(x, q)) for x in xs]
 
@@ -141,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     b, n = shapes(a.budgets[0], 1, 999)[0]
     for label, buf_dev in (("cold, device buffers", device), ("cold, host buffers", "cpu")):
         buffers_to(buf_dev)
-        x = batch(b, n + FRAME * (2 if buf_dev == "cpu" else 1))  # a shape not seen yet
+        x = batch(b, n + FRAME_SAMPLES * (2 if buf_dev == "cpu" else 1))  # a shape not seen yet
         sync()
         with profile(activities=acts) as prof:
             t = time.perf_counter()

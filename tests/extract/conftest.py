@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,17 +72,6 @@ def spawn_extract(*args: str | os.PathLike[str]) -> subprocess.Popen[str]:
         text=True,
         env=env,
     )
-
-
-@contextlib.contextmanager
-def chdir(path: Path) -> Iterator[None]:
-    """Temporarily change the working directory."""
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.extract.conftest import run_extract
 
 from gpuspool.exitcodes import ExitCode
 from gpuspool.extract.synth import synth_dataset
@@ -31,27 +32,9 @@ def uninterrupted(
     many_clips: Path, tiny_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> bytes:
     """Output bytes of one run that nobody interrupts."""
-    import contextlib
-    import io
-
-    from gpuspool.extract.cli import main
-
     out = tmp_path_factory.mktemp("u") / "out.jsonl"
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert (
-            main(
-                [
-                    "--input",
-                    str(many_clips),
-                    "--output",
-                    str(out),
-                    "--tokenizer",
-                    str(tiny_tokenizer),
-                    *ARGS,
-                ]
-            )
-            == 0
-        )
+    r = run_extract("--input", many_clips, "--output", out, "--tokenizer", tiny_tokenizer, *ARGS)
+    assert r.code == 0
     return out.read_bytes()
 
 

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
+from tests.conftest import json_lines as _records
+from tests.extract.conftest import run_extract
 
 from gpuspool.exitcodes import ExitCode
 from gpuspool.extract.audio import load_resampled
@@ -18,10 +20,6 @@ from gpuspool.extract.headers import FRAME_SAMPLES
 
 pytest.importorskip("torch")
 pytest.importorskip("qwen_tts")
-
-
-def _records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def _by_audio(path: Path) -> dict[str, Any]:
@@ -33,17 +31,8 @@ def reference(
     tiny_tokenizer: Path, dataset: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """One uninterrupted run at the default settings (the output other tests compare to)."""
-    from gpuspool.extract.cli import main
-
     out = tmp_path_factory.mktemp("ref") / "out.jsonl"
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        code = main(
-            ["--input", str(dataset), "--output", str(out), "--tokenizer", str(tiny_tokenizer)]
-        )
-    assert code == 0
+    assert run_extract("--input", dataset, "--output", out, "--tokenizer", tiny_tokenizer).code == 0
     return out
 
 

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -147,7 +146,3 @@ def live(tmp_path: Path) -> Iterator[LiveDaemon]:
 
 def wait_state(d: LiveDaemon, job_id: str, states: set[str], timeout: float = 120) -> str:
     return str(wait_until(lambda: d.state(job_id) in states and d.state(job_id), timeout, 0.1))
-
-
-def now() -> float:
-    return time.time()

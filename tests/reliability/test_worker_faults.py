@@ -134,19 +134,10 @@ def test_disk_full_stub_is_a_retried_crash_with_no_output(h: Harness, tmp_path: 
 
 
 def test_disk_full_real_worker_resumes_identically_after_space_returns(
-    tmp_path: Path, tokenizer_dir: Path, audio_input: Path, reference_output: bytes
+    h: Harness, tmp_path: Path, tokenizer_dir: Path, audio_input: Path, reference_output: bytes
 ) -> None:
     """The real worker on a 16 KiB tmpfs: ENOSPC → exit 1, deferred, no OUT; space grows; the
     retry resumes and OUT equals an uninterrupted run's byte for byte."""
-    h = Harness(
-        tmp_path,
-        worker_command=[sys.executable, str(FAULT_WORKER)],
-        worker_extra_args=WORKER_EXTRA,
-        default_batch_seconds=BATCH_SECONDS,
-        retry_backoff_s=10.0,
-        max_attempts=3,
-    )
-    h.set_gpus([gpu_entry(0, 70)])
     with _tmpfs(tmp_path / "full", "16k") as full:
         out = full / "out.jsonl"
         job = h.submit("real", input=str(audio_input), output=str(out),
