@@ -381,7 +381,7 @@ def drain(
 ) -> None:
     """Stop starting new jobs; running ones finish. Survives restarts; ``resume`` undoes it."""
     ledger = _ledger(settings())
-    ledger.set_meta("draining", "1")
+    ledger.set_draining(True)
     running = ledger.jobs([JobState.RUNNING])
     console.print(
         f"draining: no new jobs will start; {len(running)} running will finish"
@@ -398,9 +398,10 @@ def drain(
 def resume() -> None:
     """Start jobs again after ``drain``."""
     ledger = _ledger(settings())
-    was = ledger.get_meta("draining", "0") == "1"
-    ledger.set_meta("draining", "0")
-    waiting = len(ledger.jobs(sorted(RUNNABLE_STATES)))
+    was = ledger.draining()
+    ledger.set_draining(False)
+    counts = ledger.counts()
+    waiting = sum(counts.get(st.value, 0) for st in RUNNABLE_STATES)
     prefix = "resumed" if was else "was not draining"
     console.print(f"{prefix}: {waiting} waiting job(s) start when GPUs have room")
 

@@ -41,7 +41,6 @@ MAX_LOG_READ = 1 << 20
 HISTORY_EVERY_S = 10.0
 #: How long GPU history is kept.
 HISTORY_KEEP_S = 7 * 24 * 3600.0
-DRAINING_KEY = "draining"
 #: Per tick, waiting-reason changes logged one by one; the rest are summed up in one event.
 MAX_WAITING_EVENTS = 50
 
@@ -134,10 +133,7 @@ class Daemon:
 
     @property
     def draining(self) -> bool:
-        return self.ledger.get_meta(DRAINING_KEY, "0") == "1"
-
-    def set_draining(self, on: bool) -> None:
-        self.ledger.set_meta(DRAINING_KEY, "1" if on else "0")
+        return self.ledger.draining()
 
     def tick(self, now: float) -> TickReport:
         """Everything the daemon does at one poll. Never raises for a job's or a file's fault."""

@@ -398,6 +398,13 @@ class Ledger:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row["value"] if row else default
 
+    def draining(self) -> bool:
+        """Whether ``gpuspool drain`` is in force (no new job starts)."""
+        return self.get_meta("draining", "0") == "1"
+
+    def set_draining(self, on: bool) -> None:
+        self.set_meta("draining", "1" if on else "0")
+
     def set_meta(self, key: str, value: str) -> None:
         with self._tx() as db:
             db.execute(

@@ -73,9 +73,10 @@ def _allowed(job: Candidate, gpus: Sequence[GpuView]) -> list[GpuView]:
     return [g for g in gpus if g.uuid in refs or g.snapshot.index in refs]
 
 
-def _stable_count(view: GpuView, threshold: float) -> int:
+def stable_count(history: Sequence[float | None], threshold: float) -> int:
+    """How many of the latest polls in a row had at least ``threshold`` GiB available."""
     n = 0
-    for value in reversed(view.available_history):
+    for value in reversed(history):
         if value is None or value < threshold:
             break
         n += 1
@@ -97,7 +98,8 @@ def _why_not(view: GpuView, threshold: float, stable_polls: int, taken: bool) ->
             f"{where}: {shown:.1f} GiB available (free {snap.free_gib:.1f}{reserved}),"
             f" need {threshold:.1f}"
         )
-    return f"{where}: enough free, stable {_stable_count(view, threshold)}/{stable_polls} polls"
+    stable = stable_count(view.available_history, threshold)
+    return f"{where}: enough free, stable {stable}/{stable_polls} polls"
 
 
 def place(
@@ -147,7 +149,7 @@ def place(
             for g in allowed
             if g.uuid not in started_on
             and g.snapshot.healthy
-            and _stable_count(g, job.threshold_gib) >= stable_polls
+            and stable_count(g.available_history, job.threshold_gib) >= stable_polls
         ]
         if fitting:
             best = min(fitting, key=lambda g: (g.available_gib or 0.0, g.snapshot.index))
@@ -161,7 +163,7 @@ def place(
             key=lambda g: (
                 g.snapshot.healthy,
                 g.uuid not in started_on,
-                _stable_count(g, job.threshold_gib),
+                stable_count(g.available_history, job.threshold_gib),
                 g.available_gib if g.available_gib is not None else float("-inf"),
             ),
         )

@@ -19,6 +19,7 @@ from rich.text import Text
 
 from gpuspool.ledger import JobRecord, Ledger
 from gpuspool.models import TERMINAL_STATES, JobState
+from gpuspool.placement import stable_count
 
 #: Finished jobs ``status`` lists without ``--all``.
 RECENT_FINISHED = 10
@@ -100,7 +101,7 @@ def status_data(
     return {
         "hidden_waiting": sum(counts[s] for s in waiting_states) - listed_waiting,
         "at": now,
-        "draining": ledger.get_meta("draining", "0") == "1",
+        "draining": ledger.draining(),
         "last_tick": snap["at"],
         "counts": counts,
         "jobs": out,
@@ -216,11 +217,7 @@ def gpus_data(
     gpus = []
     for g in snap["gpus"]:
         available = g["free_mib"] / 1024.0 - g.get("reserved_gib", 0.0)
-        stable = 0
-        for value in reversed(g.get("history", [])):
-            if value is None or value < threshold_gib:
-                break
-            stable += 1
+        stable = stable_count(g.get("history", []), threshold_gib)
         procs = []
         for p in g.get("processes", []):
             job = by_pid.get(p["pid"]) or by_pid.get(_pgid(p["pid"]) or -1)

@@ -35,7 +35,7 @@ def test_status_shows_progress_and_wait_reason(harness: Harness) -> None:
     harness.set_gpus([gpu_entry(0, 5)])
     waiting = harness.submit("second")
     harness.tick()
-    harness.daemon.set_draining(True)
+    harness.daemon.ledger.set_draining(True)
     harness.tick()
     data = status_data(harness.daemon.ledger, harness.now)
     by_id = {j["id"]: j for j in data["jobs"]}
