@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -146,3 +147,19 @@ def live(tmp_path: Path) -> Iterator[LiveDaemon]:
 
 def wait_state(d: LiveDaemon, job_id: str, states: set[str], timeout: float = 120) -> str:
     return str(wait_until(lambda: d.state(job_id) in states and d.state(job_id), timeout, 0.1))
+
+
+#: The unprivileged system user of the privilege tests.
+TEST_USER = "gpuspool-test"
+
+
+def ensure_test_user() -> pwd.struct_passwd:
+    """:data:`TEST_USER`, created as a system user without a home or shell if missing."""
+    try:
+        return pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
+            check=True,
+        )
+        return pwd.getpwnam(TEST_USER)

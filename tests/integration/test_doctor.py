@@ -10,7 +10,6 @@ import importlib.metadata
 import importlib.util
 import io
 import os
-import pwd
 import shutil
 import subprocess
 import sys
@@ -34,9 +33,9 @@ from gpuspool.doctor import (
     check_worker_command,
 )
 from gpuspool.privileges import Identity, identity_for_name
+from tests.integration.conftest import TEST_USER, ensure_test_user
 
 REPO = Path(__file__).resolve().parents[2]
-TEST_USER = "gpuspool-test"
 
 pytestmark = [
     pytest.mark.root,
@@ -59,13 +58,7 @@ class FakeDiagnostics:
 @pytest.fixture(scope="session")
 def user() -> Identity:
     """An unprivileged system user (created if missing)."""
-    try:
-        pwd.getpwnam(TEST_USER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
-            check=True,
-        )
+    ensure_test_user()
     return identity_for_name(TEST_USER)
 
 

@@ -31,13 +31,13 @@ from gpuspool.privileges import (
     job_identity,
     popen_kwargs,
 )
+from tests.integration.conftest import TEST_USER, ensure_test_user
 
 pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates a user and runs as it"),
 ]
 
-TEST_USER = "gpuspool-test"
 TEST_GROUP = "gpuspool-test-g"  # a supplementary group of TEST_USER
 
 
@@ -50,13 +50,7 @@ def _ensure_group(name: str) -> None:
 def user() -> Identity:
     """An unprivileged system user (created if missing) with one supplementary group."""
     _ensure_group(TEST_GROUP)
-    try:
-        pwd.getpwnam(TEST_USER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
-            check=True,
-        )
+    ensure_test_user()
     subprocess.run(["usermod", "--append", "--groups", TEST_GROUP, TEST_USER], check=True)
     return identity_for_name(TEST_USER)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +13,8 @@ import pytest
 
 from gpuspool import privileges
 from tests.conftest import STUB_WORKER, Harness, json_lines
+from tests.integration.conftest import TEST_USER, ensure_test_user
 
-TEST_USER = "gpuspool-test"
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 pytestmark = [
@@ -27,14 +26,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def user() -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(TEST_USER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
-            check=True,
-        )
-        return pwd.getpwnam(TEST_USER)
+    return ensure_test_user()
 
 
 @pytest.fixture
