@@ -20,7 +20,7 @@ from gpuspool.config import Settings, load_settings
 from gpuspool.daemon import Daemon
 from gpuspool.gpus import make_probe
 from gpuspool.ledger import JobRecord, Ledger
-from gpuspool.models import JobState
+from gpuspool.models import RUNNABLE_STATES, JobState
 from gpuspool.runner import Runner
 from gpuspool.spool import Spool
 from gpuspool.systemd import Notifier
@@ -65,15 +65,14 @@ def _watch_spool(incoming: Path, wake: Any) -> Any:
 def status_line(daemon: Daemon) -> str:
     """The one-line summary systemd shows (``STATUS=``)."""
     counts = daemon.ledger.counts()
-    waiting = sum(
-        counts.get(s.value, 0) for s in (JobState.QUEUED, JobState.INTERRUPTED, JobState.DEFERRED)
-    )
-    free = sum(1 for v in daemon.gpu_views() if v.snapshot.healthy and (v.available_gib or 0) > 0)
+    waiting = sum(counts.get(s.value, 0) for s in RUNNABLE_STATES)
+    views = daemon.gpu_views()
+    free = sum(1 for v in views if v.snapshot.healthy and (v.available_gib or 0) > 0)
     text = (
         f"{waiting} waiting, {counts.get(JobState.RUNNING.value, 0)} running,"
         f" {counts.get(JobState.DONE.value, 0)} done,"
         f" {counts.get(JobState.FAILED.value, 0)} failed;"
-        f" GPUs: {len(daemon.gpu_views())} seen, {free} with free memory"
+        f" GPUs: {len(views)} seen, {free} with free memory"
     )
     if daemon.draining:
         text = "draining; " + text

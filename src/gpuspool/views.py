@@ -70,17 +70,23 @@ def gpus_snapshot(ledger: Ledger) -> dict[str, Any]:
 
 
 def status_data(
-    ledger: Ledger, now: float, *, all_jobs: bool = False, max_waiting: int | None = None
+    ledger: Ledger,
+    now: float,
+    *,
+    all_jobs: bool = False,
+    max_waiting: int | None = None,
+    snap: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything ``status`` shows, as plain data (``status --json`` prints exactly this).
 
     ``max_waiting`` lists only the first waiting jobs (by start order); ``hidden_waiting``
-    counts the rest.
+    counts the rest. ``snap`` is the :func:`gpus_snapshot` if the caller has read it already.
     """
     rows = ledger.status_rows(
         finished_limit=None if all_jobs else RECENT_FINISHED, waiting_limit=max_waiting
     )
-    snap = gpus_snapshot(ledger)
+    if snap is None:
+        snap = gpus_snapshot(ledger)
     index = {g["uuid"]: g["index"] for g in snap["gpus"]}
     waiting_states = {s.value for s in JobState if s.runnable} | {JobState.HELD.value}
     out = []
@@ -341,11 +347,10 @@ def publish_snapshot(
     """Write what ``status`` and ``gpus`` show to ``path`` (atomically), readable by the group
     that owns the folder above it (the spool's submitters), so users who may not open the
     ledger still see the queue."""
+    snap = gpus_snapshot(ledger)
     data = {
-        "status": status_data(ledger, now, max_waiting=SNAPSHOT_WAITING),
-        "gpus": gpus_data(
-            gpus_snapshot(ledger), ledger.jobs([JobState.RUNNING]), threshold_gib, stable_polls
-        ),
+        "status": status_data(ledger, now, max_waiting=SNAPSHOT_WAITING, snap=snap),
+        "gpus": gpus_data(snap, ledger.jobs([JobState.RUNNING]), threshold_gib, stable_polls),
     }
     folder = path.parent
     if not folder.is_dir():
