@@ -73,15 +73,18 @@ class LiveDaemon:
         self.spool = Spool(tmp / "spool")
         self.ledger_path = tmp / "state" / "ledger.sqlite3"
 
-    def start(self) -> None:
+    def start(self, env: dict[str, str] | None = None, *, wait: bool = True) -> None:
+        """Start ``gpuspool daemon`` (with ``env``, else ours); ``wait`` for its first log line."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gpuspool.cli", "--config", str(self.config), "daemon"],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=env,
         )
         log.close()
-        wait_until(lambda: "daemon_started" in self.log_path.read_text(), timeout=30)
+        if wait:
+            wait_until(lambda: "daemon_started" in self.log_path.read_text(), timeout=30)
 
     def set_gpus(self, *gpus: dict[str, Any]) -> None:
         write_gpu_file(self.gpu_file, list(gpus))

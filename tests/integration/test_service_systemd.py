@@ -7,8 +7,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,16 +48,10 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     s.sock.close()
 
 
-def start(live: LiveDaemon, notify: NotifySocket, watchdog_usec: int) -> None:
+def start(live: LiveDaemon, notify: NotifySocket, watchdog_usec: int, wait: bool = True) -> None:
+    """Start the daemon as systemd would, with a notify socket and a watchdog interval."""
     env = {**os.environ, "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": str(watchdog_usec)}
-    log = open(live.log_path, "ab")  # noqa: SIM115 - the child keeps it
-    live.proc = subprocess.Popen(
-        [sys.executable, "-m", "gpuspool.cli", "--config", str(live.config), "daemon"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    log.close()
+    live.start(env, wait=wait)
 
 
 def test_ready_status_and_watchdog_then_pings_stop_when_tick_hangs(
@@ -68,7 +60,7 @@ def test_ready_status_and_watchdog_then_pings_stop_when_tick_hangs(
     """READY=1 after start, STATUS= with a summary, WATCHDOG=1 at half the interval; when a tick
     hangs (the GPU source blocks) the pings stop, so systemd would restart the daemon."""
     live.set_gpus(gpu_entry(0, 50), gpu_entry(1, 5))
-    start(live, notify, watchdog_usec=1_000_000)
+    start(live, notify, watchdog_usec=1_000_000, wait=False)
     got = [m for _, m in notify.drain(4.0)]
     assert "READY=1" in got
     statuses = [m for m in got if m.startswith("STATUS=")]
@@ -96,7 +88,6 @@ def test_sighup_reloads_config_and_keeps_running_job(
     """SIGHUP re-reads the config (RELOADING=1 then READY=1) and leaves the running job alone."""
     live.set_gpus(gpu_entry(0, 50))
     start(live, notify, watchdog_usec=0)
-    wait_until(lambda: "daemon_started" in live.log_path.read_text(), 30)
     job = live.submit(audio_input, tokenizer_dir)
     wait_state(live, job, {"running"})
     pid = live.job(job).pid
@@ -121,7 +112,6 @@ def test_sighup_reloads_config_and_keeps_running_job(
 def test_sigterm_stops_starting_jobs(live: LiveDaemon, notify: NotifySocket) -> None:
     """After SIGTERM nothing new starts: the daemon exits 0 and queued jobs stay queued."""
     start(live, notify, watchdog_usec=0)
-    wait_until(lambda: "daemon_started" in live.log_path.read_text(), 30)
     (live.tmp / "in.jsonl").write_text(json.dumps({"audio": "missing.wav"}) + "\n")
     job = live.submit(live.tmp / "in.jsonl", live.tmp, name="q")
     wait_until(lambda: live.state(job) == "queued")
