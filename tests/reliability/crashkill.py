@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from gpuspool.gpus import write_gpu_file
-from gpuspool.ledger import Ledger
+from gpuspool.ledger import JobRecord, Ledger
 from gpuspool.models import TERMINAL_STATES, JobState
 from gpuspool.runner import JOB_ID_ENV
 from gpuspool.spool import Spool
@@ -76,6 +76,19 @@ def daemon_config(workdir: Path, **extra: Any) -> dict[str, Any]:
     }
     values.update(extra)
     return values
+
+
+def read_ledger(path: Path) -> tuple[dict[str, JobRecord], dict[str, list[dict[str, Any]]]]:
+    """Every job in the ledger by id, and each job's transitions, oldest first."""
+    ledger = Ledger(path, readonly=True)
+    try:
+        jobs = {j.id: j for j in ledger.jobs()}
+        trail: dict[str, list[dict[str, Any]]] = {}
+        for t in ledger.transitions():
+            trail.setdefault(t["job_id"], []).append(t)
+    finally:
+        ledger.close()
+    return jobs, trail
 
 
 def write_config(path: Path, values: dict[str, Any]) -> None:
@@ -471,14 +484,7 @@ class CrashKill:
         r = self.report
         r.jobs = len(self.jobs)
         r.invalid_files = len(self.invalid)
-        ledger = Ledger(self.ledger_path, readonly=True)
-        try:
-            records = {j.id: j for j in ledger.jobs()}
-            transitions: dict[str, list[dict[str, Any]]] = {}
-            for t in ledger.transitions():
-                transitions.setdefault(t["job_id"], []).append(t)
-        finally:
-            ledger.close()
+        records, transitions = read_ledger(self.ledger_path)
         accepted = {p.name.split(".")[0] for p in self.spool.accepted.iterdir()}
         starts: Counter[str] = Counter()
         for line in self.daemon_log.read_bytes().splitlines():

@@ -31,10 +31,9 @@ from typing import Any
 import psutil
 
 from gpuspool.gpus import write_gpu_file
-from gpuspool.ledger import Ledger
 from gpuspool.models import JobState
 from gpuspool.spool import Spool
-from tests.reliability.crashkill import REPO, daemon_config, write_config
+from tests.reliability.crashkill import REPO, daemon_config, read_ledger, write_config
 
 GIB = 1024.0
 
@@ -169,14 +168,7 @@ class LoadRun:
 
     def verify(self, ids: list[str]) -> None:
         r = self.report
-        ledger = Ledger(self.ledger_path, readonly=True)
-        try:
-            jobs = {j.id: j for j in ledger.jobs()}
-            trail: dict[str, list[dict[str, Any]]] = {}
-            for t in ledger.transitions():
-                trail.setdefault(t["job_id"], []).append(t)
-        finally:
-            ledger.close()
+        jobs, trail = read_ledger(self.ledger_path)
         r.transitions = sum(len(v) for v in trail.values())
         events: Counter[tuple[str, str]] = Counter()
         for line in self.daemon_log.read_bytes().splitlines():
