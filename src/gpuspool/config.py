@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     )
     metrics_address: str | None = Field(None, description='"127.0.0.1:9404" to serve metrics')
     metrics_dcgm_names: bool = Field(
-        True, description="Also serve GPU memory as DCGM_FI_DEV_FB_* (off beside dcgm-exporter)"
+        False, description="Also serve GPU memory as DCGM_FI_DEV_FB_* (dcgm-exporter's names)"
     )
     webhook_url: str | None = Field(None, description="POSTed a JSON body on finish/failure")
     log_format: str = Field("auto", description='"auto", "json" or "console"')
