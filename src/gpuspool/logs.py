@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -149,6 +150,19 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.WARNING))
+    # Python warnings and a crashed thread's traceback would otherwise reach stderr as bare,
+    # multi-line text; as log lines they are JSON with their priority like everything else.
+    logging.captureWarnings(True)
+    threading.excepthook = _log_thread_exception
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """``threading.excepthook``: an exception that ended a thread, as one error line."""
+    if args.exc_type is SystemExit:
+        return
+    exc_info = (args.exc_type, args.exc_value, args.exc_traceback)
+    thread = args.thread.name if args.thread is not None else None
+    get().error("thread_failed", thread=thread, exc_info=exc_info)
 
 
 def startup_format(environ: Mapping[str, str] | None = None) -> str:

@@ -3,11 +3,12 @@
 GPU memory is ``gpuspool_gpu_{free,used,total}_mib``, and, with ``metrics_dcgm_names`` on (off
 by default: a real dcgm-exporter often runs beside it, and its ``modelName`` label is not the
 snake case promtool wants), also under dcgm-exporter's names and labels (``DCGM_FI_DEV_FB_FREE``
-etc., MiB, ``gpu``/``UUID``/``device``/``modelName``/``Hostname``) so its dashboards work here. Gauges are a snapshot taken at the end of each tick (``observe``);
-counters and histograms are fed from the ledger's ``transitions`` table, so a change made by the
-CLI (a cancel) counts too. The exposition passes ``promtool check metrics``: no ``*_created``
-series, labelled counters start at zero, units end the names. Imported only when
-``metrics_address`` is set; must not import torch.
+etc., MiB, ``gpu``/``UUID``/``device``/``modelName``/``Hostname``) so its dashboards work here.
+Gauges are a snapshot taken at the end of each tick (``observe``); counters and histograms are
+fed from the ledger's ``transitions`` table, so a change made by the CLI (a cancel) counts too.
+The exposition passes ``promtool check metrics``: no ``*_created`` series, labelled counters
+start at zero, units end the names. Imported only when ``metrics_address`` is set; must not
+import torch.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
@@ -23,10 +24,13 @@ def _restore_logging() -> Iterator[None]:
     saved = structlog.get_config()
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    hook = threading.excepthook
     yield
     structlog.configure(**saved)
     root.handlers[:] = handlers
     root.setLevel(level)
+    threading.excepthook = hook
+    logging.captureWarnings(False)
 
 
 @pytest.fixture
@@ -128,3 +132,22 @@ def test_startup_format_follows_a_valid_env_value() -> None:
     assert logs.startup_format({"GPUSPOOL_LOG_FORMAT": "console"}) == "console"
     assert logs.startup_format({"GPUSPOOL_LOG_FORMAT": "xml"}) == "auto"
     assert logs.startup_format({}) == "auto"
+
+
+def test_a_crashed_thread_is_one_log_line(tmp_path: Path) -> None:
+    """A thread's traceback does not reach the stream as bare multi-line text."""
+    path = tmp_path / "out"
+    with open(path, "w") as f:
+        logs.configure("json", "info", stream=f)
+
+        def boom() -> None:
+            raise RuntimeError("thread broke")
+
+        thread = threading.Thread(target=boom, name="worker-thread")
+        thread.start()
+        thread.join()
+    logging.captureWarnings(False)
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    crashed = next(e for e in events if e["event"] == "thread_failed")
+    assert crashed["thread"] == "worker-thread" and "thread broke" in crashed["exception"]
+    assert crashed["level"] == "error"
