@@ -103,3 +103,31 @@ def test_bad_config_piped_is_plain_json(tmp_path: Path) -> None:
     assert event["field"] == "poll_intervall_s"
     assert event["error"].startswith("unknown setting")
     assert "pydantic" not in line and "validation error" not in line
+
+
+def test_start_up_failure_is_one_json_error_line(tmp_path: Path) -> None:
+    """A failure past the config (the state folder cannot be created): exit 1 and one ``<3>``
+    line with the traceback inside its JSON, not a bare traceback."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    config = tmp_path / "gpuspool.toml"
+    gpus = tmp_path / "gpus.json"
+    gpus.write_text("[]")
+    config.write_text(
+        f'spool_dir = "{tmp_path / "spool"}"\nstate_dir = "{blocker / "state"}"\n'
+        f'gpu_source = "file:{gpus}"\nlog_format = "json"\n'
+    )
+    out = tmp_path / "stdout"
+    env = journal_env(out)
+    with open(out, "ab") as f:
+        rc = subprocess.run(
+            [sys.executable, "-m", "gpuspool.cli", "--config", str(config), "daemon"],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+            timeout=60,
+        ).returncode
+    assert rc == 1
+    [(prio, event)] = prefixed(out.read_bytes())
+    assert prio == 3 and event["event"] == "daemon_failed"
+    assert "not-a-folder" in str(event["error"]) and "Traceback" in str(event["exception"])
