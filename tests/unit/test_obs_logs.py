@@ -16,6 +16,7 @@ import pytest
 import structlog
 
 from gpuspool import logs
+from tests.conftest import Harness, gpu_entry
 
 
 @pytest.fixture(autouse=True)
@@ -151,3 +152,20 @@ def test_a_crashed_thread_is_one_log_line(tmp_path: Path) -> None:
     crashed = next(e for e in events if e["event"] == "thread_failed")
     assert crashed["thread"] == "worker-thread" and "thread broke" in crashed["exception"]
     assert crashed["level"] == "error"
+
+
+def test_daemon_events_in_a_job_log_use_the_iso_time_of_the_tick(harness: Harness) -> None:
+    """The daemon's lines in a job's log carry ``timestamp`` in ISO 8601 UTC (the tick's
+    time), like the journal, and no epoch ``ts``."""
+    harness.set_gpus([gpu_entry(0, 50)])
+    job = harness.submit("a")
+    for _ in range(4):
+        harness.tick()
+    assert harness.settle(job) == "done"
+    lines = Path(harness.job(job).log_path).read_text().splitlines()
+    daemon = [json.loads(line) for line in lines if '"source": "daemon"' in line]
+    started = next(e for e in daemon if e["event"] == "job_started")
+    assert "ts" not in started
+    at = harness.job(job).started_at  # fake time: a tick's, not the wall clock's
+    assert started["timestamp"] == logs.iso_timestamp(at)
+    assert re.fullmatch(r"1970-01-01T00:1\d:\d\d\.\d{3}Z", started["timestamp"])
