@@ -1,7 +1,8 @@
 """deploy/install.sh into a temporary root: accounts, folders, modes, files; re-runs change nothing.
 
-Needs root (it chowns to the accounts it creates). The venv step is skipped (--no-venv): it
-would download torch.
+Needs root (it chowns to the accounts it creates). Most tests skip the venv step (--no-venv): it
+would download torch. The venv tests at the end install offline with ``--no-deps`` from a
+wheelhouse holding only the build backend, which they download from the package index.
 """
 
 from __future__ import annotations
