@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Install gpuspool as a systemd service. Safe to run again: it only changes what differs.
 #
-#   deploy/install.sh [--root DIR] [--prefix DIR] [--no-venv] [--pip-args "ARGS"]
+#   deploy/install.sh [--root DIR] [--prefix DIR] [--no-venv] [--reinstall] [--pip-args "ARGS"]
 #                     [--python PYTHON] [--config FILE] [--service-user] [--no-enable]
 #                     [--no-systemd-tools]
 #
 # What it does (docs/deploy.md explains each part):
 #   1. the service user `gpuspool` and the submitters' group `gpuspool-submit` (sysusers.d);
 #   2. the spool, state and log folders with their owners and modes (tmpfiles.d);
-#   3. a virtual environment at PREFIX/venv with gpuspool and its `extract` extra;
+#   3. a virtual environment at PREFIX/venv with gpuspool and its `extract` extra (pip runs
+#      only when the source, the pip arguments or the interpreter changed since the last run);
 #   4. /etc/gpuspool/gpuspool.toml from config/gpuspool.toml, never replacing an edited one
 #      (a newer default is written beside it as gpuspool.toml.new);
 #   5. the unit in /etc/systemd/system, enabled for boot (not started).
@@ -17,7 +18,9 @@
 #                   added to DIR/etc/passwd and DIR/etc/group, and systemctl is not called.
 # --prefix DIR      where the venv and docs go (default /opt/gpuspool); ExecStart follows it.
 # --no-venv         do not create or update the venv (it is provided some other way).
-# --pip-args ARGS   extra arguments for pip, split on spaces (e.g. "--no-index -f /wheels").
+# --reinstall       run pip even when the venv's install stamp says nothing changed.
+# --pip-args ARGS   extra arguments for pip, split on spaces (e.g. "--no-index -f /wheels";
+#                   offline, the wheelhouse needs hatchling too: docs/deploy.md).
 # --python PYTHON   the interpreter that creates the venv (default python3, >= 3.11).
 # --config FILE     the default config to install (default: config/gpuspool.toml).
 # --service-user    run the daemon as `gpuspool` instead of root: every job then runs as
@@ -34,6 +37,7 @@ SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ROOT=/
 PREFIX=/opt/gpuspool
 MAKE_VENV=1
+REINSTALL=0
 PIP_ARGS=""
 PYTHON=python3
 CONFIG_SRC="$SRC/config/gpuspool.toml"
@@ -49,6 +53,7 @@ while [[ $# -gt 0 ]]; do
         --root) ROOT="${2:?--root needs a folder}"; shift 2 ;;
         --prefix) PREFIX="${2:?--prefix needs a folder}"; shift 2 ;;
         --no-venv) MAKE_VENV=0; shift ;;
+        --reinstall) REINSTALL=1; shift ;;
         --pip-args) PIP_ARGS="${2?--pip-args needs a value}"; shift 2 ;;
         --python) PYTHON="${2:?--python needs an interpreter}"; shift 2 ;;
         --config) CONFIG_SRC="${2:?--config needs a file}"; shift 2 ;;
@@ -76,6 +81,19 @@ install_file() {
     fi
     install -D -m "$mode" -o 0 -g 0 "$src" "$dest"
     say "wrote ${dest#"$R"}"
+}
+
+# install_stamp: one line naming what the venv step installs: a hash of the package's source
+# (what goes into the wheel), the pip arguments and the venv's interpreter version.
+install_stamp() {
+    local tree part parts=()
+    for part in pyproject.toml README.md LICENSE src; do
+        [[ -e $SRC/$part ]] && parts+=("$part")
+    done
+    tree="$(cd "$SRC" && find "${parts[@]}" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' \
+        -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum)"
+    printf 'gpuspool[extract] source=%s pip-args=%s python=%s\n' "${tree%% *}" "$PIP_ARGS" \
+        "$("$venv/bin/python" -c 'import sys; print(sys.version.split()[0])')"
 }
 
 # --- 1. users and groups ---------------------------------------------------------------------
@@ -145,9 +163,21 @@ if [[ $MAKE_VENV -eq 1 ]]; then
         "$PYTHON" -m venv "$venv"
         say "created the venv ${venv#"$R"}"
     fi
-    # shellcheck disable=SC2086  # PIP_ARGS is a list of words on purpose
-    "$venv/bin/python" -m pip install --quiet $PIP_ARGS "$SRC[extract]"
-    say "installed gpuspool[extract] into ${venv#"$R"}"
+    # pip rebuilds and reinstalls gpuspool on every run (a local path is never "already
+    # satisfied"), which takes minutes with the extract extra; a stamp of what was installed
+    # skips it when nothing changed.
+    stamp="$venv/.gpuspool-install-stamp"
+    want="$(install_stamp)"
+    if [[ $REINSTALL -eq 0 && -f $stamp && "$(cat "$stamp")" == "$want" ]] &&
+        "$venv/bin/python" -I -c 'import gpuspool' 2>/dev/null; then
+        say "venv ${venv#"$R"} is up to date (nothing changed since the last install)"
+    else
+        rm -f "$stamp"
+        # shellcheck disable=SC2086  # PIP_ARGS is a list of words on purpose
+        "$venv/bin/python" -m pip install --quiet $PIP_ARGS "$SRC[extract]"
+        printf '%s\n' "$want" >"$stamp"
+        say "installed gpuspool[extract] into ${venv#"$R"}"
+    fi
     # Jobs run as their submitters with this interpreter: every folder on its real path must
     # be open to others (a venv made from a Python under /root would not be).
     real="$(readlink -f "$venv/bin/python")"

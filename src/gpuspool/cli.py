@@ -109,13 +109,23 @@ def _find(ledger: Ledger, ref: str) -> JobRecord:
 @app.command()
 def daemon() -> None:
     """Run the daemon in the foreground (systemd runs this)."""
-    s = settings()
     from gpuspool import logs
 
+    try:
+        s = load_settings(_state["config"])
+    except ConfigError as exc:  # one log line (JSON under systemd), never wrapped text
+        logs.configure(logs.startup_format(), "info")
+        logs.get().error("config_invalid", config=str(exc.path), field=exc.field, error=exc.problem)
+        raise typer.Exit(2) from exc
     logs.configure(s.log_format, s.log_level)
     from gpuspool import service
 
-    raise typer.Exit(service.run(s, _state["config"]))
+    try:
+        code = service.run(s, _state["config"])
+    except Exception as exc:  # e.g. an unwritable state folder: one log line, not a traceback
+        logs.get().exception("daemon_failed", error=str(exc))
+        raise typer.Exit(1) from exc
+    raise typer.Exit(code)
 
 
 # -- submit ---------------------------------------------------------------------------------------

@@ -6,11 +6,14 @@ defaults. ``config/gpuspool.toml`` documents every key. Must not import anything
 
 from __future__ import annotations
 
+import os
 import sys
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -55,6 +58,9 @@ class Settings(BaseSettings):
         False, description="Single-user machines only: root-owned jobs run as root"
     )
     metrics_address: str | None = Field(None, description='"127.0.0.1:9404" to serve metrics')
+    metrics_dcgm_names: bool = Field(
+        False, description="Also serve GPU memory as DCGM_FI_DEV_FB_* (dcgm-exporter's names)"
+    )
     webhook_url: str | None = Field(None, description="POSTed a JSON body on finish/failure")
     log_format: str = Field("auto", description='"auto", "json" or "console"')
     log_level: str = Field("info", description="debug, info, warning, error")
@@ -120,20 +126,61 @@ class Settings(BaseSettings):
 
 
 class ConfigError(Exception):
-    """The configuration file or environment is invalid; the message names the field."""
+    """The configuration file or environment is invalid; the message names the file and field.
+
+    ``path`` is the file, ``field`` the first offending setting (None for a file that is not
+    valid TOML), ``problem`` what is wrong with it in plain words.
+    """
+
+    def __init__(self, path: Path, problem: str, field: str | None = None) -> None:
+        where = f"{path}: {field}: " if field else f"{path}: "
+        super().__init__(where + problem)
+        self.path, self.field, self.problem = path, field, problem
+
+
+def _plain(error: Mapping[str, Any]) -> str:
+    """One pydantic error in plain words: no error type, no docs URL."""
+    kind, msg = str(error.get("type", "")), str(error.get("msg", "invalid"))
+    if kind == "extra_forbidden":
+        return "unknown setting (misspelled? the shipped gpuspool.toml lists every key)"
+    msg = msg.removeprefix("Value error, ").removeprefix("Input should be ")
+    msg = "must be " + msg if not str(error.get("msg", "")).startswith("Value error") else msg
+    msg = msg.split(", unable to parse")[0]
+    if "input" in error and kind != "missing":
+        msg += f" (got {error['input']!r})"
+    return msg
+
+
+def _config_error(path: Path, exc: Exception) -> ConfigError:
+    """``exc`` from loading ``path`` as a ConfigError naming the file and the first field."""
+    if isinstance(exc, ValidationError) and exc.errors():
+        errors = exc.errors(include_url=False)
+        first = errors[0]
+        field = ".".join(str(part) for part in first.get("loc", ())) or None
+        problem = _plain(first)
+        env_name = f"GPUSPOOL_{field}".upper() if field else ""
+        if env_name and env_name in os.environ:
+            problem += f" (set by {env_name} in the environment)"
+        if len(errors) > 1:
+            others = sorted({".".join(str(p) for p in e.get("loc", ())) for e in errors[1:]})
+            problem += f"; also invalid: {', '.join(others)}"
+        return ConfigError(path, problem, field)
+    if isinstance(exc, tomllib.TOMLDecodeError):
+        return ConfigError(path, f"not valid TOML: {exc}")
+    return ConfigError(path, str(exc))
 
 
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     """Read settings from ``path`` (if it exists, or if it was named explicitly) and the env."""
     toml_path = path if path is not None else DEFAULT_CONFIG_PATH
     if path is not None and not toml_path.exists():
-        raise ConfigError(f"{toml_path}: no such config file")
+        raise ConfigError(toml_path, "no such config file")
 
     class _Loaded(Settings):
         _toml_path: ClassVar[Path | None] = toml_path if toml_path.exists() else None
 
     try:
         loaded = _Loaded(**overrides)
-    except Exception as exc:  # pydantic.ValidationError or a TOML decode error
-        raise ConfigError(f"{toml_path}: {exc}") from exc
+    except (ValidationError, tomllib.TOMLDecodeError, OSError, ValueError) as exc:
+        raise _config_error(toml_path, exc) from exc
     return Settings.model_construct(**loaded.model_dump())

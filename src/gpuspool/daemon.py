@@ -450,7 +450,12 @@ class Daemon:
         fields = {"job_id": job.id, "gpu_uuid": job.gpu_uuid, **fields}
         self.log.info(event, **fields)
         if job.log_path:
-            line = {"event": event, "source": "daemon", "ts": round(self._now, 3), **fields}
+            line = {
+                "event": event,
+                "source": "daemon",
+                "timestamp": logs.iso_timestamp(self._now),
+                **fields,
+            }
             try:
                 with open(job.log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(line, default=str) + "\n")

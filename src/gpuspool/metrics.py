@@ -1,25 +1,38 @@
 """Prometheus metrics: what the daemon sees and does, served over HTTP on loopback only.
 
-GPU memory follows dcgm-exporter's names and units (``DCGM_FI_DEV_FB_FREE`` etc., MiB, labelled
-``gpu``/``UUID``/``modelName``), so dashboards built for it work here; everything else is
-``gpuspool_*``. Gauges are a snapshot taken at the end of each tick (``observe``); counters and
-histograms are fed from the ledger's ``transitions`` table, so a change made by the CLI (a
-cancel) counts too. Imported only when ``metrics_address`` is set; must not import torch.
+GPU memory is ``gpuspool_gpu_{free,used,total}_mib``, and, with ``metrics_dcgm_names`` on (off
+by default: a real dcgm-exporter often runs beside it, and its ``modelName`` label is not the
+snake case promtool wants), also under dcgm-exporter's names and labels (``DCGM_FI_DEV_FB_FREE``
+etc., MiB, ``gpu``/``UUID``/``device``/``modelName``/``Hostname``) so its dashboards work here.
+Gauges are a snapshot taken at the end of each tick (``observe``); counters and histograms are
+fed from the ledger's ``transitions`` table, so a change made by the CLI (a cancel) counts too.
+The exposition passes ``promtool check metrics``: no ``*_created`` series, labelled counters
+start at zero, units end the names. Imported only when ``metrics_address`` is set; must not
+import torch.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import socket
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
+from gpuspool import __version__
 from gpuspool.models import RUNNABLE_STATES, JobState
 
 if TYPE_CHECKING:
@@ -27,7 +40,17 @@ if TYPE_CHECKING:
 
 #: Job waits and runs last seconds to days.
 TIME_BUCKETS_S = (1, 10, 30, 60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 172800)
-GPU_LABELS = ("gpu", "UUID", "modelName")
+#: ``UUID`` as dcgm-exporter spells it, so series join with its; ``model_name`` in snake case
+#: (promtool's rule; only the DCGM-named copies keep dcgm-exporter's ``modelName``).
+GPU_LABELS = ("gpu", "UUID", "model_name")
+#: dcgm-exporter's labels; its Grafana dashboard selects on ``Hostname`` and ``gpu``.
+DCGM_LABELS = ("gpu", "UUID", "device", "modelName", "Hostname")
+#: The memory gauges per GPU, and what each means.
+GPU_MEMORY = (("free", "free"), ("used", "used: total - free"), ("total", "total"))
+#: Final states, the ``outcome`` of ``gpuspool_jobs_finished_total``.
+FINISH_OUTCOMES = (JobState.DONE.value, JobState.FAILED.value, JobState.CANCELLED.value)
+#: How a run ended, the ``outcome`` of ``gpuspool_job_duration_seconds``.
+RUN_OUTCOMES = (*FINISH_OUTCOMES, "retry", JobState.INTERRUPTED.value)
 JOB_LABELS = ("job_id", "name", "UUID")
 
 
@@ -79,14 +102,14 @@ def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily
 
 
 class _SnapshotCollector(Collector):
-    def __init__(self) -> None:
+    def __init__(self, dcgm_names: bool, hostname: str) -> None:
         self.snapshot = _Snapshot()
+        self.dcgm_names = dcgm_names
+        self.hostname = hostname
 
     def collect(self) -> Iterator[Metric]:
         snap = self.snapshot
-        free = _gauge("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB).", GPU_LABELS)
-        used = _gauge("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", GPU_LABELS)
-        total = _gauge("DCGM_FI_DEV_FB_TOTAL", "Framebuffer memory total (in MiB).", GPU_LABELS)
+        yield from self._gpu_memory(snap)
         healthy = _gauge(
             "gpuspool_gpu_healthy", "1 if the last poll read this GPU, 0 if not.", GPU_LABELS
         )
@@ -99,11 +122,7 @@ class _SnapshotCollector(Collector):
             labels = [str(g["index"]), g["uuid"], g["name"]]
             healthy.add_metric(labels, 1.0 if g["healthy"] else 0.0)
             reserved.add_metric(labels, float(g.get("reserved_gib", 0.0)) * 1024.0)
-            if g["healthy"]:  # an unreadable GPU has no value, never "0 used"
-                free.add_metric(labels, g["free_mib"])
-                used.add_metric(labels, g["total_mib"] - g["free_mib"])
-                total.add_metric(labels, g["total_mib"])
-        yield from (free, used, total, healthy, reserved)
+        yield from (healthy, reserved)
 
         jobs = _gauge("gpuspool_jobs", "Jobs in the ledger by state.", ["state"])
         for state in JobState:
@@ -115,10 +134,10 @@ class _SnapshotCollector(Collector):
                 "gpuspool_job_lines_done", "Input lines done by a running job.", JOB_LABELS
             ),
             "lines_total": _gauge(
-                "gpuspool_job_lines_total", "Input lines of a running job.", JOB_LABELS
+                "gpuspool_job_input_lines", "Input lines of a running job.", JOB_LABELS
             ),
             "audio_s_done": _gauge(
-                "gpuspool_job_audio_seconds_done",
+                "gpuspool_job_audio_done_seconds",
                 "Seconds of audio encoded by a running job.",
                 JOB_LABELS,
             ),
@@ -150,15 +169,52 @@ class _SnapshotCollector(Collector):
         draining.add_metric([], 1.0 if snap.draining else 0.0)
         yield draining
 
+    def _gpu_memory(self, snap: _Snapshot) -> Iterator[Metric]:
+        """Free, used and total memory per GPU; an unreadable GPU has none, never "0 used"."""
+        families = [
+            (_gauge(f"gpuspool_gpu_{key}_mib", f"GPU memory {doc} (in MiB).", GPU_LABELS), key)
+            for key, doc in GPU_MEMORY
+        ]
+        if self.dcgm_names:
+            families += [
+                (_gauge(f"DCGM_FI_DEV_FB_{key.upper()}", f"Framebuffer memory {key} (in MiB).",
+                        DCGM_LABELS), key)
+                for key, _ in GPU_MEMORY
+            ]  # fmt: skip
+        for g in snap.gpus:
+            if not g["healthy"]:
+                continue
+            values = {
+                "free": float(g["free_mib"]),
+                "used": float(g["total_mib"] - g["free_mib"]),
+                "total": float(g["total_mib"]),
+            }
+            index = str(g["index"])
+            ours = [index, g["uuid"], g["name"]]
+            dcgm = [index, g["uuid"], f"nvidia{index}", g["name"], self.hostname]
+            for family, key in families:
+                labels = dcgm if family.name.startswith("DCGM_") else ours
+                family.add_metric(labels, values[key])
+        for family, _ in families:
+            yield family
+
 
 class DaemonMetrics:
     """The daemon's metrics in a registry of their own; ``observe`` once after each tick."""
 
-    def __init__(self, start_after_seq: int = 0) -> None:
+    def __init__(
+        self, start_after_seq: int = 0, *, dcgm_names: bool = False, hostname: str | None = None
+    ) -> None:
+        # No ``*_created`` series: they double every counter and promtool flags them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
-        self._snapshot = _SnapshotCollector()
+        self._snapshot = _SnapshotCollector(dcgm_names, hostname or socket.gethostname())
         self.registry.register(self._snapshot)
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes...
+        Info("gpuspool_build", "The running gpuspool version.", registry=r).info(
+            {"version": __version__}
+        )
         self.probe_errors = Counter(
             "gpuspool_gpu_probe_errors",
             "Polls that could not read a GPU (UUID empty: the whole probe failed).",
@@ -193,6 +249,12 @@ class DaemonMetrics:
             buckets=TIME_BUCKETS_S,
             registry=r,
         )
+        # Every known label value from zero, so rate() and absent() work before the first event.
+        self.probe_errors.labels("")
+        for outcome in FINISH_OUTCOMES:
+            self.finished.labels(outcome)
+        for outcome in RUN_OUTCOMES:
+            self.duration.labels(outcome)
         self._seq = start_after_seq
         self._lock = threading.Lock()
 
@@ -204,8 +266,9 @@ class DaemonMetrics:
                 self.probe_errors.labels("").inc()
             gpus = daemon.describe_gpus()
             for g in gpus:
+                errors = self.probe_errors.labels(g["uuid"])  # a new GPU's series starts at 0
                 if not g["healthy"]:
-                    self.probe_errors.labels(g["uuid"]).inc()
+                    errors.inc()
             self._count_transitions(daemon)
             running = daemon.ledger.jobs([JobState.RUNNING])
             self._snapshot.snapshot = _Snapshot(

@@ -109,7 +109,10 @@ def _start_metrics(settings: Settings, daemon: Daemon) -> tuple[Any, Any]:
     from gpuspool.metrics import DaemonMetrics, MetricsServer, parse_loopback
 
     parse_loopback(settings.metrics_address)  # refuse a non-loopback address before binding
-    metrics = DaemonMetrics(start_after_seq=daemon.ledger.last_transition_seq())
+    metrics = DaemonMetrics(
+        start_after_seq=daemon.ledger.last_transition_seq(),
+        dcgm_names=settings.metrics_dcgm_names,
+    )
     server = MetricsServer(metrics, settings.metrics_address)
     logs.get().info("metrics_serving", url=server.url)
     return metrics, server

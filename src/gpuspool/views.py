@@ -17,6 +17,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from gpuspool import logs
 from gpuspool.ledger import JobRecord, Ledger
 from gpuspool.models import TERMINAL_STATES, JobState
 from gpuspool.placement import stable_count
@@ -305,8 +306,8 @@ def log_line(raw: str) -> Text:
     fields = dict(event)
     name = str(fields.pop("event", "?"))
     source = str(fields.pop("source", "worker"))
-    ts = fields.pop("ts", None)
-    stamp = time.strftime("%H:%M:%S", time.localtime(ts)) if isinstance(ts, (int, float)) else ""
+    ts = logs.parse_timestamp(fields.pop("timestamp", fields.pop("ts", None)))
+    stamp = time.strftime("%H:%M:%S", time.localtime(ts)) if ts is not None else ""
     style = "red" if name in ("error", "job_failed") else ("green" if name in (
         "summary", "job_finished") else "")  # fmt: skip
     line = Text(f"{stamp:8} ", "dim")

@@ -1,7 +1,8 @@
 """deploy/install.sh into a temporary root: accounts, folders, modes, files; re-runs change nothing.
 
-Needs root (it chowns to the accounts it creates). The venv step is skipped (--no-venv): it
-would download torch.
+Needs root (it chowns to the accounts it creates). Most tests skip the venv step (--no-venv): it
+would download torch. The venv tests at the end install offline with ``--no-deps`` from a
+wheelhouse holding only the build backend, which they download from the package index.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -208,3 +210,109 @@ def test_default_config_is_the_repository_one(root: Path) -> None:
     installed = root / "etc/gpuspool/gpuspool.toml"
     assert installed.read_bytes() == (REPO / "config/gpuspool.toml").read_bytes()
     assert load_settings(installed).spool_dir == Path("/var/spool/gpuspool")
+
+
+# -- the venv step ------------------------------------------------------------------------------
+# Offline, with --no-deps: the wheelhouse holds only the build backend (hatchling), so the test
+# builds and installs gpuspool itself for real without downloading torch.
+
+
+@pytest.fixture(scope="module")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """hatchling and its dependencies as wheels, fetched once from the package index."""
+    path = tmp_path_factory.mktemp("wheels")
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
+         "--dest", str(path), "hatchling>=1.25"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        message = f"cannot download hatchling for the offline install: {done.stderr[-500:]}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    """A copy of the checkout that the test may edit (install.sh installs the tree it is in)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for part in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(REPO / part, src / part)
+    for part in ("src", "deploy", "config", "systemd", "docs"):
+        shutil.copytree(REPO / part, src / part, ignore=ignore)
+    return src
+
+
+def _install_venv(source: Path, root: Path, config: Path, wheels: Path, *extra: str) -> str:
+    done = subprocess.run(
+        ["bash", str(source / "deploy/install.sh"), "--root", str(root), "--prefix", "/opt/gs",
+         "--python", sys.executable, "--pip-args", f"--no-index --no-deps --find-links {wheels}",
+         "--config", str(config), "--no-enable", *extra],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def _installed_init(root: Path) -> Path:
+    [init] = (root / "opt/gs/venv/lib").glob("python3*/site-packages/gpuspool/__init__.py")
+    return init
+
+
+def test_venv_step_runs_pip_only_when_something_changed(
+    source: Path, root: Path, config: Path, wheelhouse: Path
+) -> None:
+    """First run installs; a re-run leaves the venv untouched; an edited source, or
+    --reinstall, installs again."""
+    first = _install_venv(source, root, config, wheelhouse)
+    assert "installed gpuspool[extract]" in first
+    version = subprocess.run(
+        [str(root / "opt/gs/venv/bin/python"), "-I", "-c",
+         "import importlib.metadata as m; print(m.version('gpuspool'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert version == "0.1.0"
+    # The package metadata: the license text ships in the wheel, classifiers are set.
+    [dist] = (root / "opt/gs/venv/lib").glob("python3*/site-packages/gpuspool-0.1.0.dist-info")
+    licenses = [p for p in dist.rglob("LICENSE") if p.is_file()]
+    assert licenses and licenses[0].read_bytes() == (REPO / "LICENSE").read_bytes()
+    metadata = (dist / "METADATA").read_text()
+    assert "License-Expression: Apache-2.0" in metadata or "License: Apache-2.0" in metadata
+    assert "Classifier: Operating System :: POSIX :: Linux" in metadata
+    init = _installed_init(root)
+    mtime = init.stat().st_mtime_ns
+
+    again = _install_venv(source, root, config, wheelhouse)
+    assert "is up to date" in again and "installed gpuspool" not in again
+    assert init.stat().st_mtime_ns == mtime  # pip did not run
+
+    with open(source / "src/gpuspool/__init__.py", "a") as f:
+        f.write("# changed\n")
+    changed = _install_venv(source, root, config, wheelhouse)
+    assert "installed gpuspool[extract]" in changed
+    assert _installed_init(root).read_text().endswith("# changed\n")
+
+    forced = _install_venv(source, root, config, wheelhouse, "--reinstall")
+    assert "installed gpuspool[extract]" in forced
+
+
+def test_offline_install_without_hatchling_fails_naming_it(
+    source: Path, root: Path, config: Path, tmp_path: Path
+) -> None:
+    """What docs/deploy.md warns about: a wheelhouse without the build backend cannot build
+    gpuspool, and pip says it is hatchling that is missing."""
+    empty = tmp_path / "empty-wheels"
+    empty.mkdir()
+    done = subprocess.run(
+        ["bash", str(source / "deploy/install.sh"), "--root", str(root), "--prefix", "/opt/gs",
+         "--python", sys.executable, "--pip-args", f"--no-index --no-deps --find-links {empty}",
+         "--config", str(config), "--no-enable"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "No matching distribution found for hatchling" in done.stdout + done.stderr
+    assert not (root / "opt/gs/venv/.gpuspool-install-stamp").exists()

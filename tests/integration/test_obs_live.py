@@ -13,7 +13,9 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -34,8 +36,14 @@ from tests.integration.conftest import LiveDaemon, wait_state
 FOREIGN_PID = 4_000_000  # a process of another tenant on the GPU (no such pid here)
 
 
-def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
+def scrape_text(url: str) -> str:
+    return str(urllib.request.urlopen(url, timeout=5).read().decode())
+
+
+def scrape(
+    url: str, text: str | None = None
+) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = scrape_text(url) if text is None else text
     return {
         (s.name, frozenset(s.labels.items())): s.value
         for family in text_string_to_metric_families(text)
@@ -98,6 +106,8 @@ class Recorded:
         default_factory=list
     )
     after: dict[Any, float] = field(default_factory=dict)
+    during_text: str = ""  # the exposition text of the last scrape that caught the job running
+    after_text: str = ""
     watch_raw: str = ""
     watch_frames_with_queued: int = 0
 
@@ -161,15 +171,17 @@ def recorded(
         while live.state(job) != "done" and time.monotonic() < deadline:
             before = live.job(job)
             if before.state.value == "running" and before.progress.get("lines_done"):
-                samples = scrape(url)
+                text = scrape_text(url)
                 after = live.job(job)
                 if after.state.value == "running":
-                    rec.during.append((before.progress, samples, after.progress))
+                    rec.during.append((before.progress, scrape(url, text), after.progress))
+                    rec.during_text = text
             pump(0.1)
         wait_state(live, job, {"done", "failed"})
         pump(1.0)
         rec.after = wait_until(lambda: (s := scrape(url)) and value(
             s, "gpuspool_jobs_finished_total", outcome="done") and s)  # fmt: skip
+        rec.after_text = scrape_text(url)
     finally:
         os.killpg(watcher.pid, signal.SIGINT)
         try:
@@ -187,17 +199,17 @@ def test_metrics_while_running_match_gpu_file_and_progress(recorded: Recorded) -
     """Scraped during the run: GPU memory equals the GPU file; lines done lie between the
     ledger's progress read just before and just after the scrape; the job is counted running."""
     assert recorded.during, "no scrape caught the job running"
-    gpu = {"gpu": "0", "UUID": "GPU-sim-0", "modelName": "Simulated 80GB"}
+    gpu = {"gpu": "0", "UUID": "GPU-sim-0", "model_name": "Simulated 80GB"}
     labels = {"job_id": recorded.job, "name": "job", "UUID": "GPU-sim-0"}
     for before, samples, after in recorded.during:
-        assert value(samples, "DCGM_FI_DEV_FB_FREE", **gpu) == 50 * 1024
-        assert value(samples, "DCGM_FI_DEV_FB_USED", **gpu) == 30 * 1024
-        assert value(samples, "DCGM_FI_DEV_FB_TOTAL", **gpu) == 80 * 1024
+        assert value(samples, "gpuspool_gpu_free_mib", **gpu) == 50 * 1024
+        assert value(samples, "gpuspool_gpu_used_mib", **gpu) == 30 * 1024
+        assert value(samples, "gpuspool_gpu_total_mib", **gpu) == 80 * 1024
         assert value(samples, "gpuspool_jobs", state="running") == 1
         assert value(samples, "gpuspool_jobs_started_total") == 1
         done = value(samples, "gpuspool_job_lines_done", **labels)
         assert done is not None and before["lines_done"] <= done <= after["lines_done"]
-        assert value(samples, "gpuspool_job_lines_total", **labels) == after["lines_total"] == 40
+        assert value(samples, "gpuspool_job_input_lines", **labels) == after["lines_total"] == 40
         rate = value(samples, "gpuspool_job_audio_seconds_per_second", **labels)
         assert rate is not None and rate > 0
         assert value(samples, "gpuspool_last_tick_timestamp_seconds") > time.time() - 120
@@ -214,6 +226,68 @@ def test_metrics_after_the_run_count_it_once(recorded: Recorded) -> None:
     assert value(s, "gpuspool_jobs", state="running") == 0
     assert value(s, "gpuspool_job_lines_done", job_id=recorded.job, name="job",
                  UUID="GPU-sim-0") is None  # fmt: skip
+
+
+def promtool() -> str:
+    """The real ``promtool`` (Debian: the ``prometheus`` package; scripts/test installs it).
+
+    Missing in CI (``CI=true``) is a failure, not a skip: the check would silently stop running.
+    """
+    path = shutil.which("promtool")
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool not found; scripts/test installs it (apt-get install prometheus)")
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    return path
+
+
+@pytest.mark.parametrize("when", ["during", "after"])
+def test_promtool_accepts_a_live_scrape(recorded: Recorded, when: str) -> None:
+    """``promtool check metrics`` passes (no lint problem at all) on the daemon's own
+    endpoint, while the job ran (per-job series present) and after it finished."""
+    text = recorded.during_text if when == "during" else recorded.after_text
+    assert "gpuspool_job_lines_done{" in text or when == "after", "no scrape during the run"
+    check = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), (
+        check.stdout + check.stderr
+    )
+    # What promtool does not check but the issue asked for.
+    assert "_created" not in text and "DCGM_" not in text  # DCGM names are off by default
+    assert 'gpuspool_build_info{version="' in text
+    assert "process_resident_memory_bytes " in text
+    s = scrape("", text)
+    for outcome in ("done", "failed", "cancelled"):
+        assert value(s, "gpuspool_jobs_finished_total", outcome=outcome) is not None
+    assert value(s, "gpuspool_gpu_probe_errors_total", UUID="") == 0
+    assert value(s, "gpuspool_gpu_probe_errors_total", UUID="GPU-sim-0") == 0
+
+
+def metrics_url(live: LiveDaemon) -> str | None:
+    return next((e["url"] for e in live.events() if e["event"] == "metrics_serving"), None)
+
+
+def test_dcgm_names_on_a_live_daemon(tmp_path: Path) -> None:
+    """``metrics_dcgm_names = true``: the DCGM_* series with dcgm-exporter's labels (Hostname
+    included); promtool's only remark is the camelCase ``modelName``, which is dcgm-exporter's
+    own label name and must stay for its dashboards."""
+    live = LiveDaemon(tmp_path, metrics_address="127.0.0.1:0", metrics_dcgm_names=True)
+    live.start()
+    try:
+        url = wait_until(lambda: metrics_url(live))
+        dcgm = {"gpu": "0", "UUID": "GPU-sim-0", "device": "nvidia0",
+                "modelName": "Simulated 80GB", "Hostname": socket.gethostname()}  # fmt: skip
+        text = wait_until(lambda: (t := scrape_text(url)) and value(
+            scrape(url, t), "DCGM_FI_DEV_FB_FREE", **dcgm) == 10 * 1024 and t)  # fmt: skip
+    finally:
+        assert live.stop() == 0
+    check = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    remarks = (check.stdout + check.stderr).strip().splitlines()
+    assert sorted(remarks) == [
+        f"DCGM_FI_DEV_FB_{kind} label names should be written in 'snake_case' not 'camelCase'"
+        for kind in ("FREE", "TOTAL", "USED")
+    ]
 
 
 def test_status_json_matches_the_run(recorded: Recorded) -> None:

@@ -135,6 +135,14 @@ def test_unit_has_the_settings_the_design_needs() -> None:
     assert "CAP_SYS_ADMIN" not in caps and "CAP_DAC_OVERRIDE" not in caps
 
 
+def test_ordering_on_a_passive_target_also_pulls_it_in() -> None:
+    """After=network-online.target alone orders against a target nothing may start
+    (systemd.special(7)): each such After= has its Wants=."""
+    s = _settings(UNIT.read_text())
+    assert "network-online.target" in s["After"]
+    assert "network-online.target" in s.get("Wants", [])
+
+
 def test_stop_timeout_exceeds_the_job_grace_period() -> None:
     """TimeoutStopSec leaves time after stop_grace_s (SIGTERM to SIGKILL for jobs)."""
     value = _settings(UNIT.read_text())["TimeoutStopSec"][0]

@@ -38,10 +38,10 @@ def test_gauges_and_counters_follow_a_job_through_ticks(harness: Harness) -> Non
     job = harness.submit("a")
     harness.tick()
     m.observe(harness.daemon)
-    assert sample(m, "DCGM_FI_DEV_FB_FREE", gpu="0", UUID="GPU-sim-0",
-                  modelName="Simulated 80GB") == 10 * 1024  # fmt: skip
-    assert sample(m, "DCGM_FI_DEV_FB_USED", gpu="0", UUID="GPU-sim-0",
-                  modelName="Simulated 80GB") == 70 * 1024  # fmt: skip
+    assert sample(m, "gpuspool_gpu_free_mib", gpu="0", UUID="GPU-sim-0",
+                  model_name="Simulated 80GB") == 10 * 1024  # fmt: skip
+    assert sample(m, "gpuspool_gpu_used_mib", gpu="0", UUID="GPU-sim-0",
+                  model_name="Simulated 80GB") == 70 * 1024  # fmt: skip
     assert sample(m, "gpuspool_jobs", state="queued") == 1
     assert sample(m, "gpuspool_jobs_started_total") == 0
     harness.set_gpus([gpu_entry(0, 50)])
@@ -86,12 +86,15 @@ def test_retry_then_failure_are_counted(harness: Harness) -> None:
 
 def test_unreadable_gpu_has_no_memory_value_and_counts_an_error(harness: Harness) -> None:
     """A GPU in error is exported as unhealthy with an error count, never as 0 MiB free."""
-    m = DaemonMetrics()
+    m = DaemonMetrics(dcgm_names=True, hostname="node1")
     harness.set_gpus([gpu_entry(0, 50, error="GPU is lost")])
     harness.tick()
     m.observe(harness.daemon)
-    labels = {"gpu": "0", "UUID": "GPU-sim-0", "modelName": "Simulated 80GB"}
-    assert sample(m, "DCGM_FI_DEV_FB_FREE", **labels) is None
+    labels = {"gpu": "0", "UUID": "GPU-sim-0", "model_name": "Simulated 80GB"}
+    dcgm = {"gpu": "0", "UUID": "GPU-sim-0", "device": "nvidia0", "modelName": "Simulated 80GB",
+            "Hostname": "node1"}  # fmt: skip
+    assert sample(m, "DCGM_FI_DEV_FB_FREE", **dcgm) is None
+    assert sample(m, "gpuspool_gpu_free_mib", **labels) is None
     assert sample(m, "gpuspool_gpu_healthy", **labels) == 0
     assert sample(m, "gpuspool_gpu_probe_errors_total", UUID="GPU-sim-0") == 1
 
@@ -108,4 +111,36 @@ def test_server_serves_the_registry_on_loopback(harness: Harness) -> None:
     finally:
         server.close()
     names = {f.name for f in text_string_to_metric_families(text)}
-    assert {"DCGM_FI_DEV_FB_FREE", "gpuspool_jobs", "gpuspool_job_wait_seconds"} <= names
+    assert {"gpuspool_gpu_free_mib", "gpuspool_jobs", "gpuspool_job_wait_seconds"} <= names
+    assert not any(name.startswith("DCGM_") for name in names)  # off by default
+
+
+def test_dcgm_named_series_carry_dcgm_exporters_labels(harness: Harness) -> None:
+    """With the DCGM names on: the same MiB values, labelled as dcgm-exporter labels them."""
+    m = DaemonMetrics(dcgm_names=True, hostname="node1")
+    harness.set_gpus([gpu_entry(0, 10), gpu_entry(1, 30)])
+    harness.tick()
+    m.observe(harness.daemon)
+    for index, free in ((0, 10), (1, 30)):
+        dcgm = {"gpu": str(index), "UUID": f"GPU-sim-{index}", "device": f"nvidia{index}",
+                "modelName": "Simulated 80GB", "Hostname": "node1"}  # fmt: skip
+        assert sample(m, "DCGM_FI_DEV_FB_FREE", **dcgm) == free * 1024
+        assert sample(m, "DCGM_FI_DEV_FB_USED", **dcgm) == (80 - free) * 1024
+        assert sample(m, "DCGM_FI_DEV_FB_TOTAL", **dcgm) == 80 * 1024
+
+
+def test_counters_start_at_zero_and_build_info_is_there() -> None:
+    """Before any event: every outcome and the whole-probe error series read 0; no *_created
+    series; the version and the process collector are exported."""
+    from gpuspool import __version__
+
+    m = DaemonMetrics()
+    for outcome in ("done", "failed", "cancelled"):
+        assert sample(m, "gpuspool_jobs_finished_total", outcome=outcome) == 0
+    for outcome in ("done", "failed", "cancelled", "retry", "interrupted"):
+        assert sample(m, "gpuspool_job_duration_seconds_count", outcome=outcome) == 0
+    assert sample(m, "gpuspool_gpu_probe_errors_total", UUID="") == 0
+    assert sample(m, "gpuspool_build_info", version=__version__) == 1
+    assert (sample(m, "process_resident_memory_bytes") or 0) > 0
+    names = {s.name for f in m.registry.collect() for s in f.samples}
+    assert not [n for n in names if n.endswith("_created")]
