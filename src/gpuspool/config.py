@@ -6,6 +6,8 @@ defaults. ``config/gpuspool.toml`` documents every key. Must not import anything
 
 from __future__ import annotations
 
+import re
+import socket
 import sys
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,6 +21,9 @@ from pydantic_settings import (
 )
 
 DEFAULT_CONFIG_PATH = Path("/etc/gpuspool/gpuspool.toml")
+SQLITE_PREFIX = "sqlite://"
+POSTGRES_PREFIXES = ("postgresql://", "postgres://")
+_HOST_NAME = re.compile(r"[A-Za-z0-9._-]{1,253}")
 
 
 class Settings(BaseSettings):
@@ -31,6 +36,14 @@ class Settings(BaseSettings):
 
     spool_dir: Path = Field(Path("/var/spool/gpuspool"), description="Spool root: incoming/, ...")
     state_dir: Path = Field(Path("/var/lib/gpuspool"), description="Ledger and per-job logs")
+    ledger_url: str | None = Field(
+        None,
+        description='Where the ledger lives: None is "sqlite:///<state_dir>/ledger.sqlite3"; a'
+        ' "postgresql://user@host/db" URL shares one ledger between hosts',
+    )
+    host_name: str = Field(
+        default_factory=socket.gethostname, description="This host's name in a shared ledger"
+    )
     poll_interval_s: float = Field(5.0, gt=0, description="Seconds between NVML polls (ticks)")
     stable_polls: int = Field(3, ge=1, description="Consecutive polls a GPU must fit a job")
     min_free_gib: float = Field(100.0, ge=0, description="Default free-memory threshold (GiB)")
@@ -64,6 +77,29 @@ class Settings(BaseSettings):
     def _check_gpu_source(cls, v: str) -> str:
         if v != "nvml" and not (v.startswith("file:") and len(v) > len("file:")):
             raise ValueError('gpu_source must be "nvml" or "file:/path/gpus.json"')
+        return v
+
+    @field_validator("ledger_url")
+    @classmethod
+    def _check_ledger_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if v.startswith(SQLITE_PREFIX):
+            if not v.startswith(SQLITE_PREFIX + "/") or len(v) <= len(SQLITE_PREFIX) + 1:
+                raise ValueError(
+                    "a SQLite ledger_url names an absolute path, like"
+                    ' "sqlite:///var/lib/gpuspool/ledger.sqlite3"'
+                )
+            return v
+        if v.startswith(POSTGRES_PREFIXES):
+            return v
+        raise ValueError('ledger_url must start with "sqlite:///" or "postgresql://"')
+
+    @field_validator("host_name")
+    @classmethod
+    def _check_host_name(cls, v: str) -> str:
+        if not _HOST_NAME.fullmatch(v):
+            raise ValueError("host_name must be 1-253 letters, digits, dots, dashes or underscores")
         return v
 
     @field_validator("log_format")
@@ -111,7 +147,20 @@ class Settings(BaseSettings):
         return self.spool_dir / "status" / "status.json"
 
     @property
+    def ledger_location(self) -> str:
+        """The ledger's URL: ``ledger_url``, or the SQLite file in ``state_dir`` when unset."""
+        return self.ledger_url or f"{SQLITE_PREFIX}{self.state_dir / 'ledger.sqlite3'}"
+
+    @property
+    def ledger_is_shared(self) -> bool:
+        """Whether the ledger is a PostgreSQL database that several hosts share."""
+        return self.ledger_location.startswith(POSTGRES_PREFIXES)
+
+    @property
     def ledger_path(self) -> Path:
+        """The SQLite ledger file (where a shared ledger is used, where it would be)."""
+        if self.ledger_url and self.ledger_url.startswith(SQLITE_PREFIX):
+            return Path(self.ledger_url[len(SQLITE_PREFIX) :])
         return self.state_dir / "ledger.sqlite3"
 
     @property
