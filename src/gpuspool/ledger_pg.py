@@ -144,6 +144,19 @@ class FencedOut(LedgerError):
 
 
 @dataclass(frozen=True, slots=True)
+class HostRow:
+    """One host's last heartbeat. ``age_s`` is measured on the database's clock, so hosts whose
+    clocks disagree still agree on who is silent."""
+
+    name: str
+    gpus: Any
+    version: str
+    draining: bool
+    started_at: float
+    age_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class Claim:
     """A job this host now runs: the record, and the fencing token its writes must carry."""
 
@@ -650,3 +663,143 @@ class PgLedger:
     def prune_gpu_history(self, older_than: float) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM gpu_history WHERE at < %s", (older_than,))
+
+    # -- several hosts: heartbeats, claims, fencing (not yet used by the daemon) ---------------
+
+    def heartbeat(self, *, gpus: Any, version: str, draining: bool) -> None:
+        """Record that this host is alive, with its GPU snapshot (any JSON value), its gpuspool
+        version and whether it is draining. Stamped with the database's clock."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO hosts(name, gpus_json, version, draining) VALUES(%s, %s, %s, %s)"
+                " ON CONFLICT(name) DO UPDATE SET gpus_json = excluded.gpus_json,"
+                " version = excluded.version, draining = excluded.draining,"
+                " last_seen = clock_timestamp()",
+                (self.host_name, json.dumps(gpus, sort_keys=True), version, draining),
+            )
+
+    def hosts(self) -> list[HostRow]:
+        """Every host that ever heartbeat into this ledger, by name."""
+        rows = self._db.execute(
+            "SELECT name, gpus_json, version, draining,"
+            " EXTRACT(EPOCH FROM started_at)::float8 AS started_at,"
+            " EXTRACT(EPOCH FROM clock_timestamp() - last_seen)::float8 AS age_s"
+            " FROM hosts ORDER BY name"
+        ).fetchall()
+        return [
+            HostRow(r["name"], json.loads(r["gpus_json"]), r["version"], r["draining"],
+                    r["started_at"], r["age_s"])
+            for r in rows
+        ]  # fmt: skip
+
+    def _claimed(
+        self, db: psycopg.Connection[dict[str, Any]], row: dict[str, Any], now: float, detail: str
+    ) -> Claim:
+        """Finish a claim inside its transaction: the audit row, the version bump."""
+        from_state = row.pop("from_state")
+        self._bump(db)
+        self._transition_row(
+            db, row["id"], now, from_state, JobState.RUNNING.value, detail, row["fence"]
+        )
+        return Claim(_record(row), self.host_name, int(row["fence"]))
+
+    def claim(self, job_id: str, *, now: float, detail: str | None = None, **fields: Any) -> Claim:
+        """Start ``job_id`` on this host, if it is still runnable: one conditional update that
+        sets ``running``, this host and the next fencing token (and ``fields``).
+
+        Two hosts claiming the same job: the second waits on the row, finds it running, and gets
+        ``LedgerError`` with nothing changed. A job whose ``not_before`` is still ahead is not
+        claimed either.
+        """
+        _check_fields(fields, _TRANSITION_FIELDS)
+        cols = _column_values(fields)
+        sets = "".join(f", {k} = %s" for k in cols)
+        with self._tx() as db:
+            row = db.execute(
+                "WITH prev AS (SELECT id, state FROM jobs WHERE id = %s AND state = ANY(%s)"
+                " AND (not_before IS NULL OR not_before <= %s) FOR UPDATE)"
+                " UPDATE jobs SET state = 'running', host = %s, fence = jobs.fence + 1,"
+                f" updated_at = %s{sets} FROM prev WHERE jobs.id = prev.id"
+                " RETURNING jobs.*, prev.state AS from_state",
+                (job_id, list(_RUNNABLE), now, self.host_name, now, *cols.values()),
+            ).fetchone()
+            if row is None:
+                found = db.execute("SELECT state FROM jobs WHERE id = %s", (job_id,)).fetchone()
+                state = "missing" if found is None else found["state"]
+                raise LedgerError(f"job {job_id} is {state}, not runnable here and now")
+            return self._claimed(db, row, now, detail or f"claimed by {self.host_name}")
+
+    def claim_next(self, *, now: float, detail: str | None = None, **fields: Any) -> Claim | None:
+        """Claim the first runnable job (priority, then submission order) that no other host is
+        claiming right now (``FOR UPDATE SKIP LOCKED``); None when there is none."""
+        _check_fields(fields, _TRANSITION_FIELDS)
+        cols = _column_values(fields)
+        sets = "".join(f", {k} = %s" for k in cols)
+        with self._tx() as db:
+            row = db.execute(
+                "WITH prev AS (SELECT id, state FROM jobs WHERE state = ANY(%s)"
+                " AND (not_before IS NULL OR not_before <= %s) ORDER BY priority DESC, seq"
+                " LIMIT 1 FOR UPDATE SKIP LOCKED)"
+                " UPDATE jobs SET state = 'running', host = %s, fence = jobs.fence + 1,"
+                f" updated_at = %s{sets} FROM prev WHERE jobs.id = prev.id"
+                " RETURNING jobs.*, prev.state AS from_state",
+                (list(_RUNNABLE), now, self.host_name, now, *cols.values()),
+            ).fetchone()
+            if row is None:
+                return None
+            return self._claimed(db, row, now, detail or f"claimed by {self.host_name}")
+
+    def fenced_transition(
+        self,
+        job_id: str,
+        to: JobState,
+        *,
+        fence: int,
+        now: float,
+        expect: Sequence[JobState] | None = None,
+        detail: str | None = None,
+        **fields: Any,
+    ) -> JobRecord:
+        """``transition``, but only while attempt ``fence`` on this host still owns the job;
+        otherwise ``FencedOut`` and nothing changes (a host that was frozen or cut off and has
+        lost the job can never write to it)."""
+        _check_fields(fields, _TRANSITION_FIELDS)
+        return self._move(
+            job_id, to, now=now, expect=expect, detail=detail, fields=fields, fence=fence
+        )
+
+    def owns(self, job_id: str, fence: int) -> bool:
+        """Whether attempt ``fence`` on this host still owns the running job (checked before a
+        final rename of its output)."""
+        row = self._db.execute(
+            "SELECT 1 FROM jobs WHERE id = %s AND state = 'running' AND host = %s AND fence = %s",
+            (job_id, self.host_name, fence),
+        ).fetchone()
+        return row is not None
+
+    def requeue_silent_hosts(self, *, timeout_s: float, now: float) -> list[str]:
+        """Move the running jobs of every other host silent for more than ``timeout_s`` back to
+        the queue (``interrupted``: not a failure), in one transaction; returns their ids.
+
+        The jobs keep their fencing token; the next claim bumps it, which fences the old owner.
+        """
+        with self._tx() as db:
+            rows = db.execute(
+                "WITH silent AS (SELECT name FROM hosts WHERE name <> %s"
+                " AND last_seen < clock_timestamp() - make_interval(secs => %s)),"
+                " lost AS (SELECT j.id, j.host, j.fence FROM jobs j JOIN silent s"
+                " ON j.host = s.name WHERE j.state = 'running' FOR UPDATE OF j SKIP LOCKED)"
+                " UPDATE jobs SET state = 'interrupted', host = NULL, pid = NULL,"
+                " pid_start = NULL, reason = 'host ' || lost.host || ' went silent',"
+                " updated_at = %s FROM lost WHERE jobs.id = lost.id"
+                " RETURNING jobs.id, lost.host, lost.fence",
+                (self.host_name, timeout_s, now),
+            ).fetchall()
+            if rows:
+                self._bump(db)
+            for r in rows:
+                self._transition_row(
+                    db, r["id"], now, JobState.RUNNING.value, JobState.INTERRUPTED.value,
+                    f"host {r['host']} silent for over {timeout_s:g} s", r["fence"],
+                )  # fmt: skip
+        return [r["id"] for r in rows]
