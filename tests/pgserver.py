@@ -34,7 +34,16 @@ def _unavailable(reason: str) -> None:
     """Fail in CI (the server must be there); skip with the reason elsewhere."""
     if os.environ.get("CI"):
         pytest.fail(f"PostgreSQL tests cannot run: {reason}", pytrace=False)
-    pytest.skip(f"PostgreSQL tests need {reason}")
+    pytest.skip(f"PostgreSQL tests need {reason}", allow_module_level=True)
+
+
+def require_driver() -> None:
+    """Call at the top of a test module that imports ``psycopg`` or ``gpuspool.ledger_pg``:
+    without the driver its tests fail in CI and are skipped, with the reason, elsewhere."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _unavailable("the psycopg driver (pip install -e '.[dev]')")
 
 
 def find_bindir() -> Path | None:
@@ -160,10 +169,7 @@ def _server_user() -> str | None:
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
     """The session's PostgreSQL server (started on first use, stopped at the end)."""
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        _unavailable("the psycopg driver (pip install -e '.[dev]')")
+    require_driver()
     bindir = find_bindir()
     if bindir is None or not (bindir / "pg_ctl").exists():
         _unavailable("the PostgreSQL server binaries (apt-get install postgresql)")

@@ -1,4 +1,5 @@
 """Racing claims on a real PostgreSQL server: no job is ever claimed twice."""
+# ruff: noqa: E402 - the driver check runs before the imports that need the driver
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+
+from tests.pgserver import require_driver
+
+require_driver()
 
 from gpuspool.ledger_pg import PgLedger
 from gpuspool.models import JobSpec

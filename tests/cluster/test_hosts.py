@@ -1,4 +1,5 @@
 """Heartbeats, the conditional claim, fencing, and requeueing a silent host's jobs."""
+# ruff: noqa: E402 - the driver check runs before the imports that need the driver
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.pgserver import require_driver
+
+require_driver()
 
 from gpuspool.ledger import LedgerError
 from gpuspool.ledger_pg import FencedOut, PgLedger

@@ -1,5 +1,6 @@
 """The PostgreSQL ledger's own parts: the versioned schema, errors that say what to do, the
 factory, and the daemon's tick running a job on a shared ledger."""
+# ruff: noqa: E402 - the driver check runs before the imports that need the driver
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import os
 import sys
 import threading
 from pathlib import Path
+
+from tests.pgserver import require_driver
+
+require_driver()
 
 import psycopg
 import pytest
