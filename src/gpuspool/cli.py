@@ -86,7 +86,7 @@ def _ledger_or_snapshot(s: Settings) -> LedgerBackend | None:
             pass
     if read_snapshot(s.status_snapshot_path) is None:
         err.print(
-            f"[red]cannot open the queue at {s.ledger_path}, and no status snapshot at"
+            f"[red]cannot open the queue at {s.ledger_shown}, and no status snapshot at"
             f" {s.status_snapshot_path}[/red] (is the daemon running, and are you in the"
             " submitters' group?)"
         )

@@ -11,6 +11,7 @@ import socket
 import sys
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -152,6 +153,11 @@ class Settings(BaseSettings):
         return self.ledger_url or f"{SQLITE_PREFIX}{self.state_dir / 'ledger.sqlite3'}"
 
     @property
+    def ledger_shown(self) -> str:
+        """The ledger for messages: its file, or its URL with any password hidden."""
+        return redact_url(self.ledger_location) if self.ledger_is_shared else str(self.ledger_path)
+
+    @property
     def ledger_is_shared(self) -> bool:
         """Whether the ledger is a PostgreSQL database that several hosts share."""
         return self.ledger_location.startswith(POSTGRES_PREFIXES)
@@ -166,6 +172,15 @@ class Settings(BaseSettings):
     @property
     def logs_dir(self) -> Path:
         return self.state_dir / "logs"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***`` (for messages and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 class ConfigError(Exception):

@@ -19,11 +19,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg.rows import dict_row, tuple_row
 
+from gpuspool.config import redact_url
 from gpuspool.ledger import JobRecord, LedgerError, Waiting
 from gpuspool.models import RUNNABLE_STATES, TERMINAL_STATES, JobSpec, JobState
 
@@ -165,16 +165,6 @@ class Claim:
     fence: int
 
 
-def redact(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
-
-
 def _record(row: dict[str, Any]) -> JobRecord:
     return JobRecord(
         id=row["id"],
@@ -239,7 +229,7 @@ class PgLedger:
                 url, autocommit=True, row_factory=dict_row, connect_timeout=10
             )
         except psycopg.Error as exc:
-            raise LedgerError(f"cannot connect to the ledger at {redact(url)}: {exc}") from exc
+            raise LedgerError(f"cannot connect to the ledger at {redact_url(url)}: {exc}") from exc
         if readonly:
             self._db.execute("SET default_transaction_read_only = on")
             self._check_version()
@@ -248,6 +238,13 @@ class PgLedger:
 
     def close(self) -> None:
         self._db.close()
+
+    def __del__(self) -> None:
+        # A ledger dropped unclosed (a CLI command's) closes its connection here, quietly,
+        # rather than leaving psycopg to warn about it.
+        db = getattr(self, "_db", None)
+        if db is not None:
+            db.close()
 
     # -- schema --------------------------------------------------------------------------------
 
@@ -263,12 +260,12 @@ class PgLedger:
         version = self.schema_version()
         if version > SCHEMA_VERSION:
             raise LedgerError(
-                f"the ledger at {redact(self.url)} has schema version {version}; this gpuspool"
+                f"the ledger at {redact_url(self.url)} has schema version {version}; this gpuspool"
                 f" knows up to {SCHEMA_VERSION}: upgrade gpuspool on this host"
             )
         if version < SCHEMA_VERSION:
             raise LedgerError(
-                f"the ledger at {redact(self.url)} has schema version {version}, not"
+                f"the ledger at {redact_url(self.url)} has schema version {version}, not"
                 f" {SCHEMA_VERSION}: start the daemon once to migrate it"
             )
 

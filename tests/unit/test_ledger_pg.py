@@ -5,6 +5,7 @@ factory, and the daemon's tick running a job on a shared ledger."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -16,12 +17,12 @@ require_driver()
 import psycopg
 import pytest
 
-from gpuspool.config import ConfigError, Settings
+from gpuspool.config import ConfigError, Settings, redact_url
 from gpuspool.daemon import Daemon
 from gpuspool.gpus import FileProbe
 from gpuspool.ledger import Ledger, LedgerError
 from gpuspool.ledger_api import open_ledger
-from gpuspool.ledger_pg import MIGRATIONS, SCHEMA_VERSION, PgLedger, redact
+from gpuspool.ledger_pg import MIGRATIONS, SCHEMA_VERSION, PgLedger
 from gpuspool.runner import Runner
 from gpuspool.spool import Spool
 from tests.conftest import Harness, gpu_entry
@@ -97,7 +98,7 @@ def test_unreachable_server_names_the_url_without_password() -> None:
     with pytest.raises(LedgerError, match="cannot connect to the ledger at") as info:
         PgLedger(url, host_name="h")
     assert "secret" not in str(info.value) and "u:***@127.0.0.1:1" in str(info.value)
-    assert redact("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert redact_url("postgresql://u@h/db") == "postgresql://u@h/db"
 
 
 def test_open_ledger_picks_the_backend(tmp_path: Path, pg_url: str) -> None:
@@ -172,3 +173,54 @@ def test_daemon_runs_a_job_on_a_postgresql_ledger(tmp_path: Path, pg_url: str) -
     assert [t["to_state"] for t in audit] == ["queued", "running", "done"]
     assert {t["host"] for t in audit} == {"box-1"}
     assert not (tmp_path / "state" / "ledger.sqlite3").exists()
+
+
+def _config(tmp_path: Path, ledger_url: str) -> Path:
+    cfg = tmp_path / "gpuspool.toml"
+    cfg.write_text(
+        f'spool_dir = "{tmp_path / "spool"}"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'gpu_source = "file:{tmp_path / "gpus.json"}"\nledger_url = "{ledger_url}"\n'
+        'host_name = "box-1"\nlog_format = "json"\n'
+    )
+    return cfg
+
+
+def test_daemon_and_cli_stop_clearly_when_the_database_is_unreachable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The daemon exits 2 with ``ledger_unavailable``; the CLI exits 2 naming the ledger; the
+    password shows in neither."""
+    from gpuspool.cli import main
+
+    cfg = _config(tmp_path, "postgresql://u:secret@127.0.0.1:1/db")
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpuspool.cli", "--config", str(cfg), "daemon"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "ledger_unavailable" in proc.stdout and "cannot connect" in proc.stdout
+    assert "Traceback" not in proc.stderr and "secret" not in proc.stdout + proc.stderr
+    assert main(["--config", str(cfg), "show", "x"]) == 2
+    assert main(["--config", str(cfg), "status"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot open the ledger" in err and "u:***@127.0.0.1:1" in err
+    assert "secret" not in err
+
+
+def test_cli_reads_and_writes_a_postgresql_ledger(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """status, show and cancel work on the shared ledger as on SQLite."""
+    from gpuspool.cli import main
+
+    h = PgHarness(tmp_path, ledger_url=pg_url, host_name="box-1")
+    job = h.submit("a")
+    h.tick()
+    cfg = _config(tmp_path, pg_url)
+    capsys.readouterr()
+    assert main(["--config", str(cfg), "status", "--json"]) == 0
+    assert job in capsys.readouterr().out
+    assert main(["--config", str(cfg), "show", job]) == 0
+    assert '"submitted"' in capsys.readouterr().out
+    assert main(["--config", str(cfg), "cancel", job]) == 0
+    assert h.state(job) == "cancelled"
