@@ -299,7 +299,12 @@ class PgLedger:
             yield self._db
 
     def _bump(self, db: psycopg.Connection[dict[str, Any]]) -> None:
-        """Mark, inside the transaction, that a job's state may change (``jobs_version``)."""
+        """Mark, inside the transaction, that a job's state may change (``jobs_version``).
+
+        Called before any ``transitions`` row is inserted: the counter's row lock, held to the
+        commit, then orders the transactions that write transitions, so their ``seq`` values
+        commit in increasing order and a reader of ``transitions_after(seq)`` misses none.
+        """
         self._state_writes += 1
         db.execute("UPDATE clock SET jobs_version = jobs_version + 1 WHERE id = 1")
 
@@ -625,6 +630,7 @@ class PgLedger:
             state = JobState(row["state"])
             if state in TERMINAL_STATES:
                 raise LedgerError(f"job {job_id} is already {state.value}")
+            self._bump(db)
             if state == JobState.RUNNING:
                 new = db.execute(
                     "UPDATE jobs SET cancel_requested = TRUE, updated_at = %s WHERE id = %s"
@@ -641,7 +647,6 @@ class PgLedger:
                     db, job_id, now, state.value, JobState.CANCELLED.value, "cancelled by user",
                     row["fence"],
                 )  # fmt: skip
-            self._bump(db)
         assert new is not None
         return _record(new)
 

@@ -89,3 +89,35 @@ def test_silent_host_loses_its_job_and_is_fenced_out(pg_url: str, tmp_path: Path
         ("queued", "a", None), ("running", "a", 1), ("interrupted", "b", 1),
         ("running", "b", 2), ("done", "b", 2),
     ]  # fmt: skip
+
+
+def test_transitions_commit_in_seq_order(pg_url: str, tmp_path: Path) -> None:
+    """Writers on four connections at once: a reader that follows ``transitions_after(last)``
+    (as the metrics do) sees every transition, none skipped by a later-committing lower seq."""
+    import threading
+
+    setup = PgLedger(pg_url, host_name="setup")
+    for w in range(4):
+        for i in range(40):
+            add(setup, tmp_path, f"w{w}-{i}")
+
+    def write(w: int) -> None:
+        ledger = PgLedger(pg_url, host_name=f"h{w}")
+        for i in range(40):
+            claim = ledger.claim(f"w{w}-{i}", now=2.0)
+            ledger.fenced_transition(claim.job.id, JobState.DONE, fence=claim.fence, now=3.0)
+        ledger.close()
+
+    writers = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for t in writers:
+        t.start()
+    reader = PgLedger(pg_url, host_name="reader")
+    seen: list[int] = []
+    while True:
+        finished = not any(t.is_alive() for t in writers)  # read once more after the last write
+        for row in reader.transitions_after(seen[-1] if seen else 0):
+            seen.append(row["seq"])
+        if finished:
+            break
+    assert len(seen) == 160 * 3  # queued, running, done for each job
+    assert seen == [t["seq"] for t in reader.transitions()]
