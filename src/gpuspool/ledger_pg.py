@@ -223,28 +223,43 @@ class PgLedger:
     def __init__(self, url: str, *, host_name: str, readonly: bool = False) -> None:
         self.url = url
         self.host_name = host_name
+        self.readonly = readonly
         self._state_writes = 0
-        try:
-            self._db = psycopg.connect(
-                url, autocommit=True, row_factory=dict_row, connect_timeout=10
-            )
-        except psycopg.Error as exc:
-            raise LedgerError(f"cannot connect to the ledger at {redact_url(url)}: {exc}") from exc
+        self._conn = self._connect()
         if readonly:
-            self._db.execute("SET default_transaction_read_only = on")
             self._check_version()
         else:
             self.migrate()
 
+    def _connect(self) -> psycopg.Connection[dict[str, Any]]:
+        options = "-c default_transaction_read_only=on" if self.readonly else ""
+        try:
+            return psycopg.connect(
+                self.url, autocommit=True, row_factory=dict_row, connect_timeout=10,
+                options=options, application_name=f"gpuspool@{self.host_name}",
+            )  # fmt: skip
+        except psycopg.Error as exc:
+            raise LedgerError(
+                f"cannot connect to the ledger at {redact_url(self.url)}: {exc}"
+            ) from exc
+
+    @property
+    def _db(self) -> psycopg.Connection[dict[str, Any]]:
+        """The connection; made afresh when the last one broke (the server restarted, the
+        network dropped). The call that met the break failed with it; nothing is retried."""
+        if self._conn.broken:
+            self._conn = self._connect()
+        return self._conn
+
     def close(self) -> None:
-        self._db.close()
+        self._conn.close()
 
     def __del__(self) -> None:
         # A ledger dropped unclosed (a CLI command's) closes its connection here, quietly,
         # rather than leaving psycopg to warn about it.
-        db = getattr(self, "_db", None)
-        if db is not None:
-            db.close()
+        conn = getattr(self, "_conn", None)
+        if conn is not None:
+            conn.close()
 
     # -- schema --------------------------------------------------------------------------------
 
