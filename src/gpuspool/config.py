@@ -164,7 +164,8 @@ class Settings(BaseSettings):
 
     @property
     def ledger_path(self) -> Path:
-        """The SQLite ledger file (where a shared ledger is used, where it would be)."""
+        """The SQLite ledger file: the one ``ledger_url`` names, else ``state_dir``'s (also when
+        the ledger is shared, so that callers that check for the file still have a path)."""
         if self.ledger_url and self.ledger_url.startswith(SQLITE_PREFIX):
             return Path(self.ledger_url[len(SQLITE_PREFIX) :])
         return self.state_dir / "ledger.sqlite3"
