@@ -18,7 +18,8 @@ import typer
 from rich.console import Console, RenderableType
 
 from gpuspool.config import ConfigError, Settings, load_settings
-from gpuspool.ledger import JobRecord, Ledger, LedgerError
+from gpuspool.ledger import JobRecord, LedgerError
+from gpuspool.ledger_api import LedgerBackend, open_ledger
 from gpuspool.models import RUNNABLE_STATES, JobState
 from gpuspool.views import (
     RECENT_FINISHED,
@@ -62,26 +63,30 @@ def settings() -> Settings:
         raise typer.Exit(2) from exc
 
 
-def _ledger(s: Settings, *, readonly: bool = False) -> Ledger:
+def _ledger(s: Settings, *, readonly: bool = False) -> LedgerBackend:
     """Open the daemon's ledger; commands that only read open it read-only, so they never
     take the write lock the daemon's tick needs."""
-    if not s.ledger_path.exists():
+    if not s.ledger_is_shared and not s.ledger_path.exists():
         err.print(f"[red]no queue at {s.ledger_path}[/red] (has the daemon run with this config?)")
         raise typer.Exit(2)
-    return Ledger(s.ledger_path, readonly=readonly)
+    try:
+        return open_ledger(s, readonly=readonly)
+    except (ConfigError, LedgerError) as exc:
+        err.print(f"[red]cannot open the ledger:[/red] {exc}")
+        raise typer.Exit(2) from exc
 
 
-def _ledger_or_snapshot(s: Settings) -> Ledger | None:
+def _ledger_or_snapshot(s: Settings) -> LedgerBackend | None:
     """The ledger if this user may open it; None means: show the daemon's published snapshot
     (submitters on a shared server may drop jobs but not open the daemon's database)."""
-    if os.access(s.ledger_path, os.R_OK | os.W_OK):
+    if s.ledger_is_shared or os.access(s.ledger_path, os.R_OK | os.W_OK):
         try:
-            return Ledger(s.ledger_path, readonly=True)
+            return open_ledger(s, readonly=True)
         except Exception:  # e.g. the WAL files belong to someone else
             pass
     if read_snapshot(s.status_snapshot_path) is None:
         err.print(
-            f"[red]cannot open the queue at {s.ledger_path}, and no status snapshot at"
+            f"[red]cannot open the queue at {s.ledger_shown}, and no status snapshot at"
             f" {s.status_snapshot_path}[/red] (is the daemon running, and are you in the"
             " submitters' group?)"
         )
@@ -95,7 +100,7 @@ def _snapshot_part(s: Settings, part: str) -> dict[str, Any]:
     return data
 
 
-def _find(ledger: Ledger, ref: str) -> JobRecord:
+def _find(ledger: LedgerBackend, ref: str) -> JobRecord:
     try:
         return ledger.find(ref)
     except LedgerError as exc:

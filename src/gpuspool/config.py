@@ -7,11 +7,14 @@ defaults. ``config/gpuspool.toml`` documents every key. Must not import anything
 from __future__ import annotations
 
 import os
+import re
+import socket
 import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -22,6 +25,9 @@ from pydantic_settings import (
 )
 
 DEFAULT_CONFIG_PATH = Path("/etc/gpuspool/gpuspool.toml")
+SQLITE_PREFIX = "sqlite://"
+POSTGRES_PREFIXES = ("postgresql://", "postgres://")
+_HOST_NAME = re.compile(r"[A-Za-z0-9._-]{1,253}")
 
 
 class Settings(BaseSettings):
@@ -34,6 +40,14 @@ class Settings(BaseSettings):
 
     spool_dir: Path = Field(Path("/var/spool/gpuspool"), description="Spool root: incoming/, ...")
     state_dir: Path = Field(Path("/var/lib/gpuspool"), description="Ledger and per-job logs")
+    ledger_url: str | None = Field(
+        None,
+        description='Where the ledger lives: None is "sqlite:///<state_dir>/ledger.sqlite3"; a'
+        ' "postgresql://user@host/db" URL shares one ledger between hosts',
+    )
+    host_name: str = Field(
+        default_factory=socket.gethostname, description="This host's name in a shared ledger"
+    )
     poll_interval_s: float = Field(5.0, gt=0, description="Seconds between NVML polls (ticks)")
     stable_polls: int = Field(3, ge=1, description="Consecutive polls a GPU must fit a job")
     min_free_gib: float = Field(100.0, ge=0, description="Default free-memory threshold (GiB)")
@@ -70,6 +84,29 @@ class Settings(BaseSettings):
     def _check_gpu_source(cls, v: str) -> str:
         if v != "nvml" and not (v.startswith("file:") and len(v) > len("file:")):
             raise ValueError('gpu_source must be "nvml" or "file:/path/gpus.json"')
+        return v
+
+    @field_validator("ledger_url")
+    @classmethod
+    def _check_ledger_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if v.startswith(SQLITE_PREFIX):
+            if not v.startswith(SQLITE_PREFIX + "/") or len(v) <= len(SQLITE_PREFIX) + 1:
+                raise ValueError(
+                    "a SQLite ledger_url names an absolute path, like"
+                    ' "sqlite:///var/lib/gpuspool/ledger.sqlite3"'
+                )
+            return v
+        if v.startswith(POSTGRES_PREFIXES):
+            return v
+        raise ValueError('ledger_url must start with "sqlite:///" or "postgresql://"')
+
+    @field_validator("host_name")
+    @classmethod
+    def _check_host_name(cls, v: str) -> str:
+        if not _HOST_NAME.fullmatch(v):
+            raise ValueError("host_name must be 1-253 letters, digits, dots, dashes or underscores")
         return v
 
     @field_validator("log_format")
@@ -117,7 +154,26 @@ class Settings(BaseSettings):
         return self.spool_dir / "status" / "status.json"
 
     @property
+    def ledger_location(self) -> str:
+        """The ledger's URL: ``ledger_url``, or the SQLite file in ``state_dir`` when unset."""
+        return self.ledger_url or f"{SQLITE_PREFIX}{self.state_dir / 'ledger.sqlite3'}"
+
+    @property
+    def ledger_shown(self) -> str:
+        """The ledger for messages: its file, or its URL with any password hidden."""
+        return redact_url(self.ledger_location) if self.ledger_is_shared else str(self.ledger_path)
+
+    @property
+    def ledger_is_shared(self) -> bool:
+        """Whether the ledger is a PostgreSQL database that several hosts share."""
+        return self.ledger_location.startswith(POSTGRES_PREFIXES)
+
+    @property
     def ledger_path(self) -> Path:
+        """The SQLite ledger file: the one ``ledger_url`` names, else ``state_dir``'s (also when
+        the ledger is shared, so that callers that check for the file still have a path)."""
+        if self.ledger_url and self.ledger_url.startswith(SQLITE_PREFIX):
+            return Path(self.ledger_url[len(SQLITE_PREFIX) :])
         return self.state_dir / "ledger.sqlite3"
 
     @property
@@ -125,15 +181,25 @@ class Settings(BaseSettings):
         return self.state_dir / "logs"
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***`` (for messages and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
 class ConfigError(Exception):
     """The configuration file or environment is invalid; the message names the file and field.
 
-    ``path`` is the file, ``field`` the first offending setting (None for a file that is not
-    valid TOML), ``problem`` what is wrong with it in plain words.
+    ``path`` is the file (None when the settings as a whole are at fault, whatever their
+    source), ``field`` the first offending setting (None for a file that is not valid TOML),
+    ``problem`` what is wrong with it in plain words.
     """
 
-    def __init__(self, path: Path, problem: str, field: str | None = None) -> None:
-        where = f"{path}: {field}: " if field else f"{path}: "
+    def __init__(self, path: Path | None, problem: str, field: str | None = None) -> None:
+        where = "".join(f"{part}: " for part in (path, field) if part)
         super().__init__(where + problem)
         self.path, self.field, self.problem = path, field, problem
 

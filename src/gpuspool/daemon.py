@@ -20,7 +20,8 @@ from gpuspool.config import Settings
 from gpuspool.estimate import job_need_gib, job_threshold_gib
 from gpuspool.exitcodes import ExitClass, ExitCode, classify
 from gpuspool.gpus import GpuProbe, ProbeResult
-from gpuspool.ledger import JobRecord, Ledger, LedgerError, Waiting
+from gpuspool.ledger import JobRecord, LedgerError, Waiting
+from gpuspool.ledger_api import LedgerBackend
 from gpuspool.models import RUNNABLE_STATES, GpuSnapshot, JobSpec, JobState
 from gpuspool.placement import Candidate, GpuView, place
 from gpuspool.runner import (
@@ -74,7 +75,7 @@ class Daemon:
         self,
         settings: Settings,
         *,
-        ledger: Ledger,
+        ledger: LedgerBackend,
         spool: Spool,
         probe: GpuProbe,
         runner: Runner,

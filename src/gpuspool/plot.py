@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpuspool.ledger import Ledger
+from gpuspool.ledger_api import LedgerBackend
 from gpuspool.models import RUNNABLE_STATES, JobState
 
 _WAITING = {s.value for s in RUNNABLE_STATES} | {JobState.HELD.value}
@@ -49,7 +49,12 @@ class PlotData:
 
 
 def plot_data(
-    ledger: Ledger, *, since: float, until: float, threshold_gib: float, max_points: int = 600
+    ledger: LedgerBackend,
+    *,
+    since: float,
+    until: float,
+    threshold_gib: float,
+    max_points: int = 600,
 ) -> PlotData:
     """What the plot shows, from the ledger alone (the daemon need not be running)."""
     bucket_s = max((until - since) / max_points, 1.0)

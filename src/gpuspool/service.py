@@ -16,10 +16,11 @@ from types import FrameType
 from typing import Any
 
 from gpuspool import logs
-from gpuspool.config import Settings, load_settings
+from gpuspool.config import ConfigError, Settings, load_settings
 from gpuspool.daemon import Daemon
 from gpuspool.gpus import make_probe
-from gpuspool.ledger import JobRecord, Ledger
+from gpuspool.ledger import JobRecord, LedgerError
+from gpuspool.ledger_api import open_ledger
 from gpuspool.models import RUNNABLE_STATES, JobState
 from gpuspool.runner import Runner
 from gpuspool.spool import Spool
@@ -92,7 +93,7 @@ def build_daemon(settings: Settings) -> Daemon:
 
     return Daemon(
         settings,
-        ledger=Ledger(settings.ledger_path),
+        ledger=open_ledger(settings),
         spool=Spool(settings.spool_dir, max_bytes=settings.max_job_file_bytes),
         probe=make_probe(settings.gpu_source),
         runner=Runner(),
@@ -142,7 +143,11 @@ def run(settings: Settings, config_path: Path | None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, flags.on_signal)
 
-    daemon = build_daemon(settings)
+    try:
+        daemon = build_daemon(settings)
+    except (ConfigError, LedgerError) as exc:  # e.g. a PostgreSQL ledger_url without the driver
+        log.error("ledger_unavailable", error=str(exc))
+        return 2
     daemon.startup(time.time())
     try:
         metrics, metrics_server = _start_metrics(settings, daemon)

@@ -18,7 +18,8 @@ from rich.table import Table
 from rich.text import Text
 
 from gpuspool import logs
-from gpuspool.ledger import JobRecord, Ledger
+from gpuspool.ledger import JobRecord
+from gpuspool.ledger_api import LedgerBackend
 from gpuspool.models import TERMINAL_STATES, JobState
 from gpuspool.placement import stable_count
 
@@ -64,14 +65,14 @@ def job_dict(job: JobRecord) -> dict[str, Any]:
     }
 
 
-def gpus_snapshot(ledger: Ledger) -> dict[str, Any]:
+def gpus_snapshot(ledger: LedgerBackend) -> dict[str, Any]:
     """The daemon's last ``gpus`` snapshot: ``{"at": time or None, "gpus": [...]}``."""
     raw = ledger.get_meta("gpus")
     return json.loads(raw) if raw else {"at": None, "gpus": []}
 
 
 def status_data(
-    ledger: Ledger,
+    ledger: LedgerBackend,
     now: float,
     *,
     all_jobs: bool = False,
@@ -343,7 +344,7 @@ SNAPSHOT_WAITING = 200
 
 
 def publish_snapshot(
-    path: Path, ledger: Ledger, now: float, *, threshold_gib: float, stable_polls: int
+    path: Path, ledger: LedgerBackend, now: float, *, threshold_gib: float, stable_polls: int
 ) -> None:
     """Write what ``status`` and ``gpus`` show to ``path`` (atomically), readable by the group
     that owns the folder above it (the spool's submitters), so users who may not open the
