@@ -790,9 +790,21 @@ def _span_text(seconds: float) -> str:
 )
 def extract(ctx: typer.Context) -> None:
     """Run an extraction by hand (``gpuspool extract --help`` for its flags)."""
+    from gpuspool.extract.cli import build_parser
+
+    args = list(ctx.args)
+    if "-h" in args or "--help" in args:  # needs no torch: a daemon-only install shows it too
+        build_parser().print_help()
+        raise typer.Exit(0)
+    try:
+        import gpuspool.extract.worker  # noqa: F401  (soxr, torch, qwen-tts: the extract extra)
+    except ImportError as exc:
+        raise _fail(
+            f"gpuspool extract needs the extraction extra (pip install 'gpuspool[extract]'): {exc}"
+        ) from exc
     from gpuspool.extract.cli import main as extract_main
 
-    raise typer.Exit(extract_main(list(ctx.args)))
+    raise typer.Exit(extract_main(args))
 
 
 @app.command()
