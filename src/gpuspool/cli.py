@@ -463,7 +463,8 @@ def _local_time(value: object) -> object:
     return value
 
 
-TIME_KEYS = ("at", "ts", "submitted_at", "started_at", "finished_at", "not_before", "updated_at")
+TIME_KEYS = ("at", "ts", "submitted_at", "started_at", "finished_at", "not_before", "updated_at",
+             "rejected_at")  # fmt: skip
 
 
 def _with_local_times(value: Any) -> Any:

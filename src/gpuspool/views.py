@@ -200,7 +200,7 @@ def _fit_table(
         widths = [
             min(natural[i], columns[i].min_width) if columns[i].shrink else natural[i] for i in idx
         ]
-        return sum(widths) + len(idx) - 1
+        return sum(widths) + 2 * (len(idx) - 1)  # a column is padded by one cell each side
 
     if width is not None:
         for i in sorted(keep, key=lambda i: -columns[i].drop):
@@ -333,13 +333,11 @@ def status_view(
             done, total = c["fraction"]
             bar = ProgressBar(total=total, completed=done, width=20)
         rows.append([
-            Text(c["id"]), Text(c["name"]), Text(c["state"], STATE_STYLE.get(job["state"], "")),
+            Text(c["id"]), Text(c["state"], STATE_STYLE.get(job["state"], "")), Text(c["name"]),
             Text(c["gpu"]), bar, Text(c["lines"]), Text(c["rate"]), Text(c["eta"]),
             Text(c["peak"]), Text(c["note"]),
         ])  # fmt: skip
-    columns = [STATUS_COLUMNS[i] for i in (0, 2, 1, 3, 4, 5, 6, 7, 8, 9)]
-    rows = [[r[i] for i in (0, 2, 1, 3, 4, 5, 6, 7, 8, 9)] for r in rows]
-    table = _fit_table(columns, rows, width)
+    table = _fit_table(STATUS_COLUMNS, rows, width)
     if hidden:
         more = Text(f"… and {hidden} more waiting jobs (gpuspool status --all-waiting)", "dim")
         return Group(head, table, more)
