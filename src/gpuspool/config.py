@@ -135,5 +135,26 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     try:
         loaded = _Loaded(**overrides)
     except Exception as exc:  # pydantic.ValidationError or a TOML decode error
-        raise ConfigError(f"{toml_path}: {exc}") from exc
+        raise ConfigError(f"{toml_path}: {_plain_error(exc)}") from exc
     return Settings.model_construct(**loaded.model_dump())
+
+
+def _plain_error(exc: Exception) -> str:
+    """A validation error as ``key: what is wrong (got VALUE)``, one per bad key, without
+    pydantic's type names and documentation links."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    problems = []
+    for err in exc.errors()[:10]:
+        key = ".".join(str(p) for p in err["loc"]) or "(top)"
+        got = err.get("input")
+        shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+        hint = ""
+        if key == "min_free_gib" and got == "auto":
+            hint = (
+                ' ("auto" is a per-job value: set it in a job file or submit --min-free-gib auto)'
+            )
+        problems.append(f"{key}: {err['msg']}{shown}{hint}")
+    return "; ".join(problems)
