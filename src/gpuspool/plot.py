@@ -167,7 +167,7 @@ def draw(data: PlotData, out: Path, *, title: str = "gpuspool") -> None:
             top.axhline(data.total_gib[uuid], color=gpu_colour[uuid], lw=0.6, ls=":", alpha=0.6)
     top.axhline(data.threshold_gib, color="black", ls="--", lw=1.2,
                 label=f"threshold {data.threshold_gib:g} GiB")  # fmt: skip
-    ceiling = _y_ceiling(data)
+    ceiling = y_ceiling(data)
     for lane in lanes:
         # A job's own threshold is drawn only where a GPU could reach it: one impossible job
         # must not squash every GPU's line to the bottom of a 500 GiB axis.
@@ -225,7 +225,7 @@ def draw(data: PlotData, out: Path, *, title: str = "gpuspool") -> None:
     plt.close(fig)
 
 
-def _y_ceiling(data: PlotData) -> float:
+def y_ceiling(data: PlotData) -> float:
     """The top of the memory axis: the largest GPU (or reading), and the default threshold
     when a GPU can reach it; never a job's threshold that no GPU has."""
     values = [*data.total_gib.values()]
