@@ -130,3 +130,44 @@ def test_shell_completion_completes_commands(venv: Path) -> None:
         capture_output=True, text=True, timeout=60, env={**os.environ, **env_args}, check=False,
     )  # fmt: skip
     assert done.returncode == 0 and done.stdout.split() == ["status"], done
+
+
+MISTAKES_SCRIPT = """
+import contextlib, io, json, sys
+from gpuspool.cli import main
+out = {}
+for args in json.loads(sys.argv[1]):
+    so, se = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
+        code = main(args)
+    out[" ".join(args)] = [code, so.getvalue(), se.getvalue()]
+print(json.dumps(out))
+"""
+
+
+def test_lowest_pinned_typer_behaves_the_same(venv: Path) -> None:
+    """The lower bound of the typer pin (0.27.2, the first that vendors click): every help
+    and every usage mistake as above. Runs last: it downgrades typer in the module's venv."""
+    import json
+
+    done = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "--quiet", "typer==0.27.2"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    cases = [["--help"], *([c, "--help"] for c in COMMANDS), ["--version"]]
+    helps = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", MISTAKES_SCRIPT, json.dumps(cases)],
+        capture_output=True, text=True, timeout=300, cwd=venv, check=False,
+    )  # fmt: skip
+    assert helps.returncode == 0, helps.stderr
+    for args, (code, out, err) in json.loads(helps.stdout).items():
+        assert code == 0 and out and not err, (args, code, err)
+    mistakes = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", MISTAKES_SCRIPT, json.dumps(MISTAKES)],
+        capture_output=True, text=True, timeout=300, cwd=venv, check=False,
+    )  # fmt: skip
+    assert mistakes.returncode == 0, mistakes.stderr
+    for args, (code, out, err) in json.loads(mistakes.stdout).items():
+        assert code == 2 and not out and len(err.splitlines()) == 1, (args, code, out, err)
+        assert "usage: gpuspool" in err
