@@ -230,11 +230,6 @@ def _path_problems(input_path: Path, output: Path) -> list[str]:
         problems.append(f"output: folder {output.parent} does not exist")
     elif not os.access(output.parent, os.W_OK | os.X_OK):
         problems.append(f"output: folder {output.parent} is not writable by you")
-    partial = output.with_name(output.name + ".partial")
-    if partial.exists():
-        problems.append(
-            f"output: {partial} is left over from an earlier run (remove it to start over)"
-        )
     return problems
 
 
@@ -336,6 +331,12 @@ def submit(
         warnings.append(
             f"threshold {threshold:.1f} GiB is below the computed need {need:.1f} GiB: the job"
             " may start on a GPU without room for it and fail out of memory"
+        )
+    partial = spec.output.with_name(spec.output.name + ".partial")  # the worker's OUT.partial
+    if partial.exists():
+        warnings.append(
+            f"{partial} is left from an earlier run: the job resumes from it if it was written"
+            " with the same arguments, and fails otherwise (remove it to start over)"
         )
     largest = _largest_gpu_gib(s)
     if largest is not None and max(need, threshold) > largest:

@@ -315,6 +315,10 @@ def test_submit_warns_of_a_threshold_below_the_need_and_a_need_no_gpu_has(
                              "--json", out="o2.jsonl")  # fmt: skip
     assert code == 0 and "more than the largest GPU here has (16.0 GiB)" in err
     assert len(result["warnings"]) == 1
+    (h.data / "o3.jsonl.partial").write_text("")
+    code, _, err = _submit(cfg, capsys, h, "--tokenizer", "Qwen/x", "--min-free-gib", "auto",
+                           out="o3.jsonl")  # fmt: skip
+    assert code == 0 and "o3.jsonl.partial is left from an earlier run" in err
 
 
 def test_a_rejected_job_is_found_by_the_id_submit_printed(
