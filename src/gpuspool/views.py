@@ -554,10 +554,12 @@ def log_json(raw: str) -> str:
     raw = raw.rstrip("\n")
     if raw.startswith("{"):
         try:
-            if isinstance(json.loads(raw), dict):
-                return raw
+            event = json.loads(raw)
         except ValueError:
-            pass
+            event = None
+        if isinstance(event, dict):
+            # JSON may hold C1 codes or bidi overrides unescaped; re-encoded, they are \uXXXX.
+            return raw if raw.isascii() else json.dumps(event)
     return json.dumps({"event": "output", "source": "worker", "line": raw})
 
 

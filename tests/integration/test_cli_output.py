@@ -21,7 +21,15 @@ from rich.console import Console
 from gpuspool.cli import main
 from gpuspool.models import JobState
 from gpuspool.spool import Spool
-from gpuspool.views import gpus_data, gpus_snapshot, gpus_view, log_line, status_data, status_view
+from gpuspool.views import (
+    gpus_data,
+    gpus_snapshot,
+    gpus_view,
+    log_json,
+    log_line,
+    status_data,
+    status_view,
+)
 from tests.conftest import Harness, gpu_entry
 
 #: A name that would clear the screen, move the cursor, recolour, and inject rich markup.
@@ -177,6 +185,9 @@ def test_hostile_job_name_is_escaped_everywhere(
     console.print(log_line(line))
     console.print(log_line("raw text " + HOSTILE))
     _ansi_free(console.export_text(styles=True))
+    # logs through a pipe (JSON lines): a worker's raw C1 code or bidi override is re-escaped.
+    raw = json.dumps({"event": "progress", "note": HOSTILE}, ensure_ascii=False)
+    assert log_json(raw).isascii() and json.loads(log_json(raw))["note"] == HOSTILE
     # show is JSON: escapes by construction.
     code, out, _ = in_process(cfg, capsys, "show", job)
     assert code == 0 and json.loads(out)["name"] == HOSTILE
