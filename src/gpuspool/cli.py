@@ -492,6 +492,29 @@ def _show_rejected(s: Settings, ref: str) -> dict[str, Any] | None:
             "rejected_at": found.at}  # fmt: skip
 
 
+def _show_queued(s: Settings, ref: str) -> dict[str, Any] | str:
+    """The job from the ledger, in full; else why not (no match, no queue, not readable)."""
+    if not s.ledger_path.exists():
+        return f"no job matches {ref!r} (and no queue at {s.ledger_path})"
+    try:
+        ledger = Ledger(s.ledger_path, readonly=True)
+    except Exception as exc:  # e.g. the ledger is not this user's to open
+        return f"cannot read the queue at {s.ledger_path}: {exc}"
+    try:
+        record = ledger.find(ref)
+        out = job_dict(record)
+        out["spec"] = json.loads(record.spec.model_dump_json())
+        out["progress"] = record.progress
+        out["transitions"] = ledger.transitions(record.id)
+    except LedgerError as exc:
+        return str(exc)
+    except Exception as exc:  # e.g. the ledger is not this user's to open
+        return f"cannot read the queue at {s.ledger_path}: {exc}"
+    finally:
+        ledger.close()
+    return out
+
+
 @app.command()
 def show(
     job: Annotated[str, typer.Argument(help="Job id (or a unique prefix, or name)")],
@@ -505,27 +528,10 @@ def show(
     printed, with the reason.
     """
     s = settings()
-    record: JobRecord | None = None
-    ledger: Ledger | None = None
-    if s.ledger_path.exists():
-        ledger = _ledger(s, readonly=True)
-        try:
-            record = ledger.find(job)
-        except LedgerError as exc:
-            rejected = _show_rejected(s, job)
-            if rejected is None:
-                raise _fail(str(exc)) from exc
-            out = rejected
-    else:
-        rejected = _show_rejected(s, job)
-        if rejected is None:
-            raise _fail(f"no job matches {job!r} (and no queue at {s.ledger_path})")
-        out = rejected
-    if record is not None and ledger is not None:
-        out = job_dict(record)
-        out["spec"] = json.loads(record.spec.model_dump_json())
-        out["progress"] = record.progress
-        out["transitions"] = ledger.transitions(record.id)
+    found = _show_queued(s, job)
+    out = found if isinstance(found, dict) else _show_rejected(s, job)
+    if out is None:
+        raise _fail(found if isinstance(found, str) else f"no job matches {job!r}")
     print(json.dumps(out if epoch else _with_local_times(out), indent=1, default=str))
 
 
