@@ -157,7 +157,21 @@ def _find(ledger: Ledger, ref: str) -> JobRecord:
     try:
         return ledger.find(ref)
     except LedgerError as exc:
-        raise _fail(str(exc)) from exc
+        refused = _refusal_note(settings(), ref)
+        raise _fail(f"{exc}{refused}") from exc
+
+
+def _refusal_note(s: Settings, ref: str) -> str:
+    """'; the daemon refused it: REASON' when ``ref`` is a job the daemon rejected, else ''."""
+    from gpuspool.spool import Spool
+
+    try:
+        found = Spool(s.spool_dir).find_rejected(ref)
+    except OSError:
+        return ""
+    if found is None:
+        return ""
+    return f"; the daemon refused job {found.job_id}: {found.fields.get('reason', '?')}"
 
 
 # -- daemon ---------------------------------------------------------------------------------------

@@ -351,3 +351,6 @@ def test_a_rejected_job_is_found_by_the_id_submit_printed(
     assert "o.jsonl" in shown["reason"] and isinstance(shown["rejected_at"], str)
     code, out, _ = in_process(cfg, capsys, "show", second[:6])
     assert code == 0 and json.loads(out)["id"] == second
+    for command in ("logs", "cancel"):
+        code, _, err = in_process(cfg, capsys, command, second)
+        assert code == 1 and f"the daemon refused job {second}: output: " in err
