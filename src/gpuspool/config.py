@@ -212,8 +212,10 @@ def _plain(error: Mapping[str, Any]) -> str:
     msg = msg.removeprefix("Value error, ").removeprefix("Input should be ")
     msg = "must be " + msg if not str(error.get("msg", "")).startswith("Value error") else msg
     msg = msg.split(", unable to parse")[0]
-    if "input" in error and kind != "missing":
+    if "input" in error and kind != "missing" and not isinstance(error["input"], dict):
         msg += f" (got {error['input']!r})"
+    if error.get("loc") == ("min_free_gib",) and error.get("input") == "auto":
+        msg += ' ("auto" is a per-job value: set it in a job file or submit --min-free-gib auto)'
     return msg
 
 

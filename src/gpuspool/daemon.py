@@ -103,6 +103,7 @@ class Daemon:
         self._reserved: dict[str, float] = {}
         self._now = 0.0  # the time of the tick in progress, for events written to job logs
         self._waiting_cache: tuple[tuple[int, int], list[Waiting], list[Candidate]] | None = None
+        self._reasons_stale = False
         self.stopping = False
         self.last_tick_done: float | None = None
         self.last_report = TickReport()
@@ -531,6 +532,10 @@ class Daemon:
     def _waiting(self) -> tuple[list[Waiting], list[Candidate]]:
         """Waiting jobs and their placement candidates, reloaded only when a job's state changed."""
         version = self.ledger.jobs_version
+        if self._waiting_cache is not None and self._waiting_cache[0][0] != version[0]:
+            # Another process (the CLI: cancel, retry, hold, release) wrote job rows and their
+            # reasons ("retry requested"): the cached reasons no longer say what the rows hold.
+            self._reasons_stale = True
         if self._waiting_cache is None or self._waiting_cache[0] != version:
             rows = self.ledger.waiting()
             candidates = [
@@ -575,10 +580,14 @@ class Daemon:
             else:
                 reasons[job.id] = problem
         changed = {k: v for k, v in reasons.items() if self._reasons.get(k) != v}
+        stale, self._reasons_stale = self._reasons_stale, False
+        if stale and reasons:
+            self.ledger.set_reasons(reasons, now=now)  # rewrite all; log only real changes
         if not changed:
             return
         self._reasons.update(changed)
-        self.ledger.set_reasons(changed, now=now)
+        if not stale:
+            self.ledger.set_reasons(changed, now=now)
         thresholds = {w.id: w.threshold_gib for w in rows}
         for n, (job_id, reason) in enumerate(changed.items()):
             if n == MAX_WAITING_EVENTS:

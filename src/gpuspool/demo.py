@@ -4,7 +4,11 @@ It builds a tiny random-weight tokenizer and a small synthetic dataset, writes a
 source is a file simulating one shared 141 GiB GPU (another tenant holds most of it at first),
 starts the real daemon as a subprocess, submits a job through the spool (it waits for memory,
 then runs) and a bad job file (it is rejected), shows status as it goes, frees the GPU, and
-checks the output line by line. Everything it makes stays in the work folder.
+checks the output line by line. Everything it makes stays in the work folder it names; a
+temporary one (``/tmp/gpuspool-demo-*``, when run as root without ``--workdir``) is removed when
+the demo passes.
+
+Its output is plain lines (no wrapping, no cursor movement), the same on a terminal and captured.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import math
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,14 +27,18 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from gpuspool.gpus import write_gpu_file
 from gpuspool.ledger import Ledger
 from gpuspool.models import JobState
 from gpuspool.spool import Spool
 
-console = Console()
+# soft_wrap: a captured run (80 columns, no TTY) keeps each line whole instead of wrapping it.
+console = Console(soft_wrap=True, highlight=False)
 GIB_MIB = 1024.0
+#: Seconds without news after which the demo says what it is waiting for.
+HEARTBEAT_S = 4.0
 SIM_UUID = "GPU-5e1f0a3c-0000-4d00-9000-00000000d3m0"
 DEMO_TIMEOUT_S = 110.0
 
@@ -77,9 +86,14 @@ def _config(work: Path, gpu_file: Path, fallback_user: str | None) -> Path:
 def _status(ledger_path: Path) -> list[Any]:
     if not ledger_path.exists():
         return []
-    ledger = Ledger(ledger_path, readonly=True)
+    try:
+        ledger = Ledger(ledger_path, readonly=True)
+    except Exception:  # the daemon is still creating it
+        return []
     try:
         return ledger.jobs()
+    except Exception:  # created, its tables not yet: the next look finds them
+        return []
     finally:
         ledger.close()
 
@@ -88,10 +102,12 @@ def _print_status(jobs: list[Any], t0: float) -> None:
     for job in jobs:
         p = job.progress
         prog = f" {p.get('lines_done', 0)}/{p.get('lines_total', '?')} lines" if p else ""
+        if job.state == JobState.RUNNING and not p:
+            prog = " (the worker is loading torch and the model)"
         why = f" — {job.reason}" if job.state != JobState.RUNNING and job.reason else ""
         console.print(
             f"  [dim]{time.monotonic() - t0:5.1f}s[/dim] {job.id} [bold]{job.state.value}[/bold]"
-            f"{prog}{why}"
+            f"{escape(prog + why)}"
         )
 
 
@@ -120,7 +136,8 @@ def run(workdir: Path | None = None) -> int:
     """Run the demo; 0 when every check passed."""
     t0 = time.monotonic()
     as_root = os.geteuid() == 0
-    if workdir is None and as_root:
+    temporary = workdir is None and as_root
+    if temporary:
         # Jobs never run as root: they run as the fallback user, who must reach the files.
         work = Path(tempfile.mkdtemp(prefix="gpuspool-demo-"))
         work.chmod(0o755)
@@ -150,17 +167,29 @@ def run(workdir: Path | None = None) -> int:
 
     console.print("1. building a tiny random-weight tokenizer and 12 synthetic clips ...")
     tok = work / "tiny-tokenizer"
-    built = subprocess.run(
+    building = subprocess.Popen(
         [sys.executable, "-m", "gpuspool.extract.tiny", str(tok)],
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
     )
-    if built.returncode != 0:
-        console.print(f"[red]building the tokenizer failed:[/red]\n{built.stderr}")
-        return 1
     from gpuspool.extract.synth import synth_dataset
 
     data = synth_dataset(work / "data", 12, min_s=0.5, max_s=6.0, seed=7)
+    console.print(f"  [dim]{time.monotonic() - t0:5.1f}s[/dim] 12 clips written to {work / 'data'}")
+    while True:
+        try:
+            _, stderr = building.communicate(timeout=HEARTBEAT_S)
+            break
+        except subprocess.TimeoutExpired:
+            console.print(
+                f"  [dim]{time.monotonic() - t0:5.1f}s[/dim] tokenizer: still importing torch"
+                " and saving random weights ..."
+            )
+    if building.returncode != 0:
+        console.print(f"[red]building the tokenizer failed:[/red]\n{escape(stderr)}")
+        return 1
+    console.print(f"  [dim]{time.monotonic() - t0:5.1f}s[/dim] tokenizer saved to {tok}")
     out_dir = work / "out"
     out_dir.mkdir(exist_ok=True)
     if fallback is not None:
@@ -182,8 +211,10 @@ def run(workdir: Path | None = None) -> int:
             stderr=subprocess.STDOUT,
         )
     console.print(f"3. daemon started (pid {daemon.pid}); its JSON log: {daemon_log}")
+    code = 1
     try:
-        return _drive(work, cfg, data, tok, gpu_file, daemon, t0)
+        code = _drive(work, cfg, data, tok, gpu_file, daemon, t0)
+        return code
     finally:
         if daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)
@@ -191,6 +222,11 @@ def run(workdir: Path | None = None) -> int:
                 daemon.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 daemon.kill()
+        if temporary and code == 0:
+            shutil.rmtree(work, ignore_errors=True)
+            console.print(f"removed the temporary work folder {work}")
+        elif temporary:
+            console.print(f"kept the work folder for a look: {work}")
 
 
 def _drive(
@@ -207,23 +243,35 @@ def _drive(
     output = work / "out" / "codes.jsonl"
     job = {"input": str(data), "output": str(output), "tokenizer": str(tok), "name": "demo"}
     _, job_id = spool.submit(job, stem="demo")
-    console.print(f"4. submitted job {job_id} (needs 100 GiB free: it must wait)")
+    console.print(
+        f"4. submitted job {job_id}: it starts when the GPU has 100 GiB free (the configured"
+        " threshold), so it must wait"
+    )
     bad = {"input": "relative/path.jsonl", "output": str(work / "out" / "x.jsonl"), "tokenizer": 1}
     _, _ = spool.submit(bad, stem="bad-job")
     console.print("   and a bad job file (relative input, tokenizer not a string)")
     ledger_path = work / "state" / "ledger.sqlite3"
     freed = False
+    told_need = False
     last = ""
+    last_news = time.monotonic()
     deadline = time.monotonic() + DEMO_TIMEOUT_S
     while time.monotonic() < deadline:
         if daemon.poll() is not None:
             console.print(f"[red]daemon exited with {daemon.returncode}; see {work}/daemon.log")
             return 1
         jobs = _status(ledger_path)
+        if jobs and not told_need:
+            told_need = True
+            console.print(
+                f"   the daemon accepted it: it needs ≈{jobs[0].need_gib:.1f} GiB (computed from"
+                f" its longest clip and batch budget); threshold {jobs[0].threshold_gib:g} GiB"
+            )
         line = json.dumps([(j.state.value, j.reason, j.progress.get("lines_done")) for j in jobs])
-        if line != last:
+        if line != last or time.monotonic() - last_news >= HEARTBEAT_S:
             _print_status(jobs, t0)
             last = line
+            last_news = time.monotonic()
         state = jobs[0].state if jobs else None
         if not freed and state == JobState.QUEUED and time.monotonic() - t0 > 6:
             write_gpu_file(gpu_file, _gpus(139.5, tenant_gib=0.0))
@@ -240,7 +288,10 @@ def _drive(
     if len(reasons) != 1:
         console.print(f"[red]expected 1 rejected file, found {len(reasons)}")
         return 1
-    console.print(f"6. rejected as expected: {reasons[0].read_text().strip().splitlines()[-1]}")
+    why = next(
+        (x for x in reasons[0].read_text().splitlines() if x.startswith("reason: ")), "reason: ?"
+    )
+    console.print(f"6. rejected as expected ({reasons[0].name}): {escape(why)}")
     lines = verify_output(data, output)
     console.print(f"7. output verified: {lines} lines, each the input line plus 16-codebook codes")
     daemon.send_signal(signal.SIGTERM)

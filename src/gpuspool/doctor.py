@@ -151,14 +151,22 @@ def job_users(settings: Settings, submit_group: str = SUBMIT_GROUP) -> list[Iden
     return users or [Identity(65534, 65534, (65534,), "any user", "/")]
 
 
-def check_device_nodes(dev_dir: Path, users: Sequence[Identity]) -> Check:
-    """``/dev/nvidiactl``, ``/dev/nvidia-uvm`` and one node per GPU exist, rw for job users."""
+def check_device_nodes(
+    dev_dir: Path, users: Sequence[Identity], *, required_by: str | None = None
+) -> Check:
+    """``/dev/nvidiactl``, ``/dev/nvidia-uvm`` and one node per GPU exist, rw for job users.
+
+    ``required_by``: None when the GPUs are real; else what makes the nodes optional (a
+    simulated ``gpu_source``), and missing nodes are then reported, not counted as a problem.
+    """
     name = "GPU device nodes"
     gpus = sorted(p for p in dev_dir.glob("nvidia[0-9]*") if p.name[6:].isdigit())
     required = [dev_dir / "nvidiactl", dev_dir / "nvidia-uvm"]
     missing = [str(p) for p in required if not p.exists()]
     if not gpus:
         missing.append(f"{dev_dir}/nvidia0 (one node per GPU)")
+    if missing and required_by is not None:
+        return Check(name, True, f"missing: {', '.join(missing)} (not needed: {required_by})")
     if missing:
         return Check(
             name,
@@ -464,7 +472,8 @@ def run_checks(
         users = job_users(settings, submit_group)
     python = python or worker_python(settings)
     checks = [check_nvml(diagnostics, required=settings.gpu_source == "nvml")]
-    checks.append(check_device_nodes(dev_dir, users))
+    simulated = None if settings.gpu_source == "nvml" else f"gpu_source is {settings.gpu_source}"
+    checks.append(check_device_nodes(dev_dir, users, required_by=simulated))
     checks.extend(check_folders(settings, submit_group))
     checks.append(check_config(settings, config_path))
     checks.append(check_worker_command(settings, users))

@@ -109,6 +109,23 @@ def plot_data(
     )
 
 
+#: The longest window ``plot`` draws by default, and the shortest.
+MAX_DEFAULT_S = 24 * 3600.0
+MIN_DEFAULT_S = 300.0
+
+
+def data_since(ledger: LedgerBackend, until: float) -> float:
+    """Where the default window starts: at the oldest GPU reading or transition of the last
+    24 h (a little before it), so a daemon that ran for minutes fills the plot instead of
+    sitting at the right edge of a 24 h axis; at least 5 minutes wide."""
+    earliest = until - MAX_DEFAULT_S
+    starts = [float(r["at"]) for r in ledger.gpu_history_buckets(earliest, 3600.0)]
+    starts += [float(t["at"]) for t in ledger.transitions_since(earliest)[:1]]
+    start = min((t for t in starts if t >= earliest), default=until - MIN_DEFAULT_S)
+    span = max(until - start, MIN_DEFAULT_S) * 1.03
+    return max(until - span, earliest)
+
+
 #: How a run's end is marked: (marker, colour).
 OUTCOME_MARK = {
     "done": ("o", "#2ca02c"),
@@ -155,15 +172,18 @@ def draw(data: PlotData, out: Path, *, title: str = "gpuspool") -> None:
             top.axhline(data.total_gib[uuid], color=gpu_colour[uuid], lw=0.6, ls=":", alpha=0.6)
     top.axhline(data.threshold_gib, color="black", ls="--", lw=1.2,
                 label=f"threshold {data.threshold_gib:g} GiB")  # fmt: skip
+    ceiling = y_ceiling(data)
     for lane in lanes:
-        if abs(lane.threshold_gib - data.threshold_gib) > 1e-6:
+        # A job's own threshold is drawn only where a GPU could reach it: one impossible job
+        # must not squash every GPU's line to the bottom of a 500 GiB axis.
+        if abs(lane.threshold_gib - data.threshold_gib) > 1e-6 and lane.threshold_gib <= ceiling:
             top.axhline(lane.threshold_gib, color="grey", ls="--", lw=0.6, alpha=0.5)
         for s in lane.segments:
             if s.kind == "run":
                 top.axvline(when(s.start), color=gpu_colour.get(s.gpu_uuid or "", "grey"),
                             lw=0.8, alpha=0.5)  # fmt: skip
     top.set_ylabel("free memory (GiB)")
-    top.set_ylim(bottom=0)
+    top.set_ylim(0, ceiling * 1.05)
     top.grid(alpha=0.3)
     top.legend(loc="upper left", fontsize=8, ncols=2)
     top.set_title(title)
@@ -208,6 +228,17 @@ def draw(data: PlotData, out: Path, *, title: str = "gpuspool") -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def y_ceiling(data: PlotData) -> float:
+    """The top of the memory axis: the largest GPU (or reading), and the default threshold
+    when a GPU can reach it; never a job's threshold that no GPU has."""
+    values = [*data.total_gib.values()]
+    values += [v for points in data.free_gib.values() for _, v in points if v is not None]
+    if not values:
+        return max(data.threshold_gib, 1.0)
+    largest = max(values)
+    return max(largest, data.threshold_gib) if data.threshold_gib <= largest * 1.5 else largest
 
 
 def _datetime(t: float) -> Any:

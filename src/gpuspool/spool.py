@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import stat
 import time
 import tomllib
@@ -40,6 +41,16 @@ class RawJob:
     data: dict[str, Any]
     submitter_uid: int
     suffix: str
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedJob:
+    """A job the daemon refused: its id, its ``.reason`` file and that file's fields."""
+
+    job_id: str
+    path: Path
+    fields: dict[str, str]
+    at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,18 +188,76 @@ class Spool:
         return dest
 
     def reject(self, name: bytes, reason: str, *, now: float | None = None) -> Path:
-        """Move an entry (whatever it is; links are not followed) to ``rejected/`` with a reason."""
+        """Move an entry (whatever it is; links are not followed) to ``rejected/`` with a reason.
+
+        When the entry is a job file that could be read, the reason file is named
+        ``<time>-<job id>-<random>.reason`` and says ``job: <id>``: the id ``submit`` printed,
+        so ``gpuspool show ID`` still finds a job the daemon refused.
+        """
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now if now is not None else time.time()))
-        base = f"{stamp}-{uuid.uuid4().hex[:8]}"
+        job_id = self._entry_job_id(name)
+        base = (
+            f"{stamp}-{job_id}-{uuid.uuid4().hex[:8]}"
+            if job_id
+            else f"{stamp}-{uuid.uuid4().hex[:8]}"
+        )
         dest = self.rejected / base
         reason_path = self.rejected / f"{base}.reason"
+        job_line = f"job: {job_id}\n" if job_id else ""
         _write_atomic(
             reason_path,
-            f"file: {display_name(name)}\nreason: {reason}\n".encode(),
+            f"file: {display_name(name)}\nreason: {reason}\n{job_line}".encode(),
         )
         with contextlib.suppress(FileNotFoundError):  # gone meanwhile: the reason still tells
             os.rename(os.path.join(bytes(self.incoming), name), bytes(dest))
         return reason_path
+
+    def _entry_job_id(self, name: bytes) -> str | None:
+        """The job id of ``incoming/<name>`` if it is a readable job file (as :meth:`read` would
+        compute it), else None. Opened as :meth:`read` opens it: no links, no blocking."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        try:
+            dir_fd = os.open(self.incoming, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return None
+        try:
+            fd = os.open(name, flags, dir_fd=dir_fd)
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(dir_fd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > self.max_bytes:
+                return None
+            content = os.read(fd, self.max_bytes + 1)
+            if len(content) != st.st_size:
+                return None
+            return job_id_for(name, st, content)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def find_rejected(self, ref: str) -> RejectedJob | None:
+        """The newest refused job whose id is ``ref`` or starts with it (at least 4 hex digits).
+
+        Raises PermissionError when ``rejected/`` may not be read.
+        """
+        if not re.fullmatch(r"[0-9a-f]{4,64}", ref):
+            return None
+        found = sorted(self.rejected.glob(f"*-{ref}*.reason"))
+        for path in reversed(found):
+            fields: dict[str, str] = {}
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                key, sep, value = line.partition(": ")
+                if sep:
+                    fields.setdefault(key, value)
+            job_id = fields.pop("job", "")
+            if job_id.startswith(ref):
+                at = path.stat().st_mtime
+                return RejectedJob(job_id, path, fields, at)
+        return None
 
     def submit(self, data: dict[str, Any], *, stem: str | None = None) -> tuple[Path, str]:
         """Publish a job: write ``tmp/<name>.json``, rename it into ``incoming/``.

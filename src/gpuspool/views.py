@@ -6,9 +6,12 @@ tests can render them without a terminal. Must not import torch or matplotlib.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,10 +130,98 @@ def _duration(seconds: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def status_view(
-    data: dict[str, Any], *, poll_interval_s: float = 5.0, max_waiting: int | None = 40
-) -> RenderableType:
-    """A header line and a table with a progress bar per running job."""
+#: Invisible characters that reorder text on a terminal (bidi overrides and isolates).
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
+
+
+def safe(value: object) -> str:
+    """``value`` as text a terminal shows as it is: control characters (ESC, newline, tab,
+    C1 codes) and bidi overrides are written as escapes (``\\x1b``), never sent raw.
+
+    Every string a user or a worker controls (job names, reasons, paths, log fields) passes
+    through this before it is printed; rich markup is avoided separately by printing such
+    strings as :class:`rich.text.Text`, never as markup.
+    """
+    text = value if isinstance(value, str) else str(value)
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable() or (ch == " "):
+            out.append(ch)
+        elif unicodedata.category(ch) in ("Cc", "Cs") or ch in _BIDI or ch in "\u2028\u2029":
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:  # other invisible characters (e.g. zero-width joiners in emoji) are harmless
+            out.append(ch)
+    return "".join(out)
+
+
+def plain(value: object) -> Text:
+    """A user-controlled string as rich text: escaped, and never parsed as markup."""
+    return Text(safe(value))
+
+
+@dataclass(frozen=True, slots=True)
+class _Column:
+    """A table column and how it yields to a narrow terminal.
+
+    ``drop``: the order in which columns are left out when the table does not fit (lower goes
+    last; 0 is never dropped: ids and states). ``shrink``: the column may wrap down to
+    ``min_width`` cells instead of being dropped.
+    """
+
+    header: str
+    drop: int
+    shrink: bool = False
+    min_width: int = 0
+
+
+def _cell_width(cell: RenderableType) -> int:
+    if isinstance(cell, Text):
+        return max((Text(line).cell_len for line in cell.plain.split("\n")), default=0)
+    if isinstance(cell, ProgressBar):
+        return cell.width or 20
+    return len(str(cell))
+
+
+def _fit_table(
+    columns: list[_Column], rows: list[list[RenderableType]], width: int | None
+) -> Table:
+    """A borderless table of ``rows`` that fits in ``width`` cells.
+
+    Columns are left out, most droppable first, until the rest fit; ids and states are never
+    left out nor cut (they fold onto a second line only when even they do not fit).
+    """
+    natural = [
+        max([len(c.header), *(_cell_width(r[i]) for r in rows)]) for i, c in enumerate(columns)
+    ]
+    keep = list(range(len(columns)))
+
+    def needed(idx: list[int]) -> int:
+        widths = [
+            min(natural[i], columns[i].min_width) if columns[i].shrink else natural[i] for i in idx
+        ]
+        return sum(widths) + 2 * (len(idx) - 1)  # a column is padded by one cell each side
+
+    if width is not None:
+        for i in sorted(keep, key=lambda i: -columns[i].drop):
+            if needed(keep) <= width or columns[i].drop == 0:
+                break
+            keep.remove(i)
+    table = Table(box=None, pad_edge=False, header_style="bold", expand=False)
+    for i in keep:
+        col = columns[i]
+        if col.shrink:
+            table.add_column(col.header, min_width=min(natural[i], col.min_width))
+        else:
+            table.add_column(col.header, no_wrap=True, min_width=natural[i], overflow="fold")
+    for row in rows:
+        table.add_row(*(row[i] for i in keep))
+    return table
+
+
+def _status_head(data: dict[str, Any], poll_interval_s: float) -> Text:
     c = data["counts"]
     waiting = c["queued"] + c["interrupted"] + c["deferred"]
     head = Text.assemble(
@@ -150,57 +241,129 @@ def status_view(
             f"  last tick {_duration(age)} ago" + (" (daemon not running?)" if stale else ""),
             "bold red" if stale else "dim",
         )
-    table = Table(expand=False, pad_edge=False, box=None, header_style="bold")
-    for col in ("id", "name", "state", "GPU", "progress", "lines", "audio-s/s", "ETA", "peak",
-                "why waiting / result"):  # fmt: skip
-        table.add_column(col, no_wrap=col not in ("why waiting / result", "name"))
+    return head
+
+
+def _job_cells(job: dict[str, Any]) -> dict[str, Any]:
+    """One job's status cells as plain strings (and the progress fraction for a bar)."""
+    p = job["progress"]
+    done, total = p.get("lines_done"), p.get("lines_total")
+    running = job["state"] == "running"
+    lines = ""
+    fraction = None
+    if isinstance(done, int):
+        lines = f"{done}/{total}" if total else str(done)
+        if isinstance(total, int) and total > 0:
+            lines += f" {100.0 * done / total:.0f}%"
+            if running or job["state"] == "done":
+                fraction = (float(done), float(total))
+    rate = p.get("audio_s_per_s")
+    peak = p.get("gpu_peak_gib") if running else job["peak_gib"]
+    gpu = ""
+    if job["gpu_uuid"] and (running or job["state"] in TERMINAL_VALUES):
+        short = safe(job["gpu_uuid"])[:12]
+        gpu = f"{job['gpu_index']} {short}" if job["gpu_index"] is not None else short
+    if job["state"] in ("running", "done"):
+        note = "" if running else f"in {_duration(job['elapsed_s'])}"
+    else:
+        note = safe(job["reason"] or "")
+    eta = p.get("eta_s") if running else None
+    return {
+        "id": safe(job["id"]),
+        "name": safe(job["name"] or ""),
+        "state": safe(job["state"]),
+        "gpu": gpu,
+        "fraction": fraction,
+        "lines": lines,
+        "rate": f"{rate:.1f}" if isinstance(rate, (int, float)) else "",
+        "eta": _duration(eta) if isinstance(eta, (int, float)) else "",
+        "peak": f"{peak:.1f} GiB" if isinstance(peak, (int, float)) else "",
+        "note": note,
+    }
+
+
+def _listed_jobs(data: dict[str, Any], max_waiting: int | None) -> tuple[list[dict[str, Any]], int]:
+    """The jobs to list (at most ``max_waiting`` waiting ones) and how many waiting are not."""
+    hidden = int(data.get("hidden_waiting", 0))
+    shown: list[dict[str, Any]] = []
     waiting_shown = 0
-    hidden = data.get("hidden_waiting", 0)
     for job in data["jobs"]:
         if job["waiting_for"] is not None:
             waiting_shown += 1
             if max_waiting is not None and waiting_shown > max_waiting:
                 hidden += 1
                 continue
-        p = job["progress"]
-        done, total = p.get("lines_done"), p.get("lines_total")
-        running = job["state"] == "running"
-        bar: RenderableType = ""
-        lines = ""
-        if done is not None:
-            lines = f"{done}/{total}" if total else str(done)
-            if total:
-                lines += f" {100.0 * done / max(total, 1):.0f}%"
-                if running or job["state"] == "done":
-                    bar = ProgressBar(total=float(total), completed=float(done), width=20)
-        rate = p.get("audio_s_per_s")
-        peak = p.get("gpu_peak_gib") if running else job["peak_gib"]
-        gpu = ""
-        if job["gpu_uuid"]:
-            short = job["gpu_uuid"][:12]
-            gpu = f"{job['gpu_index']} {short}" if job["gpu_index"] is not None else short
-        if job["state"] in ("running", "done"):
-            note = "" if running else f"in {_duration(job['elapsed_s'])}"
-        else:
-            note = job["reason"] or ""
-        table.add_row(
-            job["id"],
-            job["name"] or "",
-            Text(job["state"], STATE_STYLE.get(job["state"], "")),
-            gpu if running or job["state"] in TERMINAL_VALUES else "",
-            bar,
-            lines,
-            f"{rate:.1f}" if isinstance(rate, (int, float)) else "",
-            _duration(p.get("eta_s")) if running else "",
-            f"{peak:.1f} GiB" if isinstance(peak, (int, float)) else "",
-            note,
-        )
+        shown.append(job)
+    return shown, hidden
+
+
+STATUS_COLUMNS = [
+    _Column("id", 0),
+    _Column("state", 0),
+    _Column("name", 3, shrink=True, min_width=10),
+    _Column("GPU", 5),
+    _Column("progress", 9),
+    _Column("lines", 4),
+    _Column("audio-s/s", 8),
+    _Column("ETA", 6),
+    _Column("peak", 7),
+    _Column("why waiting / result", 2, shrink=True, min_width=20),
+]
+
+
+def status_view(
+    data: dict[str, Any],
+    *,
+    poll_interval_s: float = 5.0,
+    max_waiting: int | None = 40,
+    width: int | None = None,
+) -> RenderableType:
+    """A header line and a table with a progress bar per running job.
+
+    ``width``: the terminal's width; columns are left out until the table fits, never the id
+    or the state (None: every column).
+    """
+    head = _status_head(data, poll_interval_s)
     if not data["jobs"]:
         return Group(head, Text("no jobs", "dim"))
+    jobs, hidden = _listed_jobs(data, max_waiting)
+    rows: list[list[RenderableType]] = []
+    for job in jobs:
+        c = _job_cells(job)
+        bar: RenderableType = ""
+        if c["fraction"] is not None:
+            done, total = c["fraction"]
+            bar = ProgressBar(total=total, completed=done, width=20)
+        rows.append([
+            Text(c["id"]), Text(c["state"], STATE_STYLE.get(job["state"], "")), Text(c["name"]),
+            Text(c["gpu"]), bar, Text(c["lines"]), Text(c["rate"]), Text(c["eta"]),
+            Text(c["peak"]), Text(c["note"]),
+        ])  # fmt: skip
+    table = _fit_table(STATUS_COLUMNS, rows, width)
     if hidden:
         more = Text(f"… and {hidden} more waiting jobs (gpuspool status --all-waiting)", "dim")
         return Group(head, table, more)
     return Group(head, table)
+
+
+def status_lines(data: dict[str, Any], *, poll_interval_s: float = 5.0) -> list[str]:
+    """``status`` for a pipe: one job per line, tab-separated, every field complete.
+
+    Columns: id, state, GPU, lines, audio-s/s, ETA, peak, name, why waiting / result (an empty
+    field is ``-``); header lines start with ``#``. ``awk '$2 == "queued"'`` and
+    ``grep -c queued`` work on it; user strings are escaped, so no field holds a tab or newline.
+    """
+    head = _status_head(data, poll_interval_s).plain
+    out = [f"# {head}", "# id\tstate\tgpu\tlines\taudio_s_per_s\teta\tpeak\tname\twhy"]
+    jobs, hidden = _listed_jobs(data, None)
+    for job in jobs:
+        c = _job_cells(job)
+        fields = [c["id"], c["state"], c["gpu"], c["lines"], c["rate"], c["eta"], c["peak"],
+                  c["name"], c["note"]]  # fmt: skip
+        out.append("\t".join(f or "-" for f in fields))
+    if hidden:
+        out.append(f"# {hidden} more waiting jobs not in the published snapshot")
+    return out
 
 
 TERMINAL_VALUES = {s.value for s in TERMINAL_STATES}
@@ -247,8 +410,7 @@ def gpus_data(
     }
 
 
-def gpus_view(data: dict[str, Any], now: float) -> RenderableType:
-    """One row per GPU; processes listed under it, ours marked ★ with the job."""
+def _gpus_head(data: dict[str, Any], now: float) -> Text:
     t = data["threshold_gib"]
     k = data["stable_polls_needed"]
     head = Text.assemble(
@@ -259,14 +421,44 @@ def gpus_view(data: dict[str, Any], now: float) -> RenderableType:
     else:
         head.append(f"  as of {time.strftime('%H:%M:%S', time.localtime(data['at']))}", "dim")
         head.append(f" ({_duration(now - data['at'])} ago)", "dim")
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("#", "uuid", "name", "free / total GiB", "memory", "reserved", "fits", "stable",
-                "processes"):  # fmt: skip
-        table.add_column(col, no_wrap=col != "processes")
+    return head
+
+
+def _proc_label(p: dict[str, Any]) -> str:
+    used = p.get("used_mib")
+    size = f"{used / 1024:.1f} GiB" if isinstance(used, (int, float)) else "? GiB"
+    if p.get("job_id"):
+        return f"★ {p['pid']} {size} job {safe(p.get('job_name') or p['job_id'])}"
+    return f"  {p['pid']} {size}"
+
+
+GPU_COLUMNS = [
+    _Column("#", 0),
+    _Column("uuid", 0),
+    _Column("name", 6, shrink=True, min_width=8),
+    _Column("free / total GiB", 1),
+    _Column("memory", 7),
+    _Column("reserved", 4),
+    _Column("fits", 2),
+    _Column("stable", 3),
+    _Column("processes", 5, shrink=True, min_width=16),
+]
+
+
+def gpus_view(data: dict[str, Any], now: float, *, width: int | None = None) -> RenderableType:
+    """One row per GPU; processes listed under it, ours marked ★ with the job.
+
+    ``width``: the terminal's width; columns are left out until the table fits, never the
+    index or the UUID.
+    """
+    k = data["stable_polls_needed"]
+    rows: list[list[RenderableType]] = []
     for g in data["gpus"]:
+        index, uuid, name = Text(safe(g["index"])), Text(safe(g["uuid"])), plain(g["name"])
         if not g["healthy"]:
-            table.add_row(str(g["index"]), g["uuid"], g["name"], Text(f"ERROR {g.get('error')}",
-                          "bold red"), "", "", Text("no", "red"), "", "")  # fmt: skip
+            err = Text(f"ERROR {safe(g.get('error'))}", "bold red")
+            rows.append([index, uuid, name, err, "", Text(""), Text("no", "red"), Text(""),
+                         Text("")])  # fmt: skip
             continue
         total = g["total_mib"] / 1024.0
         free = g["free_mib"] / 1024.0
@@ -274,56 +466,88 @@ def gpus_view(data: dict[str, Any], now: float) -> RenderableType:
         for i, p in enumerate(g["processes"]):
             if i:
                 procs.append("\n")
-            used = p.get("used_mib")
-            size = f"{used / 1024:.1f} GiB" if isinstance(used, (int, float)) else "? GiB"
-            if p["job_id"]:
-                procs.append(f"★ {p['pid']} {size} job {p['job_name'] or p['job_id']}", "green")
-            else:
-                procs.append(f"  {p['pid']} {size}")
-        table.add_row(
-            str(g["index"]),
-            g["uuid"],
-            g["name"],
-            f"{free:.1f} / {total:.1f}",
+            procs.append(_proc_label(p), "green" if p["job_id"] else "")
+        rows.append([
+            index, uuid, name, Text(f"{free:.1f} / {total:.1f}"),
             ProgressBar(total=total or 1.0, completed=total - free, width=16),
-            f"{g.get('reserved_gib', 0.0):.1f}",
+            Text(f"{g.get('reserved_gib', 0.0):.1f}"),
             Text("yes", "green") if g["meets_threshold"] else Text("no", "yellow"),
-            f"{g['stable_polls']}/{k}",
-            procs,
-        )
+            Text(f"{g['stable_polls']}/{k}"), procs,
+        ])  # fmt: skip
+    table = _fit_table(GPU_COLUMNS, rows, width)
     foot = Text("★ = a gpuspool job's process", "dim")
-    return Group(head, table, foot)
+    return Group(_gpus_head(data, now), table, foot)
+
+
+def gpus_lines(data: dict[str, Any], now: float) -> list[str]:
+    """``gpus`` for a pipe: one GPU per line, tab-separated, every field complete.
+
+    Columns: index, uuid, free GiB, total GiB, reserved GiB, fits, stable, name, processes
+    (``pid:GiB`` or ``pid:GiB:job=ID``, space-separated); an empty field is ``-``.
+    """
+    k = data["stable_polls_needed"]
+    out = [
+        f"# {_gpus_head(data, now).plain}",
+        "# index\tuuid\tfree_gib\ttotal_gib\treserved_gib\tfits\tstable\tname\tprocesses",
+    ]
+    for g in data["gpus"]:
+        head = [safe(g["index"]), safe(g["uuid"])]
+        if not g["healthy"]:
+            fields = [*head, "-", "-", "-", "no", "-", safe(g["name"]),
+                      f"ERROR {safe(g.get('error'))}"]  # fmt: skip
+        else:
+            procs = []
+            for p in g["processes"]:
+                used = p.get("used_mib")
+                size = f"{used / 1024:.1f}" if isinstance(used, (int, float)) else "?"
+                job = f":job={safe(p['job_id'])}" if p.get("job_id") else ""
+                procs.append(f"{p['pid']}:{size}{job}")
+            fields = [
+                *head, f"{g['free_mib'] / 1024:.1f}", f"{g['total_mib'] / 1024:.1f}",
+                f"{g.get('reserved_gib', 0.0):.1f}", "yes" if g["meets_threshold"] else "no",
+                f"{g['stable_polls']}/{k}", safe(g["name"]), " ".join(procs),
+            ]  # fmt: skip
+        out.append("\t".join(f or "-" for f in fields))
+    return out
 
 
 def log_line(raw: str) -> Text:
-    """One line of a job's log, for a terminal: time, source, event and its fields."""
+    """One line of a job's log, for a terminal: time, source, event and its fields.
+
+    Every value is escaped (:func:`safe`): the worker's output is the user's, and must not
+    move the cursor or recolour the terminal of whoever reads the log.
+    """
     raw = raw.rstrip("\n")
     try:
         event = json.loads(raw) if raw.startswith("{") else None
     except ValueError:
         event = None
     if not isinstance(event, dict):
-        return Text(raw, "dim")
+        return Text(safe(raw), "dim")
     fields = dict(event)
-    name = str(fields.pop("event", "?"))
-    source = str(fields.pop("source", "worker"))
+    name = safe(fields.pop("event", "?"))
+    source = safe(fields.pop("source", "worker"))
     ts = logs.parse_timestamp(fields.pop("timestamp", fields.pop("ts", None)))
-    stamp = time.strftime("%H:%M:%S", time.localtime(ts)) if ts is not None else ""
+    stamp = ""
+    if ts is not None:
+        with contextlib.suppress(OverflowError, OSError, ValueError):
+            stamp = time.strftime("%H:%M:%S", time.localtime(ts))
     style = "red" if name in ("error", "job_failed") else ("green" if name in (
         "summary", "job_finished") else "")  # fmt: skip
     line = Text(f"{stamp:8} ", "dim")
     line.append(f"{source:6} ", "magenta" if source == "daemon" else "cyan")
     line.append(name, f"bold {style}".strip())
-    if name == "progress" and fields.get("lines_total"):
-        done, total = fields.pop("lines_done", 0) or 0, fields.pop("lines_total")
-        line.append(f" {done}/{total} ({100.0 * done / max(total, 1):.0f}%)")
+    done, total = fields.get("lines_done"), fields.get("lines_total")
+    if name == "progress" and isinstance(total, int) and total > 0 and isinstance(done, int):
+        del fields["lines_done"], fields["lines_total"]
+        line.append(f" {done}/{total} ({100.0 * done / total:.0f}%)")
     for key, value in fields.items():
         if value is None or key in ("job_id", "argv"):
             continue
         if isinstance(value, float):
             value = round(value, 2)
-        line.append(f" {key}=", "dim")
-        line.append(value if isinstance(value, str) else json.dumps(value, default=str))
+        line.append(f" {safe(key)}=", "dim")
+        line.append(safe(value if isinstance(value, str) else json.dumps(value, default=str)))
     return line
 
 
@@ -332,10 +556,12 @@ def log_json(raw: str) -> str:
     raw = raw.rstrip("\n")
     if raw.startswith("{"):
         try:
-            if isinstance(json.loads(raw), dict):
-                return raw
+            event = json.loads(raw)
         except ValueError:
-            pass
+            event = None
+        if isinstance(event, dict):
+            # JSON may hold C1 codes or bidi overrides unescaped; re-encoded, they are \uXXXX.
+            return raw if raw.isascii() else json.dumps(event)
     return json.dumps({"event": "output", "source": "worker", "line": raw})
 
 

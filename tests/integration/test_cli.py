@@ -37,7 +37,7 @@ def test_submit_prints_id_need_and_threshold_and_daemon_agrees(
     h, cfg = cli
     code, out, _ = run(
         cfg, capsys, "submit", "-i", str(h.data / "in.jsonl"), "-o", str(h.data / "o.jsonl"),
-        "--tokenizer", "tiny", "--name", "first", "--min-free-gib", "auto", "--json",
+        "--tokenizer", "Qwen/tiny", "--name", "first", "--min-free-gib", "auto", "--json",
     )  # fmt: skip
     assert code == 0
     result = json.loads(out)

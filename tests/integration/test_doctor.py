@@ -353,3 +353,32 @@ def test_main_exits_non_zero_and_prints_fixes(dev: Path, user: Identity, shared:
     assert "✗ NVML and driver" in text and "reboot" in text
     assert f"✗ GPU device nodes: {user} may not read {dev / 'nvidia0'}" in text
     assert text.count("fix:") >= 2
+
+
+def test_simulated_gpus_make_device_nodes_optional(tmp_path: Path, user: Identity) -> None:
+    """With a file gpu_source, missing /dev/nvidia* nodes are reported, not a problem."""
+    empty = tmp_path / "dev"
+    empty.mkdir()
+    check = check_device_nodes(empty, [user], required_by="gpu_source is file:/x")
+    assert (
+        check.ok and "missing" in check.detail and "not needed: gpu_source is file" in check.detail
+    )
+    assert not check_device_nodes(empty, [user]).ok
+
+
+def test_cli_doctor_names_the_config_it_was_given(tmp_path: Path) -> None:
+    """`gpuspool --config PATH doctor` says the config was loaded from PATH; a simulated GPU
+    source passes the NVML and device-node checks."""
+    cfg = tmp_path / "gpuspool.toml"
+    cfg.write_text(
+        f'spool_dir = "{tmp_path / "spool"}"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'gpu_source = "file:{tmp_path / "gpus.json"}"\n'
+        'worker_command = ["/nonexistent/python", "-m", "gpuspool.extract"]\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "gpuspool.cli", "--config", str(cfg), "doctor"],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "COLUMNS": "300"},
+    )  # fmt: skip
+    assert f"✓ config: loaded from {cfg}" in done.stdout, done.stdout
+    assert "✓ GPU device nodes" in done.stdout and "✓ NVML" in done.stdout, done.stdout

@@ -199,7 +199,7 @@ def test_odd_names_are_accepted_or_refused_with_one_line_reasons(harness: Harnes
     reason_files = harness.daemon.spool.reason_files()
     assert len(reason_files) == 1
     text = reason_files[0].read_text()
-    assert text.count("\n") == 2 and text.startswith("file: broken\\n")
+    assert text.count("\n") == 3 and text.startswith("file: broken\\n")
 
 
 @pytest.mark.parametrize(

@@ -44,3 +44,16 @@ def test_bad_config_names_the_field(tmp_path: Path) -> None:
         load_settings(cfg)
     with pytest.raises(ConfigError, match="no such config file"):
         load_settings(tmp_path / "missing.toml")
+
+
+def test_config_error_is_a_plain_message(tmp_path: Path) -> None:
+    """`min_free_gib = "auto"` in the config: one plain line naming the key and the value, no
+    pydantic type names or documentation links, and a hint that "auto" is per job."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('min_free_gib = "auto"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(cfg)
+    message = str(caught.value)
+    assert message.startswith(f"{cfg}: min_free_gib: ") and "(got 'auto')" in message
+    assert "per-job" in message
+    assert "\n" not in message and "pydantic" not in message and "type=" not in message

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import sys
 from pathlib import Path
 
-from gpuspool.plot import draw, plot_data
+import pytest
+
+from gpuspool.plot import data_since, draw, plot_data, y_ceiling
 from tests.conftest import Harness, gpu_entry
 
 
@@ -68,3 +71,36 @@ def test_draw_writes_a_png(harness: Harness, tmp_path: Path) -> None:
     draw(data, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.stat().st_size > 10_000
+
+
+def test_default_window_fits_a_short_run(harness: Harness) -> None:
+    """A daemon that ran for minutes gets a window of minutes, not 24 h."""
+    recorded_run(harness)
+    since = data_since(harness.daemon.ledger, harness.now)
+    assert since <= 1000.0 and harness.now - since < 600.0
+
+
+def test_an_impossible_threshold_does_not_stretch_the_axis(harness: Harness) -> None:
+    """One job's 500 GiB threshold on 80 GiB GPUs: the memory axis still ends near 80 GiB."""
+    recorded_run(harness)
+    data = plot_data(harness.daemon.ledger, since=1000.0, until=harness.now, threshold_gib=20.0)
+    data.jobs[0].threshold_gib = 500.0
+    assert y_ceiling(data) == 80.0
+    data.threshold_gib = 500.0  # even the default: no GPU here reaches it
+    assert y_ceiling(data) == 80.0
+
+
+def test_plot_without_matplotlib_keeps_the_extra_in_its_hint(
+    harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """The install hint names `gpuspool[plot]` (rich markup used to eat the brackets)."""
+    from gpuspool.cli import main
+
+    harness.tick()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'state_dir = "{harness.settings.state_dir}"\n')
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    code = main(["--config", str(cfg), "plot", "-o", str(tmp_path / "p.png")])
+    err = capsys.readouterr().err
+    assert code == 1 and "pip install 'gpuspool[plot]'" in err
