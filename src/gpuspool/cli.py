@@ -520,14 +520,15 @@ def _show_rejected(s: Settings, ref: str) -> dict[str, Any] | None:
             "rejected_at": found.at}  # fmt: skip
 
 
-def _show_queued(s: Settings, ref: str) -> dict[str, Any] | str:
-    """The job from the ledger, in full; else why not (no match, no queue, not readable)."""
+def _show_queued(s: Settings, ref: str) -> dict[str, Any] | tuple[str, int]:
+    """The job from the ledger, in full; else why not and the exit code: 1 for no such job,
+    2 for a queue that cannot be opened or read."""
     if not s.ledger_is_shared and not s.ledger_path.exists():
-        return f"no job matches {ref!r} (and no queue at {s.ledger_path})"
+        return f"no job matches {ref!r} (and no queue at {s.ledger_path})", 1
     try:
         ledger = open_ledger(s, readonly=True)
     except Exception as exc:  # e.g. the ledger is not this user's to open
-        return f"cannot read the queue at {s.ledger_shown}: {exc}"
+        return f"cannot open the ledger: {exc}", 2
     try:
         record = ledger.find(ref)
         out = job_dict(record)
@@ -535,9 +536,9 @@ def _show_queued(s: Settings, ref: str) -> dict[str, Any] | str:
         out["progress"] = record.progress
         out["transitions"] = ledger.transitions(record.id)
     except LedgerError as exc:
-        return str(exc)
+        return str(exc), 1
     except Exception as exc:  # e.g. the ledger is not this user's to open
-        return f"cannot read the queue at {s.ledger_path}: {exc}"
+        return f"cannot read the queue at {s.ledger_shown}: {exc}", 2
     finally:
         ledger.close()
     return out
@@ -559,7 +560,8 @@ def show(
     found = _show_queued(s, job)
     out = found if isinstance(found, dict) else _show_rejected(s, job)
     if out is None:
-        raise _fail(found if isinstance(found, str) else f"no job matches {job!r}")
+        message, code = found if isinstance(found, tuple) else (f"no job matches {job!r}", 1)
+        raise _fail(message, code)
     print(json.dumps(out if epoch else _with_local_times(out), indent=1, default=str))
 
 
