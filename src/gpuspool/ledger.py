@@ -139,6 +139,11 @@ class LedgerError(Exception):
     """A requested change does not apply to the job in its current state."""
 
 
+class LedgerUnusable(Exception):
+    """The ledger cannot be opened, or fails its integrity check: the daemon must not run on it
+    (it would reject every new job). The message is one line naming the file."""
+
+
 def _row_to_record(row: sqlite3.Row) -> JobRecord:
     return JobRecord(
         id=row["id"],
@@ -216,6 +221,31 @@ class Ledger:
 
     def close(self) -> None:
         self._db.close()
+
+    @classmethod
+    def open_checked(cls, path: Path) -> Ledger:
+        """The daemon's ledger, created if missing, after ``PRAGMA quick_check``.
+
+        Raises :class:`LedgerUnusable` for a file SQLite cannot open or that is corrupt, so the
+        daemon stops at start-up with the reason instead of failing every write later.
+        """
+        try:
+            ledger = cls(path)
+        except (sqlite3.Error, OSError) as exc:
+            raise LedgerUnusable(f"cannot open the ledger {path}: {exc}") from exc
+        try:
+            rows = ledger._db.execute("PRAGMA quick_check(5)").fetchall()
+            problems = [str(r[0]) for r in rows if str(r[0]) != "ok"]
+        except sqlite3.Error as exc:
+            problems = [str(exc)]
+        if problems:
+            ledger.close()
+            detail = "; ".join(" ".join(p.split()) for p in problems)
+            raise LedgerUnusable(
+                f"the ledger {path} is corrupt ({detail}); restore it from a backup, or move it"
+                " aside to start with a new one"
+            )
+        return ledger
 
     def _bump(self) -> None:
         self._state_writes += 1

@@ -40,9 +40,7 @@ class RunningJob(Protocol):
 def reservations(running: Iterable[RunningJob], gpus: Iterable[GpuSnapshot]) -> dict[str, float]:
     """GiB still reserved per GPU: each job's need less what NVML shows its process using, so two
     jobs never start on the same free memory and a reservation fades as the job's memory shows."""
-    used_by_pid = {
-        (g.uuid, p.pid): (p.used_mib or 0.0) / 1024.0 for g in gpus for p in g.processes
-    }
+    used_by_pid = {(g.uuid, p.pid): (p.used_mib or 0.0) / 1024.0 for g in gpus for p in g.processes}
     reserved: dict[str, float] = {}
     for job in running:
         if job.gpu_uuid is None:

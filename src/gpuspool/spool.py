@@ -193,18 +193,48 @@ class Spool:
     def submit(self, data: dict[str, Any], *, stem: str | None = None) -> tuple[Path, str]:
         """Publish a job: write ``tmp/<name>.json``, rename it into ``incoming/``.
 
-        Returns the published path and the job id the daemon will give it.
+        Works as an ordinary member of the submitters' group, who may create files in ``tmp/``
+        and ``incoming/`` (mode 1730) but not open those folders: the file itself is fsync'd,
+        the folders only where the caller may open them. On any failure the file written in
+        ``tmp/`` is removed. Returns the published path and the job id the daemon will give it.
         """
-        self.staging.mkdir(parents=True, exist_ok=True)
+        if not self.staging.is_dir():
+            self.staging.mkdir(parents=True, exist_ok=True)
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in (stem or "job"))[:60]
         name = f"{safe}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.json"
         tmp = self.staging / name
-        content = json.dumps(data, indent=2).encode()
-        _write_atomic(tmp, content)
-        st = os.stat(tmp)
         dest = self.incoming / name
-        os.rename(tmp, dest)
+        content = json.dumps(data, indent=2).encode()
+        try:
+            _write_synced(tmp, content)
+            st = os.stat(tmp)
+            os.rename(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(self.incoming)
         return dest, job_id_for(name.encode(), st, content)
+
+    def prune_rejected(self, older_than: float) -> int:
+        """Remove entries of ``rejected/`` (and their ``.reason``) last changed before
+        ``older_than``; returns how many went. Never follows a link; a folder someone managed to
+        drop is left alone."""
+        removed = 0
+        try:
+            entries = list(os.scandir(self.rejected))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode) or st.st_mtime >= older_than:
+                    continue
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed += 1
+        return removed
 
     def reason_files(self) -> list[Path]:
         return sorted(self.rejected.glob("*.reason"))
@@ -233,16 +263,32 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _write_atomic(path: Path, content: bytes) -> None:
-    """Write ``content`` to ``path`` and fsync it (and its folder)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+def _write_synced(path: Path, content: bytes) -> None:
+    """Create ``path`` (it must not exist) with ``content``, fsync'd."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     try:
-        os.write(fd, content)
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """fsync a folder so a rename in it is durable, where the caller may open it (a submitter
+    may not open the drop folders; the daemon's later rename there is what must last)."""
+    try:
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except PermissionError:
+        return
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def _write_atomic(path: Path, content: bytes) -> None:
+    """Write ``content`` to ``path`` and fsync it (and its folder)."""
+    _write_synced(path, content)
+    _fsync_dir(path.parent)
