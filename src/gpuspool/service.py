@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import os
 import signal
+import stat
 import threading
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ from gpuspool.runner import Runner
 from gpuspool.spool import Spool
 from gpuspool.systemd import Notifier
 from gpuspool.timers import TickScheduler
-from gpuspool.views import publish_snapshot
+from gpuspool.views import SnapshotPublisher
 
 #: The lock file in ``state_dir`` held (``flock``) by the one daemon running on it.
 LOCK_NAME = "daemon.lock"
@@ -77,7 +78,7 @@ def lock_state_dir(state_dir: Path) -> int:
     try:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = state_dir / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         raise StartupError(f"cannot create the lock file in {state_dir}: {exc}") from exc
     try:
@@ -92,6 +93,20 @@ def lock_state_dir(state_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _private_logs(logs_dir: Path) -> None:
+    """Job logs readable by others (written before logs were private) become 0600: the logs
+    folder is searchable by submitters (0711) so each can read their own log by name."""
+    try:
+        entries = list(os.scandir(logs_dir))
+    except OSError:
+        return
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+                os.chmod(entry.path, stat.S_IMODE(st.st_mode) & 0o700, follow_symlinks=False)
 
 
 def _watch_spool(incoming: Path, wake: Any) -> Any:
@@ -178,6 +193,7 @@ class Service:
         self.status = ""  # written by the tick, read by the main thread
         self._lock_fd: int | None = None
         self._published = 0.0
+        self.publisher = SnapshotPublisher(settings.status_snapshot_path)
         self._pruned_rejected = float("-inf")
 
     # -- build ----------------------------------------------------------------------------------
@@ -187,6 +203,9 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self.flags.on_signal)
         s = self.settings
+        # Whatever the daemon creates is private unless it says otherwise (the status snapshots
+        # and reason files set their modes; jobs get umask 022 from their launch).
+        os.umask(0o077)
         self._lock_fd = lock_state_dir(s.state_dir)
         try:
             ledger = Ledger.open_checked(s.ledger_path)
@@ -198,6 +217,7 @@ class Service:
             ledger.close()
             raise StartupError(f"config: {exc}") from exc
         self.daemon.startup(time.time())
+        _private_logs(s.logs_dir)
         try:
             self.metrics, self.metrics_server = self._start_metrics(s)
             self.webhook = self._start_webhook(s)
@@ -261,17 +281,18 @@ class Service:
                 self.log.exception("status_line_failed")
 
     def _publish(self, daemon: Daemon, now: float) -> None:
-        """At most once a second, the status snapshots for users who cannot open the ledger."""
+        """At most once a second, the status snapshots for users who cannot open the ledger
+        (public and per user: see ``SnapshotPublisher``)."""
         if now - self._published < 1.0:
             return
         self._published = now
         try:
-            publish_snapshot(
-                daemon.settings.status_snapshot_path,
+            self.publisher.publish(
                 daemon.ledger,
                 now,
                 threshold_gib=daemon.settings.min_free_gib,
                 stable_polls=daemon.settings.stable_polls,
+                spool=daemon.spool,
             )
         except Exception:
             self.log.exception("status_snapshot_failed")
@@ -376,6 +397,7 @@ class Service:
                 self.log.error("config_reload_failed", setting="spool_dir", error=str(exc))
             else:
                 daemon.spool = spool
+                self.publisher = SnapshotPublisher(new.status_snapshot_path)
                 if "spool_dir" in changed:
                     if self.observer is not None:
                         self.observer.stop()

@@ -186,9 +186,35 @@ class Spool:
             reason_path,
             f"file: {display_name(name)}\nreason: {reason}\n".encode(),
         )
+        source = os.path.join(bytes(self.incoming), name)
         with contextlib.suppress(FileNotFoundError):  # gone meanwhile: the reason still tells
-            os.rename(os.path.join(bytes(self.incoming), name), bytes(dest))
+            _give_reason(reason_path, os.lstat(source).st_uid)
+            os.rename(source, bytes(dest))
         return reason_path
+
+    def reasons_of(self, names: list[str]) -> list[tuple[str, int, str]]:
+        """(name, owner uid, text) of the given ``.reason`` files of ``rejected/`` (a bounded
+        read each; links not followed; one that cannot be read is left out)."""
+        out = []
+        for name in names:
+            try:
+                fd = os.open(self.rejected / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+                text = os.read(fd, 4096).decode("utf-8", errors="replace")
+            finally:
+                os.close(fd)
+            out.append((name, st.st_uid, text))
+        return out
+
+    def reason_names(self) -> list[str]:
+        """The names of the ``.reason`` files in ``rejected/`` (not their contents)."""
+        try:
+            return [n for n in os.listdir(self.rejected) if n.endswith(".reason")]
+        except FileNotFoundError:
+            return []
 
     def submit(self, data: dict[str, Any], *, stem: str | None = None) -> tuple[Path, str]:
         """Publish a job: write ``tmp/<name>.json``, rename it into ``incoming/``.
@@ -273,6 +299,15 @@ def _write_synced(path: Path, content: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _give_reason(path: Path, uid: int) -> None:
+    """Hand a ``.reason`` file to the owner of the refused entry (mode 0400): in ``rejected/``
+    (0711: nobody can list it) they can read their own reasons by name, nobody else's."""
+    if os.geteuid() != 0:
+        return
+    os.chown(path, uid, -1)
+    os.chmod(path, 0o400)
 
 
 def _fsync_dir(folder: Path) -> None:
