@@ -377,7 +377,8 @@ class SnapshotPublisher:
     - ``status/status.json`` (0640, the spool's group): every job anonymised
       (:func:`anonymised`), the GPUs without job names;
     - ``status/users/<uid>.json`` (0400, owned by that user; the folder is 0711 so nobody can
-      list it): that user's own jobs in full, rewritten only when one of them changed;
+      list it): that user's own jobs in full (running, the first ``SNAPSHOT_WAITING`` waiting,
+      the latest finished), rewritten only when one of them changed;
     - each listed job's log is handed to its submitter (owner, mode 0600), so ``gpuspool logs``
       works for them in the 0711 logs folder;
     - each user's latest rejections (the ``.reason`` file's name and text; the file itself is
@@ -428,7 +429,9 @@ class SnapshotPublisher:
             mark = marks.get(uid, (0.0, 0))
             if self._marks.get(uid) == mark and uid not in rejected_by:
                 continue
-            own = status_data(ledger, now, max_waiting=None, snap=snap, submitter_uid=uid)
+            own = status_data(
+                ledger, now, max_waiting=SNAPSHOT_WAITING, snap=snap, submitter_uid=uid
+            )
             rejections = [r for r in self._rejections.get(uid, ()) if r["name"] in
                           self._seen_reasons]  # fmt: skip
             data = {"uid": uid, "at": now, "jobs": own["jobs"], "rejected": rejections[::-1]}
