@@ -275,17 +275,17 @@ class Service:
                     self.log.exception("metrics_observe_failed")
             self._publish(daemon, now)
             self._prune_rejected(daemon, now)
-            try:
-                self.status = status_line(daemon)
-            except Exception:
-                self.log.exception("status_line_failed")
 
     def _publish(self, daemon: Daemon, now: float) -> None:
-        """At most once a second, the status snapshots for users who cannot open the ledger
-        (public and per user: see ``SnapshotPublisher``)."""
+        """At most once a second: systemd's ``STATUS=`` line (sent by the main thread) and the
+        status snapshots for users who cannot open the ledger (see ``SnapshotPublisher``)."""
         if now - self._published < 1.0:
             return
         self._published = now
+        try:
+            self.status = status_line(daemon)
+        except Exception:
+            self.log.exception("status_line_failed")
         try:
             self.publisher.publish(
                 daemon.ledger,
