@@ -346,10 +346,11 @@ def log_json(raw: str) -> str:
 
 #: Waiting jobs listed in the published snapshot (the rest are counted).
 SNAPSHOT_WAITING = 200
-#: What the public snapshot hides of a job: what it is, whose it is, where its files are, and
-#: reasons (which may quote paths or errors). Its submitter sees them in their own snapshot.
+#: What the public snapshot hides of a job: what it is, whose it is, where its files are, its
+#: need (derived from its audio), and reasons (which may quote paths or errors). Its submitter
+#: sees them in their own snapshot.
 PRIVATE_JOB_KEYS = ("name", "submitter_uid", "input", "output", "log_path", "reason",
-                    "waiting_for", "exit_class")  # fmt: skip
+                    "waiting_for", "exit_class", "need_gib")  # fmt: skip
 #: The per-user snapshots' folder, beside ``status.json``.
 USERS_DIR = "users"
 #: Rejections listed per user (newest), and ``.reason`` files read per publish at most.
