@@ -219,20 +219,21 @@ class Service:
         self.daemon.startup(time.time())
         _private_logs(s.logs_dir)
         try:
-            self.metrics, self.metrics_server = self._start_metrics(s)
+            seq = self.daemon.ledger.last_transition_seq()  # no tick runs yet
+            self.metrics, self.metrics_server = self._start_metrics(s, seq)
             self.webhook = self._start_webhook(s)
         except ValueError as exc:  # a bad metrics_address or webhook_url: fail fast
             raise StartupError(f"config: {exc}") from exc
 
-    def _start_metrics(self, s: Settings) -> tuple[Any, Any]:
-        """The metrics registry and its HTTP server, if ``metrics_address`` is set (else Nones)."""
+    def _start_metrics(self, s: Settings, start_after_seq: int) -> tuple[Any, Any]:
+        """The metrics registry and its HTTP server, if ``metrics_address`` is set (else Nones);
+        it counts transitions after ``start_after_seq``."""
         if not s.metrics_address:
             return None, None
         from gpuspool.metrics import DaemonMetrics, MetricsServer, parse_loopback
 
-        assert self.daemon is not None
         parse_loopback(s.metrics_address)  # refuse a non-loopback address before binding
-        metrics = DaemonMetrics(start_after_seq=self.daemon.ledger.last_transition_seq())
+        metrics = DaemonMetrics(start_after_seq=start_after_seq)
         server = MetricsServer(metrics, s.metrics_address)
         self.log.info("metrics_serving", url=server.url)
         return metrics, server
@@ -415,7 +416,7 @@ class Service:
                 self.metrics_server.close()
                 self.metrics, self.metrics_server = None, None
             try:
-                self.metrics, self.metrics_server = self._start_metrics(new)
+                self.metrics, self.metrics_server = self._start_metrics(new, _last_seq(new))
             except Exception as exc:
                 self.log.error("config_reload_failed", setting="metrics_address", error=str(exc))
         if "webhook_url" in changed:
@@ -477,6 +478,16 @@ def run(settings: Settings, config_path: Path | None) -> int:
     service.serve()
     service.shutdown()
     return 0
+
+
+def _last_seq(settings: Settings) -> int:
+    """The ledger's last transition, read on a connection of the calling thread's own (the
+    tick's connection belongs to the tick)."""
+    ledger = Ledger(settings.ledger_path, readonly=True)
+    try:
+        return ledger.last_transition_seq()
+    finally:
+        ledger.close()
 
 
 def _drain(daemon: Daemon, flags: _Flags) -> None:
