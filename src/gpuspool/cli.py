@@ -133,14 +133,25 @@ def _ledger(s: Settings, *, readonly: bool = False) -> LedgerBackend:
         raise _fail(f"cannot open the ledger: {exc}", 2) from exc
 
 
-def _ledger_or_snapshot(s: Settings) -> LedgerBackend | None:
-    """The ledger if this user may open it; None means: show the daemon's published snapshot
-    (submitters on a shared server may drop jobs but not open the daemon's database)."""
-    if s.ledger_is_shared or os.access(s.ledger_path, os.R_OK | os.W_OK):
+def _ledger_if_allowed(s: Settings) -> LedgerBackend | None:
+    """The ledger, read-only, if this user may open it (root, or the daemon's own user; anyone
+    the database lets in, for a shared ledger: one it cannot reach is an error, exit 2)."""
+    if s.ledger_is_shared:
+        return _ledger(s, readonly=True)
+    if os.access(s.ledger_path, os.R_OK | os.W_OK):
         try:
             return open_ledger(s, readonly=True)
         except Exception:  # e.g. the WAL files belong to someone else
             pass
+    return None
+
+
+def _ledger_or_snapshot(s: Settings) -> LedgerBackend | None:
+    """The ledger if this user may open it; None means: show the daemon's published snapshot
+    (submitters on a shared server may drop jobs but not open the daemon's database)."""
+    ledger = _ledger_if_allowed(s)
+    if ledger is not None:
+        return ledger
     if read_snapshot(s.status_snapshot_path) is None:
         raise _fail(
             f"cannot open the queue at {s.ledger_shown}, and no status snapshot at"
@@ -152,9 +163,35 @@ def _ledger_or_snapshot(s: Settings) -> LedgerBackend | None:
 
 
 def _snapshot_part(s: Settings, part: str) -> dict[str, Any]:
-    snap = read_snapshot(s.status_snapshot_path) or {}
+    """A part of the published snapshot, with the calling user's own jobs in full."""
+    snap = read_snapshot(s.status_snapshot_path, uid=os.getuid()) or {}
     data: dict[str, Any] = snap.get(part, {})
     return data
+
+
+def _own_job(s: Settings, ref: str) -> dict[str, Any] | None:
+    """One of the calling user's own jobs from their published snapshot (id, id prefix or
+    name); None if there is none. Exits 1 if ``ref`` matches several."""
+    snap = read_snapshot(s.status_snapshot_path, uid=os.getuid()) or {}
+    jobs = [j for j in snap.get("own_jobs", []) if isinstance(j, dict)]
+    exact = [j for j in jobs if j.get("id") == ref]
+    found = exact or [
+        j for j in jobs if str(j.get("id", "")).startswith(ref) or j.get("name") == ref
+    ]
+    if len(found) > 1:
+        raise _fail(f"{ref!r} matches {len(found)} of your jobs; give more of the id")
+    return found[0] if found else None
+
+
+def _find_own(s: Settings, ref: str) -> dict[str, Any]:
+    """A job of the calling user, for one who may not open the ledger; exits 1 if none."""
+    job = _own_job(s, ref)
+    if job is None:
+        raise _fail(
+            f"none of your jobs matches {ref!r} (others' jobs are shown only anonymised; is the"
+            f" daemon running?){_refusal_note(s, ref)}"
+        )
+    return job
 
 
 def _find(ledger: LedgerBackend, ref: str) -> JobRecord:
@@ -551,13 +588,24 @@ def show(
         bool, typer.Option("--epoch", help="Times as seconds since the epoch (as stored)")
     ] = False,
 ) -> None:
-    """Everything about one job, with its history, as JSON (times in local ISO 8601).
+    """Everything about one job, with its history, as JSON (times in local ISO 8601); a
+    submitter who may not open the ledger sees their own jobs only.
 
     A job the daemon refused (bad file, output taken, ...) is found by the id ``submit``
     printed, with the reason.
     """
     s = settings()
-    found = _show_queued(s, job)
+    ledger = _ledger_if_allowed(s)
+    found: dict[str, Any] | tuple[str, int] | None
+    if ledger is not None:
+        ledger.close()
+        found = _show_queued(s, job)
+    else:
+        found = _own_job(s, job) or (
+            f"none of your jobs matches {job!r} (others' jobs are shown only anonymised; is"
+            " the daemon running?)",
+            1,
+        )
     out = found if isinstance(found, dict) else _show_rejected(s, job)
     if out is None:
         message, code = found if isinstance(found, tuple) else (f"no job matches {job!r}", 1)
@@ -732,11 +780,17 @@ def job_logs(
         bool, typer.Option("--json", help="JSON lines even on a terminal (the default otherwise)")
     ] = False,
 ) -> None:
-    """The job's own log: worker output and the daemon's events for it."""
+    """The job's own log: worker output and the daemon's events for it (a submitter: the logs
+    of their own jobs, which the daemon hands to them)."""
     s = settings()
-    ledger = _ledger(s, readonly=True)
-    record = _find(ledger, job)
-    path = Path(record.log_path) if record.log_path else s.logs_dir / f"{record.id}.log"
+    ledger = _ledger_if_allowed(s)
+    if ledger is not None:
+        record = _find(ledger, job)
+        job_id, state, log_path = record.id, record.state.value, record.log_path
+    else:
+        own = _find_own(s, job)
+        job_id, state, log_path = str(own["id"]), str(own["state"]), own.get("log_path")
+    path = Path(log_path) if log_path else s.logs_dir / f"{job_id}.log"
     pretty = console.is_terminal and not as_json
 
     def emit(line: str) -> None:
@@ -747,16 +801,24 @@ def job_logs(
             sys.stdout.flush()
 
     def ended() -> bool:
-        now = ledger.get(record.id)
-        return now is None or now.state.terminal
+        if ledger is not None:
+            now = ledger.get(job_id)
+            return now is None or now.state.terminal
+        mine = _own_job(s, job_id)
+        return mine is None or JobState(mine["state"]).terminal
 
     while not path.exists():
         if not follow or ended():
-            err.print(Text(f"no log yet for {record.id} (state {record.state.value})"))
+            err.print(Text(safe(f"no log yet for {job_id} (state {state})")))
             raise typer.Exit(0 if not follow else 1)
         time.sleep(0.5)
     try:
-        with open(path, "rb") as f:
+        log_file = open(path, "rb")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:
+        err.print(f"[red]cannot read the log of {job_id}: {exc.strerror}[/red]")
+        raise typer.Exit(1) from exc
+    try:
+        with log_file as f:
             pending = b""
             last_read = False
             while True:

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     retry_backoff_s: float = Field(60.0, ge=0, description="First retry delay; doubles each time")
     stop_grace_s: float = Field(30.0, ge=0, description="SIGTERM to SIGKILL grace for a job")
     max_job_file_bytes: int = Field(65536, gt=0, description="Larger job files are rejected")
+    rejected_keep_days: float = Field(
+        7.0, gt=0, description="Days a refused entry and its .reason stay in rejected/"
+    )
     progress_log_interval_s: float = Field(30.0, ge=0, description="Min gap of job_progress logs")
     worker_command: list[str] = Field(
         default_factory=lambda: [sys.executable, "-m", "gpuspool.extract"],

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,8 @@ from gpuspool.exitcodes import ExitClass, ExitCode, classify
 from gpuspool.gpus import GpuProbe, ProbeResult
 from gpuspool.ledger import JobRecord, LedgerError, Waiting
 from gpuspool.ledger_api import LedgerBackend
-from gpuspool.models import RUNNABLE_STATES, GpuSnapshot, JobSpec, JobState
+from gpuspool.models import RUNNABLE_STATES, JobSpec, JobState
+from gpuspool.observe import GpuObserver
 from gpuspool.placement import Candidate, GpuView, place
 from gpuspool.runner import (
     JOB_ID_ENV,
@@ -38,10 +38,6 @@ from gpuspool.systemd import scrub_env
 
 #: Longest stretch of a job's log read in one tick; a flooding worker is skipped ahead.
 MAX_LOG_READ = 1 << 20
-#: How often (seconds) a poll of GPU memory is written to the ledger's history.
-HISTORY_EVERY_S = 10.0
-#: How long GPU history is kept.
-HISTORY_KEEP_S = 7 * 24 * 3600.0
 #: Per tick, waiting-reason changes logged one by one; the rest are summed up in one event.
 MAX_WAITING_EVENTS = 50
 
@@ -92,15 +88,10 @@ class Daemon:
         self.daemon_euid = daemon_euid
         self.identity_for = identity_for
         self.log = logs.get()
-        self._history: dict[str, deque[float | None]] = {}
-        self._gpus: tuple[GpuSnapshot, ...] = ()
-        self._gpu_errors: dict[str, str] = {}
-        self._probe_error: str | None = None
+        #: What the GPUs showed at the last polls, and the running jobs' reservations.
+        self.observer = GpuObserver(settings.stable_polls)
         self._reasons: dict[str, str] = {}
         self._running: dict[str, _Running] = {}
-        self._last_history_at = float("-inf")
-        self._last_prune = float("-inf")
-        self._reserved: dict[str, float] = {}
         self._now = 0.0  # the time of the tick in progress, for events written to job logs
         self._waiting_cache: tuple[tuple[int, int], list[Waiting], list[Candidate]] | None = None
         self._reasons_stale = False
@@ -466,68 +457,20 @@ class Daemon:
 
     # -- GPUs and placement ---------------------------------------------------------------------
 
-    def _reservations(
-        self, running: list[JobRecord], gpus: tuple[GpuSnapshot, ...]
-    ) -> dict[str, float]:
-        """GiB still reserved per GPU: each job's need less what NVML shows its process using."""
-        used_by_pid = {
-            (g.uuid, p.pid): (p.used_mib or 0.0) / 1024.0 for g in gpus for p in g.processes
-        }
-        reserved: dict[str, float] = {}
-        for job in running:
-            if job.gpu_uuid is None:
-                continue
-            shown = used_by_pid.get((job.gpu_uuid, job.pid or -1), 0.0)
-            reserved[job.gpu_uuid] = reserved.get(job.gpu_uuid, 0.0) + max(
-                0.0, job.need_gib - shown
-            )
-        return reserved
-
     def _observe(self, result: ProbeResult, now: float, report: TickReport) -> None:
-        if result.error != self._probe_error:
-            if result.error:
-                self.log.error("gpu_probe_error", error=result.error)
-            else:
-                self.log.info("gpu_probe_recovered")
-            self._probe_error = result.error
+        """Hand the poll to the observer; record GPU history in the ledger when it is due."""
+        self.observer.stable_polls = self.settings.stable_polls
+        self.observer.observe(result, self.ledger.jobs([JobState.RUNNING]))
         report.probe_error = result.error
-        self._gpus = result.gpus
-        running = self.ledger.jobs([JobState.RUNNING])
-        reserved = self._reservations(running, result.gpus)
-        seen = set()
-        for gpu in result.gpus:
-            seen.add(gpu.uuid)
-            hist = self._history.get(gpu.uuid)
-            if hist is None or hist.maxlen != self.settings.stable_polls:
-                hist = deque(hist or (), maxlen=self.settings.stable_polls)
-                self._history[gpu.uuid] = hist
-            hist.append(gpu.free_gib - reserved.get(gpu.uuid, 0.0) if gpu.healthy else None)
-            previous = self._gpu_errors.get(gpu.uuid)
-            if not gpu.healthy and previous != gpu.error:
-                self._gpu_errors[gpu.uuid] = gpu.error or "unknown"
-                self.log.error("gpu_error", gpu_uuid=gpu.uuid, index=gpu.index, error=gpu.error)
-            elif gpu.healthy and previous is not None:
-                del self._gpu_errors[gpu.uuid]
-                self.log.info("gpu_recovered", gpu_uuid=gpu.uuid, index=gpu.index)
-        for uuid in list(self._history):
-            if uuid not in seen:  # a GPU gone from the listing: forget its stability
-                del self._history[uuid]
-        self._reserved = reserved
-        if now - self._last_history_at >= HISTORY_EVERY_S and result.gpus:
-            if now - self._last_prune >= 3600.0:
-                self._last_prune = now
-                self.ledger.prune_gpu_history(now - HISTORY_KEEP_S)
-            self._last_history_at = now
-            self.ledger.record_gpu_history(
-                now, [(g.uuid, g.free_mib if g.healthy else None, g.total_mib) for g in result.gpus]
-            )
+        rows = self.observer.history_rows(now)
+        if rows is not None:
+            older = self.observer.prune_before(now)
+            if older is not None:
+                self.ledger.prune_gpu_history(older)
+            self.ledger.record_gpu_history(now, rows)
 
     def gpu_views(self) -> list[GpuView]:
-        reserved = self._reserved
-        return [
-            GpuView(g, tuple(self._history.get(g.uuid, ())), reserved.get(g.uuid, 0.0))
-            for g in self._gpus
-        ]
+        return self.observer.views()
 
     def _waiting(self) -> tuple[list[Waiting], list[Candidate]]:
         """Waiting jobs and their placement candidates, reloaded only when a job's state changed."""
@@ -553,8 +496,8 @@ class Daemon:
         blocked = None
         if self.draining:
             blocked = "draining: no new jobs start (gpuspool resume)"
-        elif self._probe_error and not self._gpus:
-            blocked = f"no GPU readings: {self._probe_error}"
+        elif self.observer.probe_error and not self.observer.gpus:
+            blocked = f"no GPU readings: {self.observer.probe_error}"
         for w in rows:
             if w.state == JobState.HELD:
                 reasons[w.id] = "held (gpuspool release to let it run)"
@@ -703,21 +646,4 @@ class Daemon:
 
     def describe_gpus(self) -> list[dict[str, Any]]:
         """Each GPU with its stability and reservations (for ``gpuspool gpus`` and metrics)."""
-        out = []
-        for view in self.gpu_views():
-            snap = view.snapshot
-            out.append(
-                {
-                    "index": snap.index,
-                    "uuid": snap.uuid,
-                    "name": snap.name,
-                    "free_mib": snap.free_mib,
-                    "total_mib": snap.total_mib,
-                    "healthy": snap.healthy,
-                    "error": snap.error,
-                    "reserved_gib": round(view.reserved_gib, 2),
-                    "history": list(view.available_history),
-                    "processes": [{"pid": p.pid, "used_mib": p.used_mib} for p in snap.processes],
-                }
-            )
-        return out
+        return self.observer.describe()

@@ -239,13 +239,13 @@ def check_folders(settings: Settings, submit_group: str = SUBMIT_GROUP) -> list[
     with contextlib.suppress(KeyError):
         allowed_owners.add(pwd.getpwnam(SERVICE_USER).pw_uid)
     expected = [
-        ("state", settings.state_dir, 0o700, False),
-        ("job logs", settings.logs_dir, 0o700, False),
+        ("state", settings.state_dir, 0o711, False),
+        ("job logs", settings.logs_dir, 0o711, False),
         ("spool", settings.spool_dir, 0o710, True),
         ("spool incoming", settings.incoming_dir, 0o1730, True),
         ("spool tmp", settings.staging_dir, 0o1730, True),
         ("spool accepted", settings.accepted_dir, 0o700, False),
-        ("spool rejected", settings.rejected_dir, 0o700, False),
+        ("spool rejected", settings.rejected_dir, 0o711, False),
     ]
     checks = []
     for label, path, mode, shared in expected:

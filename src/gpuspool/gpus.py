@@ -56,12 +56,18 @@ def _nvml_error_text(exc: BaseException) -> str:
 
 
 class NvmlProbe:
-    """The real GPUs, through NVML. ``nvmlInit`` runs once; a failure is retried at each poll."""
+    """The real GPUs, through NVML. ``nvmlInit`` runs once; a failure is retried at each poll.
 
-    def __init__(self) -> None:
-        import pynvml
+    ``nvml`` is the module to call (default: ``pynvml``); tests hand in a fault-injecting stand-in
+    with the same surface instead of patching ``sys.modules``.
+    """
 
-        self._nvml: Any = pynvml
+    def __init__(self, nvml: Any = None) -> None:
+        if nvml is None:
+            import pynvml
+
+            nvml = pynvml
+        self._nvml: Any = nvml
         self._initialised = False
         self._init_error: str | None = None
         #: (uuid, name) of each index at its last good poll: a GPU that fails later is still

@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_output ON jobs(output);
+CREATE INDEX IF NOT EXISTS jobs_submitter ON jobs(submitter_uid);
 CREATE TABLE IF NOT EXISTS transitions (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id     TEXT NOT NULL,
@@ -139,6 +140,11 @@ class LedgerError(Exception):
     """A requested change does not apply to the job in its current state."""
 
 
+class LedgerUnusable(Exception):
+    """The ledger cannot be opened, or fails its integrity check: the daemon must not run on it
+    (it would reject every new job). The message is one line naming the file."""
+
+
 def _row_to_record(row: sqlite3.Row) -> JobRecord:
     return JobRecord(
         id=row["id"],
@@ -217,6 +223,39 @@ class Ledger:
     def close(self) -> None:
         self._db.close()
 
+    @classmethod
+    def open_checked(cls, path: Path) -> Ledger:
+        """The daemon's ledger, created if missing, after ``PRAGMA quick_check``.
+
+        Raises :class:`LedgerUnusable` for a file SQLite cannot open or that is corrupt, so the
+        daemon stops at start-up with the reason instead of failing every write later.
+        """
+        try:
+            ledger = cls(path)
+            # Private whatever its age: the state folder is searchable by submitters (0711).
+            for part in (
+                path,
+                path.with_name(path.name + "-wal"),
+                path.with_name(path.name + "-shm"),
+            ):
+                if part.exists():
+                    part.chmod(0o600)
+        except (sqlite3.Error, OSError) as exc:
+            raise LedgerUnusable(f"cannot open the ledger {path}: {exc}") from exc
+        try:
+            rows = ledger._db.execute("PRAGMA quick_check(5)").fetchall()
+            problems = [str(r[0]) for r in rows if str(r[0]) != "ok"]
+        except sqlite3.Error as exc:
+            problems = [str(exc)]
+        if problems:
+            ledger.close()
+            detail = "; ".join(" ".join(p.split()) for p in problems)
+            raise LedgerUnusable(
+                f"the ledger {path} is corrupt ({detail}); restore it from a backup, or move it"
+                " aside to start with a new one"
+            )
+        return ledger
+
     def _bump(self) -> None:
         self._state_writes += 1
 
@@ -290,12 +329,17 @@ class Ledger:
         ]
 
     def status_rows(
-        self, *, finished_limit: int | None, waiting_limit: int | None = None
+        self,
+        *,
+        finished_limit: int | None,
+        waiting_limit: int | None = None,
+        submitter_uid: int | None = None,
     ) -> list[dict[str, Any]]:
         """Plain rows for ``status``: unfinished jobs (at most ``waiting_limit`` of those that
         wait, first to start first) and the latest finished ones, in submission order.
 
-        Reads columns only (no job-file parsing), so a queue of 10,000 jobs stays fast.
+        Reads columns only (no job-file parsing), so a queue of 10,000 jobs stays fast. With
+        ``submitter_uid``, only that user's jobs.
         """
         cols = (
             "id, name, state, gpu_uuid, priority, need_gib, threshold_gib, attempts, reason,"
@@ -308,17 +352,20 @@ class Ledger:
         cur.row_factory = None  # plain tuples: much cheaper than sqlite3.Row for many rows
         rows: list[dict[str, Any]] = []
         waiting = [st.value for st in (*RUNNABLE_STATES, JobState.HELD)]
+        who, whom = (
+            ("", []) if submitter_uid is None else (" AND submitter_uid = ?", [submitter_uid])
+        )
         for sql, args in (
-            (f"SELECT {cols} FROM jobs WHERE state = ?", [JobState.RUNNING.value]),
+            (f"SELECT {cols} FROM jobs WHERE state = ?{who}", [JobState.RUNNING.value, *whom]),
             (
-                f"SELECT {cols} FROM jobs WHERE state IN (?, ?, ?, ?)"
+                f"SELECT {cols} FROM jobs WHERE state IN (?, ?, ?, ?){who}"
                 " ORDER BY priority DESC, seq LIMIT ?",
-                [*waiting, -1 if waiting_limit is None else waiting_limit],
+                [*waiting, *whom, -1 if waiting_limit is None else waiting_limit],
             ),
             (
-                f"SELECT {cols} FROM jobs WHERE state IN (?, ?, ?)"
+                f"SELECT {cols} FROM jobs WHERE state IN (?, ?, ?){who}"
                 " ORDER BY COALESCE(finished_at, updated_at) DESC LIMIT ?",
-                [*terminal, limit],
+                [*terminal, *whom, limit],
             ),
         ):
             cur.execute(sql, args)
@@ -326,6 +373,14 @@ class Ledger:
             rows.extend(dict(zip(names, r, strict=True)) for r in cur.fetchall())
         rows.sort(key=lambda r: r["seq"])
         return rows
+
+    def submitters(self) -> dict[int, tuple[float, int]]:
+        """Each submitter's uid with (latest change to one of their jobs, their job count):
+        what changes whenever their own status would."""
+        rows = self._db.execute(
+            "SELECT submitter_uid, MAX(updated_at), COUNT(*) FROM jobs GROUP BY submitter_uid"
+        ).fetchall()
+        return {int(r[0]): (float(r[1]), int(r[2])) for r in rows}
 
     def output_claimed(self, output: str) -> str | None:
         """The id of an unfinished job that writes ``output``, if any."""

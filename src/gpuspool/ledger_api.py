@@ -44,8 +44,14 @@ class LedgerBackend(Protocol):
     def waiting(self) -> list[Waiting]: ...
 
     def status_rows(
-        self, *, finished_limit: int | None, waiting_limit: int | None = None
+        self,
+        *,
+        finished_limit: int | None,
+        waiting_limit: int | None = None,
+        submitter_uid: int | None = None,
     ) -> list[dict[str, Any]]: ...
+
+    def submitters(self) -> dict[int, tuple[float, int]]: ...
 
     def output_claimed(self, output: str) -> str | None: ...
 

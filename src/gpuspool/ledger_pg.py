@@ -105,6 +105,10 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE transitions ADD COLUMN fence BIGINT;
     CREATE INDEX jobs_host ON jobs(host) WHERE state = 'running';
     """,
+    # 3: each submitter's own status (their snapshot, their limits).
+    """
+    CREATE INDEX jobs_submitter ON jobs(submitter_uid);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -399,31 +403,46 @@ class PgLedger:
         ]
 
     def status_rows(
-        self, *, finished_limit: int | None, waiting_limit: int | None = None
+        self,
+        *,
+        finished_limit: int | None,
+        waiting_limit: int | None = None,
+        submitter_uid: int | None = None,
     ) -> list[dict[str, Any]]:
-        """Plain rows for ``status`` (see ``Ledger.status_rows``), in submission order."""
+        """Plain rows for ``status`` (see ``Ledger.status_rows``), in submission order; with
+        ``submitter_uid``, only that user's jobs."""
         cols = (
             "id, name, state, gpu_uuid, priority, need_gib, threshold_gib, attempts, reason,"
             " exit_class, submitted_at, started_at, finished_at, peak_gib, submitter_uid, input,"
             " output, progress_json, log_path, seq, updated_at"
         )
+        who = "" if submitter_uid is None else " AND submitter_uid = %s"
+        whom: tuple[int, ...] = () if submitter_uid is None else (submitter_uid,)
         rows: list[dict[str, Any]] = []
         for sql, args in (
-            (f"SELECT {cols} FROM jobs WHERE state = %s", (JobState.RUNNING.value,)),
+            (f"SELECT {cols} FROM jobs WHERE state = %s{who}", (JobState.RUNNING.value, *whom)),
             (
-                f"SELECT {cols} FROM jobs WHERE state = ANY(%s)"
+                f"SELECT {cols} FROM jobs WHERE state = ANY(%s){who}"
                 " ORDER BY priority DESC, seq LIMIT %s",
-                (list(_WAITING), waiting_limit),
+                (list(_WAITING), *whom, waiting_limit),
             ),
             (
-                f"SELECT {cols} FROM jobs WHERE state = ANY(%s)"
+                f"SELECT {cols} FROM jobs WHERE state = ANY(%s){who}"
                 " ORDER BY COALESCE(finished_at, updated_at) DESC LIMIT %s",
-                (list(_TERMINAL), finished_limit),
+                (list(_TERMINAL), *whom, finished_limit),
             ),
         ):
             rows.extend(self._db.execute(sql, args).fetchall())
         rows.sort(key=lambda r: r["seq"])
         return rows
+
+    def submitters(self) -> dict[int, tuple[float, int]]:
+        """Each submitter's uid with (latest change to one of their jobs, their job count)."""
+        rows = self._db.execute(
+            "SELECT submitter_uid, MAX(updated_at) AS at, COUNT(*) AS n FROM jobs"
+            " GROUP BY submitter_uid"
+        ).fetchall()
+        return {int(r["submitter_uid"]): (float(r["at"]), int(r["n"])) for r in rows}
 
     def output_claimed(self, output: str) -> str | None:
         """The id of an unfinished job that writes ``output``, if any."""

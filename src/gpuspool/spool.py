@@ -208,8 +208,10 @@ class Spool:
             reason_path,
             f"file: {display_name(name)}\nreason: {reason}\n{job_line}".encode(),
         )
+        source = os.path.join(bytes(self.incoming), name)
         with contextlib.suppress(FileNotFoundError):  # gone meanwhile: the reason still tells
-            os.rename(os.path.join(bytes(self.incoming), name), bytes(dest))
+            _give_reason(reason_path, os.lstat(source).st_uid)
+            os.rename(source, bytes(dest))
         return reason_path
 
     def _entry_job_id(self, name: bytes) -> str | None:
@@ -259,21 +261,75 @@ class Spool:
                 return RejectedJob(job_id, path, fields, at)
         return None
 
+    def reasons_of(self, names: list[str]) -> list[tuple[str, int, str]]:
+        """(name, owner uid, text) of the given ``.reason`` files of ``rejected/`` (a bounded
+        read each; links not followed; one that cannot be read is left out)."""
+        out = []
+        for name in names:
+            try:
+                fd = os.open(self.rejected / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+                text = os.read(fd, 4096).decode("utf-8", errors="replace")
+            finally:
+                os.close(fd)
+            out.append((name, st.st_uid, text))
+        return out
+
+    def reason_names(self) -> list[str]:
+        """The names of the ``.reason`` files in ``rejected/`` (not their contents)."""
+        try:
+            return [n for n in os.listdir(self.rejected) if n.endswith(".reason")]
+        except FileNotFoundError:
+            return []
+
     def submit(self, data: dict[str, Any], *, stem: str | None = None) -> tuple[Path, str]:
         """Publish a job: write ``tmp/<name>.json``, rename it into ``incoming/``.
 
-        Returns the published path and the job id the daemon will give it.
+        Works as an ordinary member of the submitters' group, who may create files in ``tmp/``
+        and ``incoming/`` (mode 1730) but not open those folders: the file itself is fsync'd,
+        the folders only where the caller may open them. On any failure the file written in
+        ``tmp/`` is removed. Returns the published path and the job id the daemon will give it.
         """
-        self.staging.mkdir(parents=True, exist_ok=True)
+        if not self.staging.is_dir():
+            self.staging.mkdir(parents=True, exist_ok=True)
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in (stem or "job"))[:60]
         name = f"{safe}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.json"
         tmp = self.staging / name
-        content = json.dumps(data, indent=2).encode()
-        _write_atomic(tmp, content)
-        st = os.stat(tmp)
         dest = self.incoming / name
-        os.rename(tmp, dest)
+        content = json.dumps(data, indent=2).encode()
+        try:
+            _write_synced(tmp, content)
+            st = os.stat(tmp)
+            os.rename(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(self.incoming)
         return dest, job_id_for(name.encode(), st, content)
+
+    def prune_rejected(self, older_than: float) -> int:
+        """Remove entries of ``rejected/`` (and their ``.reason``) last changed before
+        ``older_than``; returns how many went. Never follows a link; a folder someone managed to
+        drop is left alone."""
+        removed = 0
+        try:
+            entries = list(os.scandir(self.rejected))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode) or st.st_mtime >= older_than:
+                    continue
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed += 1
+        return removed
 
     def reason_files(self) -> list[Path]:
         return sorted(self.rejected.glob("*.reason"))
@@ -302,16 +358,41 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _write_atomic(path: Path, content: bytes) -> None:
-    """Write ``content`` to ``path`` and fsync it (and its folder)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+def _write_synced(path: Path, content: bytes) -> None:
+    """Create ``path`` (it must not exist) with ``content``, fsync'd."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     try:
-        os.write(fd, content)
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _give_reason(path: Path, uid: int) -> None:
+    """Hand a ``.reason`` file to the owner of the refused entry (mode 0400): in ``rejected/``
+    (0711: nobody can list it) they can read their own reasons by name, nobody else's."""
+    if os.geteuid() != 0:
+        return
+    os.chown(path, uid, -1)
+    os.chmod(path, 0o400)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """fsync a folder so a rename in it is durable, where the caller may open it (a submitter
+    may not open the drop folders; the daemon's later rename there is what must last)."""
+    try:
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except PermissionError:
+        return
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def _write_atomic(path: Path, content: bytes) -> None:
+    """Write ``content`` to ``path`` and fsync it (and its folder)."""
+    _write_synced(path, content)
+    _fsync_dir(path.parent)

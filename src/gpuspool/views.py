@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import time
 import unicodedata
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from gpuspool.ledger import JobRecord
 from gpuspool.ledger_api import LedgerBackend
 from gpuspool.models import TERMINAL_STATES, JobState
 from gpuspool.placement import stable_count
+from gpuspool.spool import Spool
 
 #: Finished jobs ``status`` lists without ``--all``.
 RECENT_FINISHED = 10
@@ -81,6 +84,7 @@ def status_data(
     all_jobs: bool = False,
     max_waiting: int | None = None,
     snap: dict[str, Any] | None = None,
+    submitter_uid: int | None = None,
 ) -> dict[str, Any]:
     """Everything ``status`` shows, as plain data (``status --json`` prints exactly this).
 
@@ -88,7 +92,9 @@ def status_data(
     counts the rest. ``snap`` is the :func:`gpus_snapshot` if the caller has read it already.
     """
     rows = ledger.status_rows(
-        finished_limit=None if all_jobs else RECENT_FINISHED, waiting_limit=max_waiting
+        finished_limit=None if all_jobs else RECENT_FINISHED,
+        waiting_limit=max_waiting,
+        submitter_uid=submitter_uid,
     )
     if snap is None:
         snap = gpus_snapshot(ledger)
@@ -567,39 +573,196 @@ def log_json(raw: str) -> str:
 
 #: Waiting jobs listed in the published snapshot (the rest are counted).
 SNAPSHOT_WAITING = 200
+#: What the public snapshot hides of a job: what it is, whose it is, where its files are, its
+#: need (derived from its audio), and reasons (which may quote paths or errors). Its submitter
+#: sees them in their own snapshot.
+PRIVATE_JOB_KEYS = ("name", "submitter_uid", "input", "output", "log_path", "reason",
+                    "waiting_for", "exit_class", "need_gib")  # fmt: skip
+#: The per-user snapshots' folder, beside ``status.json``.
+USERS_DIR = "users"
+#: Rejections listed per user (newest), and ``.reason`` files read per publish at most.
+USER_REJECTIONS = 20
+REASONS_PER_PUBLISH = 1000
+
+
+def anonymised(job: dict[str, Any]) -> dict[str, Any]:
+    """A job as everyone may see it: id, state, GPU, progress, threshold and times; the keys
+    :data:`PRIVATE_JOB_KEYS` are kept but empty, so every view renders either shape."""
+    return {**job, **{k: None for k in PRIVATE_JOB_KEYS if k in job}}
+
+
+def _anonymised_gpus(gpus: dict[str, Any]) -> dict[str, Any]:
+    out = []
+    for g in gpus["gpus"]:
+        procs = [{**p, "job_name": None} for p in g.get("processes", [])]
+        out.append({**g, "processes": procs})
+    return {**gpus, "gpus": out}
+
+
+class SnapshotPublisher:
+    """Publishes what ``status`` and ``gpus`` show for users who may not open the ledger.
+
+    - ``status/status.json`` (0640, the spool's group): every job anonymised
+      (:func:`anonymised`), the GPUs without job names;
+    - ``status/users/<uid>.json`` (0400, owned by that user; the folder is 0711 so nobody can
+      list it): that user's own jobs in full (running, the first ``SNAPSHOT_WAITING`` waiting,
+      the latest finished), rewritten only when one of them changed;
+    - each listed job's log is handed to its submitter (owner, mode 0600), so ``gpuspool logs``
+      works for them in the 0711 logs folder;
+    - each user's latest rejections (the ``.reason`` file's name and text; the file itself is
+      theirs, 0400, in the 0711 ``rejected/``), found by reading only new ``.reason`` files.
+
+    Files are written beside their final name and renamed over it (atomic), opened relative to
+    the folder without following links. Runs on the tick's thread with the tick's ledger.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._marks: dict[int, tuple[float, int]] = {}
+        self._rejected_mtime: int | None = None
+        self._seen_reasons: set[str] = set()
+        self._rejections: dict[int, deque[dict[str, str]]] = {}
+
+    def publish(
+        self,
+        ledger: LedgerBackend,
+        now: float,
+        *,
+        threshold_gib: float,
+        stable_polls: int,
+        spool: Spool | None = None,
+    ) -> None:
+        snap = gpus_snapshot(ledger)
+        status = status_data(ledger, now, max_waiting=SNAPSHOT_WAITING, snap=snap)
+        gpus = gpus_data(snap, ledger.jobs([JobState.RUNNING]), threshold_gib, stable_polls)
+        public = {
+            "status": {**status, "jobs": [anonymised(j) for j in status["jobs"]]},
+            "gpus": _anonymised_gpus(gpus),
+        }
+        folder = self.path.parent
+        if not folder.is_dir():
+            folder.mkdir(mode=0o750, parents=True, exist_ok=True)
+            folder.chmod(0o750)  # whatever the daemon's umask
+            if os.geteuid() == 0:
+                os.chown(folder, 0, folder.parent.stat().st_gid)
+        gid = folder.stat().st_gid if os.geteuid() == 0 else -1
+        _write_replace(folder, self.path.name, json.dumps(public).encode(), 0o640, 0, gid)
+        users = folder / USERS_DIR
+        if not users.is_dir():
+            users.mkdir(mode=0o711, exist_ok=True)
+            users.chmod(0o711)
+        rejected_by = self._new_rejections(spool) if spool is not None else set()
+        marks = ledger.submitters()
+        for uid in sorted(set(marks) | rejected_by):
+            mark = marks.get(uid, (0.0, 0))
+            if self._marks.get(uid) == mark and uid not in rejected_by:
+                continue
+            own = status_data(
+                ledger, now, max_waiting=SNAPSHOT_WAITING, snap=snap, submitter_uid=uid
+            )
+            rejections = [r for r in self._rejections.get(uid, ()) if r["name"] in
+                          self._seen_reasons]  # fmt: skip
+            data = {"uid": uid, "at": now, "jobs": own["jobs"], "rejected": rejections[::-1]}
+            _write_replace(users, f"{uid}.json", json.dumps(data).encode(), 0o400, uid, -1)
+            self._marks[uid] = mark
+            for job in own["jobs"]:
+                self._share_log(job.get("log_path"), uid)
+
+    def _new_rejections(self, spool: Spool) -> set[int]:
+        """Read the ``.reason`` files new since the last look (only when ``rejected/`` changed);
+        the uids they belong to."""
+        try:
+            mtime = os.stat(spool.rejected).st_mtime_ns
+        except OSError:
+            return set()
+        if mtime == self._rejected_mtime:
+            return set()
+        self._rejected_mtime = mtime
+        names = spool.reason_names()
+        new = sorted(n for n in names if n not in self._seen_reasons)[-REASONS_PER_PUBLISH:]
+        self._seen_reasons = set(names)  # forgets what was pruned
+        owners = set()
+        for name, uid, text in spool.reasons_of(new):
+            recent = self._rejections.setdefault(uid, deque(maxlen=USER_REJECTIONS))
+            recent.append({"name": name, "reason_file": str(spool.rejected / name), "text": text})
+            owners.add(uid)
+        return owners
+
+    def _share_log(self, log_path: str | None, uid: int) -> None:
+        """Make a job's log its submitter's, when the daemon is root."""
+        if not log_path or os.geteuid() != 0:
+            return
+        try:
+            fd = os.open(log_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return  # not written yet: next time
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and (st.st_uid, stat.S_IMODE(st.st_mode)) != (uid, 0o600):
+                os.fchown(fd, uid, -1)
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+
+
+def _write_replace(folder: Path, name: str, content: bytes, mode: int, uid: int, gid: int) -> None:
+    """Write ``folder/name`` atomically: a new file (never following a link) renamed over it."""
+    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        tmp = f".{name}.{os.getpid()}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dfd)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600, dir_fd=dfd)
+        try:
+            view = memoryview(content)
+            while view:
+                view = view[os.write(fd, view) :]
+            if os.geteuid() == 0:
+                os.fchown(fd, uid, gid)
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    finally:
+        os.close(dfd)
 
 
 def publish_snapshot(
     path: Path, ledger: LedgerBackend, now: float, *, threshold_gib: float, stable_polls: int
 ) -> None:
-    """Write what ``status`` and ``gpus`` show to ``path`` (atomically), readable by the group
-    that owns the folder above it (the spool's submitters), so users who may not open the
-    ledger still see the queue."""
-    snap = gpus_snapshot(ledger)
-    data = {
-        "status": status_data(ledger, now, max_waiting=SNAPSHOT_WAITING, snap=snap),
-        "gpus": gpus_data(snap, ledger.jobs([JobState.RUNNING]), threshold_gib, stable_polls),
-    }
-    folder = path.parent
-    if not folder.is_dir():
-        folder.mkdir(mode=0o750, parents=True, exist_ok=True)
-        if os.geteuid() == 0:
-            os.chown(folder, 0, folder.parent.stat().st_gid)
-    tmp = folder / f".{path.name}.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-    try:
-        os.write(fd, json.dumps(data).encode())
-        if os.geteuid() == 0:
-            os.fchown(fd, 0, folder.stat().st_gid)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    """Publish the snapshots once (see :class:`SnapshotPublisher`)."""
+    SnapshotPublisher(path).publish(
+        ledger, now, threshold_gib=threshold_gib, stable_polls=stable_polls
+    )
 
 
-def read_snapshot(path: Path) -> dict[str, Any] | None:
-    """The last published snapshot, or None if there is none (or it cannot be read)."""
+def read_snapshot(path: Path, uid: int | None = None) -> dict[str, Any] | None:
+    """The last published snapshot, or None if there is none (or it cannot be read).
+
+    With ``uid``, that user's own jobs (``users/<uid>.json``, if readable) replace their
+    anonymised rows, those not in the public list (it lists the first waiting jobs only) are
+    added, and their latest rejections are ``status.rejections``.
+    """
     try:
         data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    if uid is None or not isinstance(data.get("status"), dict):
+        return data
+    try:
+        own = json.loads((path.parent / USERS_DIR / f"{uid}.json").read_text(encoding="utf-8"))
+        mine = {j["id"]: j for j in own["jobs"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return data
+    jobs = data["status"].get("jobs", [])
+    listed = {j.get("id") for j in jobs}
+    merged = [mine.get(j.get("id"), j) for j in jobs]
+    extra = [j for i, j in mine.items() if i not in listed and j.get("state") not in
+             TERMINAL_VALUES]  # fmt: skip
+    status = data["status"]
+    status["jobs"] = merged + extra
+    status["hidden_waiting"] = max(0, int(status.get("hidden_waiting") or 0) - len(extra))
+    status["rejections"] = own.get("rejected", [])
+    data["own_jobs"] = own["jobs"]
     return data

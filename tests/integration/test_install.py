@@ -31,9 +31,9 @@ LAYOUT = {
     "var/spool/gpuspool/incoming": (0o1730, "root", "gpuspool-submit"),
     "var/spool/gpuspool/tmp": (0o1730, "root", "gpuspool-submit"),
     "var/spool/gpuspool/accepted": (0o700, "root", "root"),
-    "var/spool/gpuspool/rejected": (0o700, "root", "root"),
-    "var/lib/gpuspool": (0o700, "root", "root"),
-    "var/lib/gpuspool/logs": (0o700, "root", "root"),
+    "var/spool/gpuspool/rejected": (0o711, "root", "root"),
+    "var/lib/gpuspool": (0o711, "root", "root"),
+    "var/lib/gpuspool/logs": (0o711, "root", "root"),
 }
 
 CONFIG = 'poll_interval_s = 5.0\nlog_level = "info"\n'
@@ -165,7 +165,7 @@ def test_folders_are_repaired(root: Path, config: Path) -> None:
     (root / "var/lib/gpuspool").chmod(0o755)
     _install(root, config)
     assert stat.S_IMODE((root / "var/spool/gpuspool/incoming").stat().st_mode) == 0o1730
-    assert stat.S_IMODE((root / "var/lib/gpuspool").stat().st_mode) == 0o700
+    assert stat.S_IMODE((root / "var/lib/gpuspool").stat().st_mode) == 0o711
 
 
 def test_service_user_mode_and_back(root: Path, config: Path) -> None:

@@ -44,7 +44,7 @@ class _Handle:
 
 
 class FakeNvml:
-    """The ``pynvml`` surface ``NvmlProbe`` uses; assign it to ``probe._nvml``."""
+    """The ``pynvml`` surface ``NvmlProbe`` uses; hand it in as ``NvmlProbe(nvml=fake)``."""
 
     NVMLError = pynvml.NVMLError
     nvmlMemory_v2 = pynvml.nvmlMemory_v2

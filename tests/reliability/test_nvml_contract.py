@@ -9,7 +9,6 @@ the real ``NvmlProbe`` reads a healthy snapshot through either.
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -107,15 +106,13 @@ def test_error_strings_are_nvmls(nv: Any, code: int) -> None:
     assert pynvml.NVMLError(code).value == code
 
 
-def test_nvml_probe_reads_a_healthy_snapshot(nv: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nvml_probe_reads_a_healthy_snapshot(nv: Any) -> None:
     """The real NvmlProbe over this NVML: every GPU healthy, known UUID, sane memory."""
-    monkeypatch.setitem(sys.modules, "pynvml", nv)
-    probe = NvmlProbe()
+    probe = NvmlProbe(nvml=nv)
     try:
         result = probe.poll()
     finally:
         probe.close()
-        monkeypatch.setitem(sys.modules, "pynvml", pynvml)
     assert result.error is None and result.gpus
     for gpu in result.gpus:
         assert gpu.healthy and gpu.error is None

@@ -4,7 +4,6 @@ the daemon stays up, never places on a GPU whose state is unknown, says why, and
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +17,6 @@ from tests.conftest import Harness
 from tests.reliability.fake_pynvml import FakeGpu, FakeNvml
 
 GIB = 1024.0
-
-
-def nvml_probe(monkeypatch: pytest.MonkeyPatch, fake: FakeNvml) -> NvmlProbe:
-    """The real probe, built while ``import pynvml`` gives the fake."""
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
-    probe = NvmlProbe()
-    monkeypatch.setitem(sys.modules, "pynvml", pynvml)
-    assert probe._nvml is fake
-    return probe
 
 
 class FakeRunner:
@@ -72,14 +62,14 @@ def _events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     ],
 )
 def test_init_failure_at_start_waits_says_why_and_recovers(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch, code: int, text: str
+    harness: Harness, code: int, text: str
 ) -> None:
     """nvmlInit fails from the start: ticks go on, the job waits with NVML's reason, logged once;
     when init succeeds the job starts after stable_polls good polls."""
     harness.env["STUB_MODE"] = "sleep"
     fake = FakeNvml([FakeGpu("GPU-a", free_mib=70 * GIB)])
     fake.fail_init = code
-    harness.daemon.probe = nvml_probe(monkeypatch, fake)
+    harness.daemon.probe = NvmlProbe(nvml=fake)
     job = harness.submit("a")
     with capture_logs() as logs:
         for _ in range(6):
@@ -100,14 +90,12 @@ def test_init_failure_at_start_waits_says_why_and_recovers(
     harness.settle(job)
 
 
-def test_gpu_lost_mid_job_is_never_placed_on_and_recovers(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_gpu_lost_mid_job_is_never_placed_on_and_recovers(harness: Harness) -> None:
     """GPU 0 is lost while a job runs on it: the job is left to its worker, the GPU is unknown,
     nothing else starts there (the waiting job says why), and it is used again once it is back."""
     harness.env["STUB_MODE"] = "sleep"
     fake = FakeNvml([FakeGpu("GPU-a", free_mib=75 * GIB), FakeGpu("GPU-b", free_mib=5 * GIB)])
-    harness.daemon.probe = nvml_probe(monkeypatch, fake)
+    harness.daemon.probe = NvmlProbe(nvml=fake)
     first = harness.submit("first")
     for _ in range(3):
         harness.tick()
@@ -136,13 +124,11 @@ def test_gpu_lost_mid_job_is_never_placed_on_and_recovers(
     harness.settle(second)
 
 
-def test_gpu_allow_listed_by_uuid_that_is_lost_is_unknown_not_missing(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_gpu_allow_listed_by_uuid_that_is_lost_is_unknown_not_missing(harness: Harness) -> None:
     """A job allowed only on GPU-a, while GPU-a's handle cannot be had (lost): it waits because
     the state of GPU-a is unknown, not because GPU-a "does not exist on this host"."""
     fake = FakeNvml([FakeGpu("GPU-a", free_mib=75 * GIB)])
-    harness.daemon.probe = nvml_probe(monkeypatch, fake)
+    harness.daemon.probe = NvmlProbe(nvml=fake)
     harness.tick()
     fake.gpus[0].fault = pynvml.NVML_ERROR_GPU_IS_LOST
     job = harness.submit("a", gpus=["GPU-a"])
@@ -153,13 +139,11 @@ def test_gpu_allow_listed_by_uuid_that_is_lost_is_unknown_not_missing(
 
 
 @pytest.mark.parametrize("where", ["memory", "count"])
-def test_unknown_errors_flapping_never_place(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch, where: str
-) -> None:
+def test_unknown_errors_flapping_never_place(harness: Harness, where: str) -> None:
     """UNKNOWN on every other poll (one GPU's memory query, or the device count): a job that
     needs 3 stable polls never starts while it flaps, and the reason names the error."""
     fake = FakeNvml([FakeGpu("GPU-a", free_mib=75 * GIB)])
-    harness.daemon.probe = nvml_probe(monkeypatch, fake)
+    harness.daemon.probe = NvmlProbe(nvml=fake)
     job = harness.submit("a")
     reasons = set()
     for i in range(20):
@@ -179,9 +163,7 @@ def test_unknown_errors_flapping_never_place(
     assert harness.state(job) == "queued"
 
 
-def test_fault_storm_never_places_on_unknown_or_short_gpus(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_fault_storm_never_places_on_unknown_or_short_gpus(harness: Harness) -> None:
     """Seeded: 1,500 polls of 4 GPUs with random count/per-GPU faults (GPU_IS_LOST, UNKNOWN,
     LIB_RM_VERSION_MISMATCH) and free memory swinging around the 20 GiB threshold, 150 jobs.
     The tick never raises; every start was on a GPU healthy and above the threshold at each of
@@ -191,7 +173,7 @@ def test_fault_storm_never_places_on_unknown_or_short_gpus(
     harness.daemon.runner = runner  # type: ignore[assignment]
     gpus = [FakeGpu(f"GPU-{i}", free_mib=30 * GIB) for i in range(4)]
     fake = FakeNvml(gpus)
-    harness.daemon.probe = nvml_probe(monkeypatch, fake)
+    harness.daemon.probe = NvmlProbe(nvml=fake)
     codes = [pynvml.NVML_ERROR_GPU_IS_LOST, pynvml.NVML_ERROR_UNKNOWN,
              pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH]  # fmt: skip
     jobs = [harness.submit(f"j{i}") for i in range(150)]
@@ -234,10 +216,10 @@ def test_fault_storm_never_places_on_unknown_or_short_gpus(
     assert faults > 500
 
 
-def test_probe_initialises_again_after_nvml_forgets_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_probe_initialises_again_after_nvml_forgets_it() -> None:
     """If NVML answers UNINITIALIZED mid-run (a driver reload), the probe calls nvmlInit again."""
     fake = FakeNvml([FakeGpu("GPU-a", free_mib=70 * GIB)])
-    probe = nvml_probe(monkeypatch, fake)
+    probe = NvmlProbe(nvml=fake)
     assert probe.poll().gpus[0].uuid == "GPU-a"
     fake.reset()
     lost = probe.poll()

@@ -188,7 +188,7 @@ def _config(tmp_path: Path, ledger_url: str) -> Path:
 def test_daemon_and_cli_stop_clearly_when_the_database_is_unreachable(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The daemon exits 2 with ``ledger_unavailable``; the CLI exits 2 naming the ledger; the
+    """The daemon exits 2 with ``daemon_cannot_start``; the CLI exits 2 naming the ledger; the
     password shows in neither."""
     from gpuspool.cli import main
 
@@ -198,7 +198,7 @@ def test_daemon_and_cli_stop_clearly_when_the_database_is_unreachable(
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
-    assert "ledger_unavailable" in proc.stdout and "cannot connect" in proc.stdout
+    assert "daemon_cannot_start" in proc.stdout and "cannot connect" in proc.stdout
     assert "Traceback" not in proc.stderr and "secret" not in proc.stdout + proc.stderr
     assert main(["--config", str(cfg), "show", "x"]) == 2
     assert main(["--config", str(cfg), "status"]) == 2
