@@ -95,8 +95,8 @@ class Submitter:
 
     def submit(self, cfg: Path, name: str) -> str:
         done = self.run(cfg, "submit", "--input", str(self.data / "in.jsonl"), "--output",
-                        str(self.data / f"{name}.jsonl"), "--tokenizer", "tiny", "--name", name,
-                        "--min-free-gib", "20", "--json")  # fmt: skip
+                        str(self.data / f"{name}.jsonl"), "--tokenizer", "Qwen/tiny",
+                        "--name", name, "--min-free-gib", "20", "--json")  # fmt: skip
         assert done.returncode == 0, done.stderr
         return str(json.loads(done.stdout)["job_id"])
 
@@ -184,8 +184,8 @@ def test_row9_submit_as_an_ordinary_user(live: LiveDaemon, alice: Submitter) -> 
 
     incoming = live.tmp / "spool" / "incoming"
     incoming.chmod(0o1710)  # the rename into incoming/ now fails
-    done = alice.run(live.config, "submit", "--input", str(alice.data / "in.jsonl"),
-                     "--output", str(alice.data / "two.jsonl"), "--tokenizer", "tiny")  # fmt: skip
+    done = alice.run(live.config, "submit", "--input", str(alice.data / "in.jsonl"), "--output",
+                     str(alice.data / "two.jsonl"), "--tokenizer", "Qwen/tiny")  # fmt: skip
     incoming.chmod(0o1730)
     assert done.returncode == 1 and "cannot write into the spool" in done.stderr
     assert "Traceback" not in done.stderr
