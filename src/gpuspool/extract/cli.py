@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the worker; return its exit code (see :class:`ExitCode`)."""
     from gpuspool.extract.worker import Options, Run
 
-    events = Events(sys.stdout)
+    events = Events.from_env(sys.stdout)
     parser = build_parser()
     try:
         with contextlib.redirect_stdout(sys.stderr):
