@@ -21,7 +21,7 @@ from gpuspool.daemon import Daemon
 from gpuspool.gpus import make_probe
 from gpuspool.ledger import JobRecord, Ledger
 from gpuspool.models import RUNNABLE_STATES, JobState
-from gpuspool.runner import Runner
+from gpuspool.runner import ProcessRunner
 from gpuspool.spool import Spool
 from gpuspool.systemd import Notifier
 from gpuspool.timers import TickScheduler
@@ -95,7 +95,7 @@ def build_daemon(settings: Settings) -> Daemon:
         ledger=Ledger(settings.ledger_path),
         spool=Spool(settings.spool_dir, max_bytes=settings.max_job_file_bytes),
         probe=make_probe(settings.gpu_source),
-        runner=Runner(),
+        runner=ProcessRunner(),
         environ=os.environ,
         daemon_euid=euid,
         identity_for=identity_for,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -296,24 +297,23 @@ def gpus_view(data: dict[str, Any], now: float) -> RenderableType:
 def log_line(raw: str) -> Text:
     """One line of a job's log, for a terminal: time, source, event and its fields."""
     raw = raw.rstrip("\n")
-    try:
-        event = json.loads(raw) if raw.startswith("{") else None
-    except ValueError:
-        event = None
-    if not isinstance(event, dict):
+    event = _json_object(raw)
+    if event is None:
         return Text(raw, "dim")
     fields = dict(event)
     name = str(fields.pop("event", "?"))
     source = str(fields.pop("source", "worker"))
     ts = fields.pop("ts", None)
-    stamp = time.strftime("%H:%M:%S", time.localtime(ts)) if isinstance(ts, (int, float)) else ""
+    stamp = _clock(ts)
     style = "red" if name in ("error", "job_failed") else ("green" if name in (
         "summary", "job_finished") else "")  # fmt: skip
     line = Text(f"{stamp:8} ", "dim")
     line.append(f"{source:6} ", "magenta" if source == "daemon" else "cyan")
     line.append(name, f"bold {style}".strip())
-    if name == "progress" and fields.get("lines_total"):
-        done, total = fields.pop("lines_done", 0) or 0, fields.pop("lines_total")
+    done, total = fields.get("lines_done") or 0, fields.get("lines_total")
+    if name == "progress" and _count(done) and _count(total) and total:
+        del fields["lines_total"]
+        fields.pop("lines_done", None)
         line.append(f" {done}/{total} ({100.0 * done / max(total, 1):.0f}%)")
     for key, value in fields.items():
         if value is None or key in ("job_id", "argv"):
@@ -325,15 +325,42 @@ def log_line(raw: str) -> Text:
     return line
 
 
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**15
+
+
+def _json_object(raw: str) -> dict[str, Any] | None:
+    """``raw`` as a JSON object, or None. A job's log holds whatever its worker printed, so
+    anything (deep nesting included) is just text."""
+    if not raw.startswith("{"):
+        return None
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _clock(ts: object) -> str:
+    """``HH:MM:SS`` (local) of an epoch or ISO 8601 timestamp; empty if it is neither."""
+    if isinstance(ts, str):
+        try:
+            ts = datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return ""
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)):
+        return ""
+    try:
+        return time.strftime("%H:%M:%S", time.localtime(ts))
+    except (OverflowError, OSError, ValueError):
+        return ""
+
+
 def log_json(raw: str) -> str:
     """One line of a job's log as JSON (a line the worker printed that is not JSON is wrapped)."""
     raw = raw.rstrip("\n")
-    if raw.startswith("{"):
-        try:
-            if isinstance(json.loads(raw), dict):
-                return raw
-        except ValueError:
-            pass
+    if _json_object(raw) is not None:
+        return raw
     return json.dumps({"event": "output", "source": "worker", "line": raw})
 
 

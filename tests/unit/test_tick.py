@@ -1,16 +1,15 @@
-"""The daemon's tick with fake time, a file GPU source and real job processes."""
+"""The daemon's tick with fake time, a file GPU source and scripted job processes (FakeRunner)."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 from pathlib import Path
 from typing import Any
 
 from structlog.testing import capture_logs
 
-from tests.conftest import Harness, gpu_entry, json_lines, wait_until
+from tests.conftest import Harness, gpu_entry, json_lines, worker_events
 
 
 def test_job_waits_until_free_memory_is_stable(harness: Harness) -> None:
@@ -31,7 +30,9 @@ def test_job_waits_until_free_memory_is_stable(harness: Harness) -> None:
     rec = harness.job(job)
     assert rec.peak_gib == 1.5 and rec.exit_class == "done"
     events = [e["event"] for e in json_lines(harness.settings.logs_dir / f"{job}.log")]
-    assert events[0] == "job_started" and "summary" in events and events[-1] == "job_finished"
+    assert events[0] == "job_started" and events[-1] == "job_finished"
+    assert [e["event"] for e in worker_events(harness, job)] == ["start", "progress", "summary"]
+    assert harness.runner.launches[0].env["CUDA_VISIBLE_DEVICES"] == "GPU-sim-0"
 
 
 def test_reservation_prevents_double_booking(harness: Harness) -> None:
@@ -149,8 +150,7 @@ def test_restart_adopts_live_job_and_requeues_dead_one(harness: Harness) -> None
     harness.daemon = harness.new_daemon()  # a new daemon over the same ledger
     harness.tick()
     assert harness.state(job) == "running" and harness.job(job).pid == pid
-    os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid))
+    harness.runner.process(pid).exit(-signal.SIGKILL)
     harness.daemon = harness.new_daemon()
     assert harness.state(job) == "interrupted"
     for _ in range(3):
@@ -158,14 +158,6 @@ def test_restart_adopts_live_job_and_requeues_dead_one(harness: Harness) -> None
     assert harness.state(job) == "running" and harness.job(job).pid != pid
     harness.daemon.stop_all(harness.now)
     assert harness.settle(job) == "interrupted"
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def test_bad_file_is_rejected_and_good_one_accepted(harness: Harness) -> None:
@@ -224,7 +216,7 @@ def test_output_completed_by_a_killed_run_counts_as_done(harness: Harness) -> No
     pid = harness.job(job).pid
     Path(harness.job(job).output).write_text('{"audio": "a.wav", "audio_codes": []}\n')
     harness.env["STUB_MODE"] = "exists"  # what the rerun will find
-    os.kill(pid, signal.SIGKILL)
+    harness.runner.process(pid).exit(-signal.SIGKILL)
     assert harness.settle(job) in {"interrupted", "done"}
     for _ in range(3):
         harness.tick()
