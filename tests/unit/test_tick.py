@@ -236,3 +236,70 @@ def test_output_existing_at_first_start_fails(harness: Harness) -> None:
         harness.tick()
     assert harness.settle(job) == "failed"
     assert "exists" in harness.job(job).reason
+
+
+def test_exception_starting_a_job_fails_it_once(harness: Harness) -> None:
+    """Row 2: any exception from starting the process (here a ValueError, as Popen raises for a
+    NUL byte) fails the job with its reason; it is not left running, nor started every tick."""
+    harness.runner.start_error = ValueError("embedded null byte")
+    job = harness.start("ok")
+    assert harness.state(job) == "failed"
+    assert harness.job(job).reason == "could not start the worker: ValueError: embedded null byte"
+    assert harness.job(job).pid is None
+    for _ in range(3):
+        harness.tick()
+    assert harness.state(job) == "failed" and harness.runner.launches == []
+    assert harness.runner.removed_scratch == [harness.settings.scratch_dir / job]
+
+
+def test_exception_preparing_a_job_fails_it(harness: Harness) -> None:
+    """A job that cannot even be prepared (its user vanished, say) fails with the reason."""
+
+    def no_user(uid: int) -> Any:
+        raise KeyError(f"uid {uid} has no passwd entry")
+
+    harness.set_gpus([gpu_entry(0, 50)])
+    job = harness.submit("a")
+    harness.tick()  # accepted
+    harness.daemon.identity_for = no_user  # gone by the time a GPU is free
+    harness.tick()
+    harness.tick()
+    assert harness.state(job) == "failed"
+    assert "cannot start the job: KeyError" in harness.job(job).reason
+    assert harness.runner.launches == []
+
+
+def test_job_environment_is_an_allow_list(harness: Harness) -> None:
+    """Row 14 at the tick: nothing of the daemon's environment but PATH and LANG reaches a job;
+    job_env is added; the job id and GPU cannot be overridden by it."""
+    harness.environ.update(GPUSPOOL_WEBHOOK_URL="http://x/?token=t", NOTIFY_SOCKET="/run/n")
+    harness.env.update(HF_HOME="/srv/hf", CUDA_VISIBLE_DEVICES="all", GPUSPOOL_JOB_ID="forged")
+    job = harness.start("ok")
+    env = dict(harness.runner.launches[0].env)
+    scratch = str(harness.settings.scratch_dir / job)
+    assert env.pop("GPUSPOOL_JOB_ID") == job and env.pop("CUDA_VISIBLE_DEVICES") == "GPU-sim-0"
+    assert env.pop("HF_HOME") == "/srv/hf" and env.pop("TMPDIR") == scratch
+    assert set(env) <= {
+        "PATH",
+        "LANG",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "CUDA_DEVICE_ORDER",
+        "PYTHONUNBUFFERED",
+        "XDG_CACHE_HOME",
+        "NUMBA_CACHE_DIR",
+        "STUB_MODE",
+    }
+    assert harness.settle(job) == "done"
+    assert harness.runner.removed_scratch == [harness.settings.scratch_dir / job]
+
+
+def test_retry_keeps_the_scratch_folder_and_reads_only_the_new_run(harness: Harness) -> None:
+    """A deferred job keeps its scratch folder; the rerun's events replace the first run's."""
+    job = harness.start("oom")
+    assert harness.settle(job) == "deferred" and harness.runner.removed_scratch == []
+    harness.env["STUB_MODE"] = "ok"
+    harness.tick(11)
+    assert harness.settle(job) == "done"
+    assert harness.job(job).peak_gib == 1.5 and harness.job(job).exit_class == "done"
