@@ -23,8 +23,9 @@ progress events on stdout. See docs/extract.md.
 
 EPILOG = """\
 exit codes: 0 done; 1 crash; 64 usage; 65 bad data (a bad line under --on-bad-line fail);
-73 output exists; 75 CUDA out of memory (checkpointed, retryable); 143 interrupted by
-SIGTERM/SIGINT (checkpointed, resumable).
+73 output exists; 75 CUDA out of memory (checkpointed, retryable); 78 config (the tokenizer
+cannot be loaded, a module is missing); 143 interrupted by SIGTERM/SIGINT (checkpointed,
+resumable).
 """
 
 
