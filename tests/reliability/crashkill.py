@@ -59,6 +59,7 @@ def daemon_config(workdir: Path, **extra: Any) -> dict[str, Any]:
     values: dict[str, Any] = {
         "spool_dir": str(workdir / "spool"),
         "state_dir": str(workdir / "state"),
+        "scratch_dir": str(workdir / "scratch"),
         "gpu_source": f"file:{workdir / 'gpus.json'}",
         "poll_interval_s": 0.2,
         "stable_polls": 1,

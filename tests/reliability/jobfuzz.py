@@ -28,7 +28,7 @@ from gpuspool.config import Settings
 from gpuspool.daemon import Daemon, TickReport
 from gpuspool.gpus import FileProbe, write_gpu_file
 from gpuspool.ledger import Ledger
-from gpuspool.runner import Runner
+from gpuspool.runner import ProcessRunner
 from gpuspool.spool import Spool
 
 OUT = "\x00OUT\x00"  # placeholder: replaced by a fresh output path when the file is fed
@@ -247,6 +247,7 @@ class IntakeFuzzer:
         self.settings = Settings(
             spool_dir=root / "spool",
             state_dir=root / "state",
+            scratch_dir=root / "scratch",
             gpu_source=f"file:{gpu_file}",
             max_job_file_bytes=max_bytes,
             worker_command=[sys.executable, "-c", "raise SystemExit(1)"],
@@ -257,7 +258,7 @@ class IntakeFuzzer:
             ledger=Ledger(self.settings.ledger_path),
             spool=self.spool,
             probe=FileProbe(gpu_file),
-            runner=Runner(),
+            runner=ProcessRunner(),
             environ={},
             daemon_euid=os.geteuid(),
         )
