@@ -40,6 +40,9 @@ from gpuspool.spool import RawJob, Refusal, Spool, display_name, validate_spec
 MAX_EVENTS_READ = 1 << 20
 #: What start-up reads of the events of a job whose process is gone: the end of the file.
 EVENTS_TAIL = 1 << 16
+#: An events file past this size (a flooding worker) is emptied once read: the state folder's
+#: disk is the daemon's, not the job's. A well-behaved worker writes ~60 bytes a second.
+MAX_EVENTS_FILE = 16 << 20
 #: A job's environment when the daemon's has no PATH.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: How often (seconds) a poll of GPU memory is written to the ledger's history.
@@ -356,12 +359,15 @@ class Daemon:
                     state.events_offset = size - EVENTS_TAIL  # skip a flood, keep the latest
                 f.seek(state.events_offset)
                 chunk = f.read(MAX_EVENTS_READ)
+                flooded = size > MAX_EVENTS_FILE and not tail
+                if flooded:  # the worker appends, so it goes on writing from 0
+                    os.truncate(self.events_path(job.id), 0)
         except OSError:
             return
         end = chunk.rfind(b"\n")
+        state.events_offset = 0 if flooded else state.events_offset + end + 1
         if end < 0:
             return
-        state.events_offset += end + 1
         for event in parse_events(chunk[: end + 1]):
             state.take(event)
         if state.last_progress is None:

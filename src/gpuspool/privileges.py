@@ -164,7 +164,7 @@ def popen_kwargs(identity: Identity, *, umask: int | None = JOB_UMASK) -> dict[s
 
 
 def identity_env(identity: Identity) -> dict[str, str]:
-    """``HOME``, ``USER`` and ``LOGNAME`` for a job's environment (caches go to the user's home)."""
+    """``HOME``, ``USER`` and ``LOGNAME`` for a job's environment (caches: its scratch folder)."""
     return {"HOME": identity.home, "USER": identity.name, "LOGNAME": identity.name}
 
 

@@ -303,3 +303,20 @@ def test_retry_keeps_the_scratch_folder_and_reads_only_the_new_run(harness: Harn
     harness.tick(11)
     assert harness.settle(job) == "done"
     assert harness.job(job).peak_gib == 1.5 and harness.job(job).exit_class == "done"
+
+
+def test_flooded_events_file_is_emptied_and_read_on(harness: Harness) -> None:
+    """A worker flooding its events file (the daemon's disk) has it emptied once read; events
+    it writes afterwards are still taken."""
+    from gpuspool.daemon import MAX_EVENTS_FILE
+
+    job = harness.start("sleep")
+    proc = harness.runner.process(harness.job(job).pid)
+    proc.write_events(b"junk\n" * (MAX_EVENTS_FILE // 5 + 1))
+    harness.tick()
+    assert harness.daemon.events_path(job).stat().st_size == 0
+    proc.emit("progress", lines_done=3, lines_total=4)
+    harness.tick()
+    assert harness.job(job).progress == {"lines_done": 3, "lines_total": 4}
+    harness.daemon.stop_all(harness.now)
+    assert harness.settle(job) == "interrupted"
