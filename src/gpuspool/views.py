@@ -59,9 +59,33 @@ def job_dict(job: JobRecord) -> dict[str, Any]:
         "submitter_uid": job.submitter_uid,
         "input": job.input,
         "output": job.output,
-        "progress": {k: p.get(k) for k in PROGRESS_KEYS},
+        "progress": progress_view(p),
         "log_path": job.log_path,
     }
+
+
+def progress_view(stored: str | dict[str, Any] | None) -> dict[str, Any]:
+    """The progress columns, each a finite number or None. The daemon stores only validated
+    worker events (gpuspool.protocol), but a ledger written by an older version may hold
+    anything a worker printed."""
+    if isinstance(stored, str):
+        try:
+            stored = json.loads(stored)
+        except (ValueError, RecursionError):
+            stored = None
+    if not isinstance(stored, dict):
+        stored = {}
+    out: dict[str, Any] = {}
+    for key in PROGRESS_KEYS:
+        out[key] = _number(stored.get(key))
+    return out
+
+
+def _number(value: object) -> float | None:
+    """``value`` if it is a finite number of sensible size (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if -1e15 < value < 1e15 else None  # False for NaN and the infinities
 
 
 def gpus_snapshot(ledger: Ledger) -> dict[str, Any]:
@@ -92,9 +116,7 @@ def status_data(
     waiting_states = {s.value for s in JobState if s.runnable} | {JobState.HELD.value}
     out = []
     for row in rows:
-        raw = row.pop("progress_json")
-        progress = json.loads(raw) if raw else {}
-        row["progress"] = {k: progress.get(k) for k in PROGRESS_KEYS}
+        row["progress"] = progress_view(row.pop("progress_json"))
         row["gpu_index"] = index.get(row["gpu_uuid"] or "")
         row["waiting_for"] = row["reason"] if row["state"] in waiting_states else None
         end = row["finished_at"] if row["state"] in TERMINAL_VALUES else now

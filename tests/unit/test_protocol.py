@@ -105,3 +105,13 @@ def test_job_strings_with_control_characters_are_refused(field: str, value: obje
     data = {"input": "/data/in.jsonl", "output": "/data/out.jsonl", "tokenizer": "t", field: value}
     with pytest.raises(ValueError, match=f"{field}[\\s\\S]*control characters"):
         JobSpec.model_validate(data)
+
+
+def test_status_shows_only_numbers_of_a_legacy_ledger_row() -> None:
+    """Progress stored by an older version (which copied whatever the worker printed) shows
+    as numbers or nothing, so ``status`` renders."""
+    from gpuspool.views import progress_view
+
+    got = progress_view('{"lines_done": "a", "lines_total": 3, "eta_s": 1e400, "x": [[]]}')
+    assert got["lines_done"] is None and got["lines_total"] == 3 and got["eta_s"] is None
+    assert set(progress_view("[" * 5000).values()) == {None}
