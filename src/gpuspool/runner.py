@@ -195,6 +195,8 @@ def make_scratch(path: Path, owner: tuple[int, int] | None) -> None:
     if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISDIR(st.st_mode):
         raise RuntimeError(f"scratch folder {parent} must be a directory owned by the daemon's "
                            "user and writable by nobody else")  # fmt: skip
+    if not st.st_mode & 0o001:  # the daemon's umask (0077 under systemd) took users' x bit
+        os.chmod(parent, 0o711)
     uid, gid = owner if owner is not None else (os.geteuid(), os.getegid())
     try:
         st = os.lstat(path)
