@@ -24,6 +24,8 @@ import json
 import math
 import os
 import re
+import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -157,14 +159,8 @@ def parse_events(chunk: bytes) -> list[WorkerEvent]:
 
 def utc_timestamp(when: float | None = None) -> str:
     """ISO 8601 UTC with milliseconds (``2026-05-01T12:00:00.123Z``), the format of job logs."""
-    moment = datetime.fromtimestamp(when if when is not None else _now(), tz=UTC)
+    moment = datetime.fromtimestamp(when if when is not None else time.time(), tz=UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def _now() -> float:
-    import time
-
-    return time.time()
 
 
 def _clean(value: Any) -> Any:
@@ -191,7 +187,7 @@ def encode_event(kind: str, fields: dict[str, Any], *, ts: str | None = None) ->
     return data
 
 
-def events_fd_from_env(environ: dict[str, str] | os._Environ[str]) -> int | None:
+def events_fd_from_env(environ: Mapping[str, str]) -> int | None:
     """The events descriptor announced in ``environ``, if it names an open descriptor."""
     raw = environ.get(EVENTS_FD_ENV)
     if raw is None or not raw.isdigit():
