@@ -181,9 +181,9 @@ def encode_event(kind: str, fields: dict[str, Any], *, ts: str | None = None) ->
     if len(data) > MAX_EVENT_BYTES:  # keep the kind and the fields the daemon reads
         keep = {k: v for k, v in record.items() if not isinstance(v, (str, list, dict))}
         keep["event"], keep["ts"] = kind, record["ts"]
-        if "reason" in record:
-            keep["reason"] = str(record["reason"])[:MAX_TEXT]
-        data = (json.dumps(keep, ensure_ascii=True) + "\n").encode()
+        if "reason" in record:  # at most 4 bytes a character: fits with room to spare
+            keep["reason"] = str(record["reason"])[: MAX_EVENT_BYTES // 8]
+        data = (json.dumps(keep, ensure_ascii=False) + "\n").encode("utf-8", "replace")
     return data
 
 

@@ -62,6 +62,12 @@ def test_unknown_fields_are_dropped_and_reason_is_cleaned() -> None:
     assert event.reason == "a?[2Jb" and "x" not in event.fields()
 
 
+def test_an_oversized_error_keeps_its_code_and_reason() -> None:
+    line = encode_event("error", {"exit_code": 65, "reason": "ü" * 5000, "output": "é" * 9000})
+    event = parse_event(line)
+    assert isinstance(event, ErrorEvent) and event.exit_code == 65 and event.reason.startswith("ü")
+
+
 def test_an_oversized_event_still_parses_with_its_numbers() -> None:
     line = encode_event("summary", {"lines_done": 4, "peak_gpu_gib": 1.5, "output": "é" * 9000})
     assert len(line) <= MAX_EVENT_BYTES
