@@ -398,10 +398,14 @@ class Daemon:
             stop=state.stop,
             timeout_s=state.timeout_s,
             cancel_requested=job.cancel_requested,
-            output_exists=Path(job.output).exists(),
         )
-        if exit_code(facts) == ExitCode.OUTPUT_EXISTS:
-            facts = replace(facts, finished_by_earlier_run=self._finished_by_earlier_run(job))
+        code = exit_code(facts)
+        if code in (0, ExitCode.OUTPUT_EXISTS):
+            output, partial = self._output_files(job)
+            facts = replace(facts, output_exists=output)
+            if code == ExitCode.OUTPUT_EXISTS:
+                earlier = output and not partial and self._run_before(job)
+                facts = replace(facts, finished_by_earlier_run=earlier)
         outcome = decide(facts)
         self._apply(job, outcome, state, now)
         if outcome.final:
@@ -444,13 +448,30 @@ class Daemon:
             extra = {"reason": outcome.reason}
         self._job_event(job, outcome.event, **extra)
 
-    def _finished_by_earlier_run(self, job: JobRecord) -> bool:
+    def _output_files(self, job: JobRecord) -> tuple[bool, bool]:
+        """Whether the job's output and its partial file are regular files, as the job's user
+        sees them: the output folder is the user's, so root does not look there itself (a
+        link swapped in would make the daemon an oracle for another user's files)."""
+        paths = [Path(job.output), partial_path(job.output)]
+        answer = None
+        if self.identity_for is not None:
+            from gpuspool import privileges
+
+            try:
+                answer = privileges.regular_files_as(self.identity_for(job.submitter_uid), paths)
+            except Exception:
+                answer = None
+        else:
+            answer = [p.is_file() for p in paths]
+        if answer is None:  # cannot tell: trust the exit code, never declare a stranger's file ours
+            return True, True
+        return answer[0], answer[1]
+
+    def _run_before(self, job: JobRecord) -> bool:
         """An earlier run of this job renamed its complete output into place, then was killed
-        before it said so; the rerun then finds the output. Intake made sure the output did not
-        exist and no other job claims it, so a complete output with no partial left is ours."""
-        output = Path(job.output)
-        if not output.is_file() or partial_path(output).exists():
-            return False
+        before it said so; the rerun then finds the output (exit 73). Intake made sure the output
+        did not exist and no other job claims it, so a complete output with no partial left,
+        after a second start, is ours."""
         runs = [t for t in self.ledger.transitions(job.id) if t["to_state"] == "running"]
         return len(runs) >= 2
 
