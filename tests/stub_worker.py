@@ -9,7 +9,7 @@ Two modes play a hostile job for the attack tests: ``probe`` prints (on stdout, 
 it can read ``secret.txt`` through its cwd or its output folder, whether its TMPDIR and caches are
 writable), then finishes as ``ok``; ``hostile`` writes malformed events (wrong types, 2,000
 nested brackets, an endless line) to the events channel and stdout, one valid progress event,
-then sleeps like ``sleep``.
+then sleeps like ``sleep``; ``lie`` says it is done and exits 0 without writing its output.
 """
 
 import argparse
@@ -131,6 +131,9 @@ def main() -> int:
         return 73
     if mode == "crash":
         raise RuntimeError("boom")
+    if mode == "lie":  # says done without writing anything
+        emit(event="summary", lines_done=4, lines_skipped=0, peak_gpu_gib=1.5)
+        return 0
     if mode == "hostile":
         hostile()
         mode = "sleep"

@@ -178,6 +178,28 @@ def test_row1_swapped_output_folder_is_not_entered_as_root(make_site: Any) -> No
     assert site.daemon.stop() == 0
 
 
+def test_row1_daemon_is_no_oracle_for_files_behind_a_swapped_folder(make_site: Any) -> None:
+    """Row 1, the daemon's side: a job that exits 0 without writing, its output folder swapped
+    for a link to another user's private folder that holds a file of the output's name. The
+    daemon looks for the output as the job's user, so it is not "done" (which would tell the
+    submitter that the other user's file exists)."""
+    victim = ensure_user(VICTIM)
+    site = make_site("lie")
+    site.drop("oracle", max_attempts=1)
+    job = site.accepted("oracle")
+    private = site.top / "victim2"
+    private.mkdir(mode=0o700)
+    os.chown(private, victim.pw_uid, victim.pw_gid)
+    (private / "oracle.jsonl").write_text("{}\n")
+    assert wait_state(site.daemon, job, {"queued"}, 30) == "queued"
+    site.out.rename(site.home / "out.orig")
+    site.out.symlink_to(private)
+    site.daemon.set_gpus(gpu_entry(0, 50))
+    assert wait_state(site.daemon, job, {"done", "failed"}, 60) == "failed"
+    assert "worker crashed" in site.daemon.job(job).reason
+    assert site.daemon.stop() == 0
+
+
 def test_row14_job_environment_is_an_allow_list(make_site: Any) -> None:
     """Row 14: the daemon's environment (the webhook URL and its token, anything else) never
     reaches a job; the job (a user without a home) gets a private writable TMPDIR and caches,
