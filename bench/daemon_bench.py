@@ -232,7 +232,7 @@ def big_queue(n_jobs: int) -> list[dict[str, Any]]:
     from gpuspool.config import Settings
     from gpuspool.daemon import Daemon
     from gpuspool.gpus import FileProbe
-    from gpuspool.runner import Runner
+    from gpuspool.runner import ProcessRunner
     from gpuspool.spool import Spool
 
     work = Path(tempfile.mkdtemp(prefix="gpuspool-queue-"))
@@ -257,7 +257,7 @@ def big_queue(n_jobs: int) -> list[dict[str, Any]]:
                    threshold_gib=20.0, spool_file=None, now=1.0)  # fmt: skip
     daemon = Daemon(
         settings, ledger=ledger, spool=Spool(settings.spool_dir), probe=FileProbe(gpu_file),
-        runner=Runner(), environ={"PATH": os.environ["PATH"]}, daemon_euid=os.geteuid(),
+        runner=ProcessRunner(), environ={"PATH": os.environ["PATH"]}, daemon_euid=os.geteuid(),
     )  # fmt: skip
     daemon.startup(time.time())
     steady = []

@@ -16,8 +16,9 @@ import pytest
 from gpuspool.config import Settings
 from gpuspool.daemon import Daemon
 from gpuspool.gpus import FileProbe, write_gpu_file
-from gpuspool.ledger import Ledger
-from gpuspool.runner import Runner
+from gpuspool.ledger_api import open_ledger
+from gpuspool.runner import ProcessRunner, Runner
+from gpuspool.runner_fake import FakeProcess, FakeRunner
 from gpuspool.spool import Spool
 
 STUB_WORKER = str(Path(__file__).parent / "stub_worker.py")
@@ -39,17 +40,67 @@ def wait_until(cond: Callable[[], Any], timeout: float = 20.0, step: float = 0.0
     raise AssertionError(f"condition not met within {timeout} s")
 
 
+def stub_script(proc: FakeProcess) -> None:
+    """What tests/stub_worker.py does, for a :class:`FakeRunner` (``STUB_MODE`` in the job's
+    environment picks the outcome; "sleep" runs until SIGTERM, then exits 143)."""
+    mode = proc.launch.env.get("STUB_MODE", "ok")
+    argv = list(proc.launch.argv)
+    output = Path(argv[argv.index("--output") + 1])
+    proc.emit("start", lines_total=4, device="cpu")
+    proc.emit("progress", lines_done=1, lines_total=4, audio_s_done=2.0, audio_s_per_s=10.0,
+              eta_s=0.6, gpu_peak_gib=None)  # fmt: skip
+    if mode == "oom":
+        proc.emit("error", exit_code=75, reason="CUDA out of memory (stub)")
+        proc.exit(75)
+    elif mode == "data":
+        proc.emit("error", exit_code=65, reason="line 3: audio file missing", line=3)
+        proc.exit(65)
+    elif mode == "exists":
+        proc.emit("error", exit_code=73, reason=f"output {output} exists")
+        proc.exit(73)
+    elif mode == "crash":
+        proc.exit(1)
+    elif mode == "ok":
+        output.write_text(json.dumps({"audio": "a.wav", "audio_codes": [[1] * 16]}) + "\n")
+        proc.emit("summary", lines_done=4, lines_skipped=0, audio_s_done=8.0, audio_s_per_s=10.0,
+                  wall_s=0.8, peak_gpu_gib=1.5)  # fmt: skip
+        proc.exit(0)
+
+
+def real_runner(previous: Runner | None) -> Runner:
+    return ProcessRunner()
+
+
+def fake_runner(previous: Runner | None) -> Runner:
+    """A scripted runner; a restarted daemon's shares the processes of the one before."""
+    if isinstance(previous, FakeRunner):
+        return previous.successor()
+    return FakeRunner(stub_script)
+
+
 class Harness:
-    """A daemon with fake time, a file GPU source and a stub worker."""
+    """A daemon with fake time, a file GPU source and a stub worker (a real process by default;
+    ``make_runner=fake_runner`` scripts it without processes).
+
+    ``env`` is the jobs' extra environment (the ``job_env`` setting, read at each start): tests
+    set ``STUB_MODE`` there.
+    """
 
     def __init__(
-        self, tmp: Path, *, identity_for: Callable[[int], Any] | None = None, **overrides: Any
+        self,
+        tmp: Path,
+        *,
+        identity_for: Callable[[int], Any] | None = None,
+        make_runner: Callable[[Runner | None], Runner] = real_runner,
+        **overrides: Any,
     ) -> None:
         self.tmp = tmp
         self.identity_for = identity_for
+        self.make_runner = make_runner
+        self.runner: Runner | None = None
         self.gpu_file = tmp / "gpus.json"
         self.set_gpus([gpu_entry(0, 10)])
-        self.env: dict[str, str] = {"PATH": os.environ.get("PATH", "")}
+        self.environ: dict[str, str] = {"PATH": os.environ.get("PATH", "")}
         values: dict[str, Any] = {
             "spool_dir": tmp / "spool",
             "state_dir": tmp / "state",
@@ -62,9 +113,11 @@ class Harness:
             "retry_backoff_s": 10.0,
             "stop_grace_s": 2.0,
             "progress_log_interval_s": 0.0,
+            "scratch_dir": tmp / "scratch",
         }
         values.update(overrides)
         self.settings = Settings(**values)
+        self.env: dict[str, str] = self.settings.job_env  # the same dict: read at each start
         self.data = tmp / "data"
         self.data.mkdir(exist_ok=True)
         (self.data / "in.jsonl").write_text('{"audio": "a.wav"}\n')
@@ -72,13 +125,14 @@ class Harness:
         self.daemon = self.new_daemon()
 
     def new_daemon(self) -> Daemon:
+        self.runner = self.make_runner(self.runner)
         d = Daemon(
             self.settings,
-            ledger=Ledger(self.settings.ledger_path),
+            ledger=open_ledger(self.settings),
             spool=Spool(self.settings.spool_dir),
             probe=FileProbe(self.gpu_file),
-            runner=Runner(),
-            environ=self.env,
+            runner=self.runner,
+            environ=self.environ,
             daemon_euid=os.geteuid(),
             identity_for=self.identity_for,
         )
@@ -165,3 +219,8 @@ def harness(tmp_path: Path) -> Harness:
 
 def json_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def worker_events(h: Harness, job_id: str) -> list[dict[str, Any]]:
+    """The job's events as its worker wrote them to the daemon's channel."""
+    return json_lines(h.daemon.events_path(job_id))

@@ -3,6 +3,13 @@
 It takes the worker's flags, and behaves as ``STUB_MODE`` says: ok (write the output, exit 0),
 oom (exit 75), data (exit 65), exists (exit 73), crash (exit 1), sleep (run until SIGTERM, then
 exit 143). The integration tests run the real worker instead.
+
+Two modes play a hostile job for the attack tests: ``probe`` prints (on stdout, the human log) one
+``{"probe": ...}`` line saying what the process can see (its cwd, its whole environment, whether
+it can read ``secret.txt`` through its cwd or its output folder, whether its TMPDIR and caches are
+writable), then finishes as ``ok``; ``hostile`` writes malformed events (wrong types, 2,000
+nested brackets, an endless line) to the events channel and stdout, one valid progress event,
+then sleeps like ``sleep``; ``lie`` says it is done and exits 0 without writing its output.
 """
 
 import argparse
@@ -14,7 +21,76 @@ import time
 
 
 def emit(**event):
-    print(json.dumps(event), flush=True)
+    """Print the event (the human log) and send it on the daemon's events channel."""
+    line = json.dumps(event)
+    print(line, flush=True)
+    fd = os.environ.get("GPUSPOOL_EVENTS_FD")
+    if fd:
+        os.write(int(fd), (line + "\n").encode())
+
+
+def _readable(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(100).decode("utf-8", "replace")
+    except OSError as exc:
+        return f"error: {exc.strerror}"
+
+
+def _writable(folder):
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "probe.tmp"), "w") as f:
+            f.write("x")
+        return True
+    except (OSError, TypeError):
+        return False
+
+
+def probe(args) -> None:
+    with open("/proc/self/environ", "rb") as f:
+        environ = dict(
+            item.decode("utf-8", "replace").partition("=")[::2]
+            for item in f.read().split(b"\0")
+            if item
+        )
+    out_dir = os.path.dirname(args.output)
+    report = {
+        "cwd": os.getcwd(),
+        "uid": os.getuid(),
+        "environ": environ,
+        "secret_via_cwd": _readable("secret.txt"),
+        "secret_via_proc_cwd": _readable(f"/proc/{os.getpid()}/cwd/secret.txt"),
+        "secret_via_output_folder": _readable(os.path.join(out_dir, "secret.txt")),
+        "home_writable": _writable(os.environ.get("HOME")),
+        "tmp_writable": _writable(os.environ.get("TMPDIR")),
+        "numba_cache_writable": _writable(os.environ.get("NUMBA_CACHE_DIR")),
+        "cache_writable": _writable(os.environ.get("XDG_CACHE_HOME")),
+    }
+    print(json.dumps({"probe": report}), flush=True)
+
+
+HOSTILE_LINES = [
+    b'{"event":"progress","lines_done":"a","lines_total":"b"}',
+    b"{" + b"[" * 2000,
+    b'{"event":"progress","x":' + b"[" * 2000 + b"]" * 2000 + b"}",
+    b'{"event":"error","exit_code":1e999,"reason":{}}',
+    b'{"event":"summary","peak_gpu_gib":"lots"}',
+    b'{"event":"job_finished","source":"daemon"}',
+    b"\xff\xfe\x00\x1b[2J",
+    b'{"event":"progress","lines_done":' + b"9" * 5000 + b"}",
+    b"{" * 100000,
+]
+
+
+def hostile() -> None:
+    fd = os.environ.get("GPUSPOOL_EVENTS_FD")
+    for line in HOSTILE_LINES:
+        sys.stdout.buffer.write(line + b"\n")
+        if fd:
+            os.write(int(fd), line + b"\n")
+    sys.stdout.flush()
+    emit(event="progress", lines_done=2, lines_total=4, audio_s_done=3.0)
 
 
 def main() -> int:
@@ -31,6 +107,9 @@ def main() -> int:
         ap.add_argument(flag)
     args = ap.parse_args()
     mode = os.environ.get("STUB_MODE", "ok")
+    if mode == "probe":
+        probe(args)
+        mode = "ok"
     emit(event="start", lines_total=4, device=args.device, uid=os.getuid(), gid=os.getgid())
     emit(
         event="progress",
@@ -52,6 +131,12 @@ def main() -> int:
         return 73
     if mode == "crash":
         raise RuntimeError("boom")
+    if mode == "lie":  # says done without writing anything
+        emit(event="summary", lines_done=4, lines_skipped=0, peak_gpu_gib=1.5)
+        return 0
+    if mode == "hostile":
+        hostile()
+        mode = "sleep"
     if mode == "sleep":
         stop = []
         signal.signal(signal.SIGTERM, lambda *_: stop.append(1))

@@ -68,6 +68,14 @@ class Settings(BaseSettings):
     worker_extra_args: list[str] = Field(
         default_factory=list, description="Appended to every worker's argv"
     )
+    job_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment of every job (the daemon's own never reaches a job)",
+    )
+    scratch_dir: Path = Field(
+        Path("/var/tmp/gpuspool"),
+        description="Per-job private TMPDIR and caches, <scratch_dir>/<job id>, removed at the end",
+    )
     default_batch_seconds: float = Field(320.0, gt=0, description="Padded-seconds batch budget")
     job_timeout_s: float | None = Field(None, gt=0, description="Kill a job running this long")
     fallback_user: str | None = Field(None, description="Runs root-owned jobs; None rejects them")
@@ -110,6 +118,16 @@ class Settings(BaseSettings):
     def _check_host_name(cls, v: str) -> str:
         if not _HOST_NAME.fullmatch(v):
             raise ValueError("host_name must be 1-253 letters, digits, dots, dashes or underscores")
+        return v
+
+    @field_validator("job_env")
+    @classmethod
+    def _check_job_env(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ValueError(f"job_env: {key!r} is not a valid variable name")
+            if "\x00" in value:
+                raise ValueError(f"job_env: the value of {key} contains a NUL byte")
         return v
 
     @field_validator("log_format")
@@ -182,6 +200,11 @@ class Settings(BaseSettings):
     @property
     def logs_dir(self) -> Path:
         return self.state_dir / "logs"
+
+    @property
+    def events_dir(self) -> Path:
+        """Per-job worker events (``<id>.events``): the worker → daemon channel."""
+        return self.state_dir / "events"
 
 
 def redact_url(url: str) -> str:

@@ -10,34 +10,42 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from gpuspool import logs
 from gpuspool.config import Settings
 from gpuspool.estimate import job_need_gib, job_threshold_gib
-from gpuspool.exitcodes import ExitClass, ExitCode, classify
+from gpuspool.exitcodes import ExitCode
 from gpuspool.gpus import GpuProbe, ProbeResult
 from gpuspool.ledger import JobRecord, LedgerError, Waiting
 from gpuspool.ledger_api import LedgerBackend
 from gpuspool.models import RUNNABLE_STATES, JobSpec, JobState
 from gpuspool.observe import GpuObserver
+from gpuspool.outcome import ExitFacts, Outcome, StopReason, decide, exit_code
 from gpuspool.placement import Candidate, GpuView, place
-from gpuspool.runner import (
-    JOB_ID_ENV,
-    Exit,
-    Launch,
-    Runner,
-    find_job_processes,
-    is_alive,
-    kill_leftovers,
+from gpuspool.protocol import (
+    ErrorEvent,
+    ProgressEvent,
+    StartEvent,
+    SummaryEvent,
+    WorkerEvent,
+    parse_events,
+    partial_path,
 )
+from gpuspool.runner import JOB_ID_ENV, Exit, Launch, Runner
 from gpuspool.spool import RawJob, Refusal, Spool, display_name, validate_spec
-from gpuspool.systemd import scrub_env
 
-#: Longest stretch of a job's log read in one tick; a flooding worker is skipped ahead.
-MAX_LOG_READ = 1 << 20
+#: Longest stretch of a job's events file read in one tick; a flooding worker is skipped ahead.
+MAX_EVENTS_READ = 1 << 20
+#: What start-up reads of the events of a job whose process is gone: the end of the file.
+EVENTS_TAIL = 1 << 16
+#: An events file past this size (a flooding worker) is emptied once read: the state folder's
+#: disk is the daemon's, not the job's. A well-behaved worker writes ~60 bytes a second.
+MAX_EVENTS_FILE = 16 << 20
+#: A job's environment when the daemon's has no PATH.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Per tick, waiting-reason changes logged one by one; the rest are summed up in one event.
 MAX_WAITING_EVENTS = 50
 
@@ -46,11 +54,24 @@ MAX_WAITING_EVENTS = 50
 class _Running:
     """What the daemon tracks in memory about a running job."""
 
-    log_offset: int = 0
+    events_offset: int = 0
     last_progress_log: float = float("-inf")
     stop_deadline: float | None = None
-    stop_reason: str | None = None
-    last_events: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stop: StopReason | None = None
+    #: The timeout that stopped it (for the reason), when ``stop`` is TIMED_OUT.
+    timeout_s: float | None = None
+    last_progress: StartEvent | ProgressEvent | None = None
+    summary: SummaryEvent | None = None
+    error: ErrorEvent | None = None
+
+    def take(self, event: WorkerEvent) -> None:
+        """Remember the latest event of each kind the daemon acts on."""
+        if isinstance(event, SummaryEvent):
+            self.summary = event
+        elif isinstance(event, ErrorEvent):
+            self.error = event
+        elif isinstance(event, ProgressEvent) or self.last_progress is None:
+            self.last_progress = event
 
 
 @dataclass
@@ -104,24 +125,27 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def startup(self, now: float) -> None:
-        """Recover after a restart: adopt live jobs, requeue those whose process is gone."""
+        """Recover after a restart: adopt live jobs, file those whose process is gone by their
+        last events (read from the end of the events file, parsed as untrusted input)."""
         self._now = now
         self.spool.ensure_dirs()
         self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
-        orphans = find_job_processes() if self.ledger.jobs([JobState.RUNNING]) else {}
-        for job in self.ledger.jobs([JobState.RUNNING]):
+        self.settings.events_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        running = self.ledger.jobs([JobState.RUNNING])
+        orphans = self.runner.find_job_processes() if running else {}
+        for job in running:
             if job.pid is None and job.id in orphans:
                 # Started just before a crash, before its pid was recorded: adopt, never rerun.
                 pid, created = orphans[job.id]
                 job = self.ledger.transition(
                     job.id, JobState.RUNNING, now=now, pid=pid, pid_start=created
                 )
-            if is_alive(job.pid, job.pid_start):
+            if self.runner.is_alive(job.pid, job.pid_start):
                 self._running[job.id] = _Running()
                 self.log.info("job_adopted", job_id=job.id, pid=job.pid, gpu_uuid=job.gpu_uuid)
                 continue
             self._running[job.id] = _Running()
-            self._read_log(job, now)
+            self._read_events(job, now, tail=True)
             self._finish(job, Exit(None), now)
 
     @property
@@ -150,7 +174,7 @@ class Daemon:
             if job.pid is None:
                 continue
             state = self._running.setdefault(job.id, _Running())
-            state.stop_reason = state.stop_reason or "daemon stopping"
+            state.stop = state.stop or StopReason.DAEMON_STOPPING
             if hard:
                 self.runner.kill(job.pid, job.pid_start)
             else:
@@ -267,7 +291,7 @@ class Daemon:
         self._now = now
         for job in self.ledger.jobs([JobState.RUNNING]):
             state = self._running.setdefault(job.id, _Running())
-            self._read_log(job, now)
+            self._read_events(job, now)
             if job.pid is None:
                 self._finish(job, Exit(None), now, report)
                 continue
@@ -275,60 +299,73 @@ class Daemon:
             if gone is not None:
                 self._finish(job, gone, now, report)
                 continue
-            if job.cancel_requested and state.stop_reason is None:
-                state.stop_reason = "cancelled by user"
-                state.stop_deadline = now + self.settings.stop_grace_s
-                self.runner.terminate(job.pid, job.pid_start)
-                self._job_event(job, "job_stopping", reason=state.stop_reason)
-            timeout = job.spec.timeout_s or self.settings.job_timeout_s
+            if job.cancel_requested and state.stop is None:
+                self._stop(job, state, StopReason.CANCELLED, now)
+            timeout = self._timeout_s(job)
             if (
                 timeout is not None
-                and state.stop_reason is None
+                and state.stop is None
                 and job.started_at is not None
                 and now - job.started_at > timeout
             ):
-                state.stop_reason = f"timed out after {timeout:.0f} s"
-                state.stop_deadline = now + self.settings.stop_grace_s
-                self.runner.terminate(job.pid, job.pid_start)
-                self._job_event(job, "job_stopping", reason=state.stop_reason)
+                state.timeout_s = timeout
+                self._stop(job, state, StopReason.TIMED_OUT, now)
             if state.stop_deadline is not None and now >= state.stop_deadline:
                 self.runner.kill(job.pid, job.pid_start)
                 state.stop_deadline = None
 
-    def _read_log(self, job: JobRecord, now: float) -> None:
-        """Take the worker's new JSON events from its log; relay progress."""
-        if not job.log_path:
-            return
+    def _timeout_s(self, job: JobRecord) -> float | None:
+        try:
+            own = job.spec.timeout_s
+        except ValueError:  # a row written by an older version that this one's schema refuses
+            own = None
+        return own or self.settings.job_timeout_s
+
+    def _stop(self, job: JobRecord, state: _Running, why: StopReason, now: float) -> None:
+        """SIGTERM the job's group now, SIGKILL after ``stop_grace_s`` (in ``reap``)."""
+        assert job.pid is not None
+        state.stop = why
+        state.stop_deadline = now + self.settings.stop_grace_s
+        self.runner.terminate(job.pid, job.pid_start)
+        reason = why.value
+        if why == StopReason.TIMED_OUT and state.timeout_s is not None:
+            reason = f"timed out after {state.timeout_s:.0f} s"
+        self._job_event(job, "job_stopping", reason=reason)
+
+    def events_path(self, job_id: str) -> Path:
+        """The job's events file (the worker → daemon channel; see gpuspool.protocol)."""
+        return self.settings.events_dir / f"{job_id}.events"
+
+    def _read_events(self, job: JobRecord, now: float, *, tail: bool = False) -> None:
+        """Take the worker's new events from its events file (bounded per tick); relay progress.
+
+        Only complete lines are read; each is validated by :func:`gpuspool.protocol.parse_event`
+        and anything else is skipped. ``tail``: read only the end (start-up, process gone).
+        """
         state = self._running.setdefault(job.id, _Running())
         try:
-            with open(job.log_path, "rb") as f:
+            with open(self.events_path(job.id), "rb") as f:
                 size = os.fstat(f.fileno()).st_size
-                if size - state.log_offset > MAX_LOG_READ:
-                    state.log_offset = size - 65536  # skip a flood, keep the latest events
-                f.seek(state.log_offset)
-                chunk = f.read(MAX_LOG_READ)
+                if size < state.events_offset:  # truncated: a new run of the job
+                    state.events_offset = 0
+                if size - state.events_offset > (EVENTS_TAIL if tail else MAX_EVENTS_READ):
+                    state.events_offset = size - EVENTS_TAIL  # skip a flood, keep the latest
+                f.seek(state.events_offset)
+                chunk = f.read(MAX_EVENTS_READ)
+                flooded = size > MAX_EVENTS_FILE and not tail
+                if flooded:  # the worker appends, so it goes on writing from 0
+                    os.truncate(self.events_path(job.id), 0)
         except OSError:
             return
         end = chunk.rfind(b"\n")
+        state.events_offset = 0 if flooded else state.events_offset + end + 1
         if end < 0:
             return
-        state.log_offset += end + 1
-        for line in chunk[: end + 1].splitlines():
-            if not line.startswith(b"{"):
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(event, dict) or event.get("source") == "daemon":
-                continue
-            kind = event.get("event")
-            if kind in ("start", "progress", "summary", "error"):
-                state.last_events[str(kind)] = event
-        progress = state.last_events.get("progress") or state.last_events.get("start")
-        if progress is None:
+        for event in parse_events(chunk[: end + 1]):
+            state.take(event)
+        if state.last_progress is None:
             return
-        fields = {k: v for k, v in progress.items() if k not in ("event", "source")}
+        fields = state.last_progress.fields()
         if fields != job.progress:
             self.ledger.update(job.id, now=now, progress=fields)
             if now - state.last_progress_log >= self.settings.progress_log_interval_s:
@@ -338,85 +375,98 @@ class Daemon:
     def _finish(
         self, job: JobRecord, gone: Exit, now: float, report: TickReport | None = None
     ) -> None:
-        """File a job whose process is gone, by its exit code (or, if adopted, its last event)."""
+        """File a job whose process is gone: gather the facts, :func:`decide`, apply."""
         state = self._running.pop(job.id, _Running())
-        strays = kill_leftovers(job.id)
+        strays = self.runner.kill_leftovers(job.id)
         if strays:
             self.log.warning("job_strays_killed", job_id=job.id, pids=strays)
-        events = state.last_events
-        code = gone.returncode
-        if code is None and "error" in events:
-            code = int(events["error"].get("exit_code", 1))
-        elif code is None and "summary" in events:
-            code = 0
-        exit_class = classify(code)
-        if exit_class == ExitClass.DONE and not Path(job.output).exists():
-            exit_class = ExitClass.CRASH
-        if code == ExitCode.OUTPUT_EXISTS and self._finished_by_earlier_run(job):
-            exit_class = ExitClass.DONE
-        summary = events.get("summary", {})
-        error_reason = events.get("error", {}).get("reason")
-        peak = summary.get("peak_gpu_gib")
-        base: dict[str, Any] = {"pid": None, "pid_start": None, "exit_class": exit_class}
-        if isinstance(peak, (int, float)):
-            base["peak_gib"] = float(peak)
-        if state.stop_reason == "cancelled by user" or job.cancel_requested:
-            self._move(job, JobState.CANCELLED, now, "cancelled by user", finished_at=now, **base)
-            self._job_event(job, "job_cancelled")
-        elif exit_class == ExitClass.DONE:
-            if summary:
-                final = {**job.progress, **{k: v for k, v in summary.items() if k != "event"}}
-                final["lines_total"] = final.get("lines_total") or summary.get("lines_done")
-                self.ledger.update(job.id, now=now, progress=final)
-            self._move(job, JobState.DONE, now, "done", finished_at=now, **base)
-            self._job_event(job, "job_finished", summary=summary, peak_gib=base.get("peak_gib"))
-        elif state.stop_reason and state.stop_reason.startswith("timed out"):
-            self._retry_or_fail(
-                job, now, state.stop_reason, {**base, "exit_class": ExitClass.TIMEOUT}
-            )
-        elif exit_class == ExitClass.INTERRUPTED:
-            why = state.stop_reason or "process ended without finishing (killed or daemon restart)"
-            self._move(job, JobState.INTERRUPTED, now, f"interrupted: {why}; resumes", **base)
-            self._job_event(job, "job_interrupted", reason=why)
-        elif exit_class in (ExitClass.OOM, ExitClass.CRASH):
-            label = "CUDA out of memory" if exit_class == ExitClass.OOM else "worker crashed"
-            detail = f"{label}: {error_reason}" if error_reason else label
-            self._retry_or_fail(job, now, detail, base)
-        else:
-            detail = error_reason or f"worker exited with {exit_class} (code {code})"
-            self._move(job, JobState.FAILED, now, detail, finished_at=now, **base)
-            self._job_event(job, "job_failed", reason=detail, exit_class=exit_class)
+        facts = ExitFacts(
+            returncode=gone.returncode,
+            attempts=job.attempts,
+            max_attempts=self._max_attempts(job),
+            retry_backoff_s=self.settings.retry_backoff_s,
+            now=now,
+            error=state.error,
+            summary=state.summary,
+            stop=state.stop,
+            timeout_s=state.timeout_s,
+            cancel_requested=job.cancel_requested,
+        )
+        code = exit_code(facts)
+        if code in (0, ExitCode.OUTPUT_EXISTS):
+            output, partial = self._output_files(job)
+            facts = replace(facts, output_exists=output)
+            if code == ExitCode.OUTPUT_EXISTS:
+                earlier = output and not partial and self._run_before(job)
+                facts = replace(facts, finished_by_earlier_run=earlier)
+        outcome = decide(facts)
+        self._apply(job, outcome, state, now)
+        if outcome.final:
+            self.runner.remove_scratch(self.scratch_path(job.id))
         if report is not None:
-            report.finished.append((job.id, exit_class))
+            report.finished.append((job.id, outcome.exit_class))
 
-    def _finished_by_earlier_run(self, job: JobRecord) -> bool:
+    def _max_attempts(self, job: JobRecord) -> int:
+        try:
+            own = job.spec.max_attempts
+        except ValueError:
+            own = None
+        return own or self.settings.max_attempts
+
+    def _apply(self, job: JobRecord, outcome: Outcome, state: _Running, now: float) -> None:
+        """Record ``outcome`` in the ledger and announce it in the logs."""
+        fields: dict[str, Any] = {"pid": None, "pid_start": None, "exit_class": outcome.exit_class}
+        if outcome.peak_gib is not None:
+            fields["peak_gib"] = outcome.peak_gib
+        if outcome.final:
+            fields["finished_at"] = now
+        if outcome.attempts is not None:
+            fields["attempts"] = outcome.attempts
+        if outcome.not_before is not None:
+            fields["not_before"] = outcome.not_before
+        summary = state.summary.fields() if state.summary is not None else {}
+        if outcome.state == JobState.DONE and summary:
+            final = {**job.progress, **summary}
+            final["lines_total"] = final.get("lines_total") or summary.get("lines_done")
+            self.ledger.update(job.id, now=now, progress=final)
+        self._move(job, outcome.state, now, outcome.reason, **fields)
+        extra: dict[str, Any] = {}
+        if outcome.event == "job_finished":
+            extra = {"summary": summary, "peak_gib": outcome.peak_gib}
+        elif outcome.event == "job_failed":
+            extra = {"reason": outcome.reason, "exit_class": outcome.exit_class}
+        elif outcome.event == "job_retry_scheduled":
+            extra = {"reason": outcome.reason, "retry_in_s": outcome.retry_in_s}
+        elif outcome.event == "job_interrupted":
+            extra = {"reason": outcome.reason}
+        self._job_event(job, outcome.event, **extra)
+
+    def _output_files(self, job: JobRecord) -> tuple[bool, bool]:
+        """Whether the job's output and its partial file are regular files, as the job's user
+        sees them: the output folder is the user's, so root does not look there itself (a
+        link swapped in would make the daemon an oracle for another user's files)."""
+        paths = [Path(job.output), partial_path(job.output)]
+        answer = None
+        if self.identity_for is not None:
+            from gpuspool import privileges
+
+            try:
+                answer = privileges.regular_files_as(self.identity_for(job.submitter_uid), paths)
+            except Exception:
+                answer = None
+        else:
+            answer = [p.is_file() for p in paths]
+        if answer is None:  # cannot tell: trust the exit code, never declare a stranger's file ours
+            return True, True
+        return answer[0], answer[1]
+
+    def _run_before(self, job: JobRecord) -> bool:
         """An earlier run of this job renamed its complete output into place, then was killed
-        before it said so; the rerun then finds the output. Intake made sure the output did not
-        exist and no other job claims it, so a complete output with no partial left is ours."""
-        from gpuspool.extract.writer import partial_path  # torch-free
-
-        output = Path(job.output)
-        if not output.is_file() or partial_path(output).exists():
-            return False
+        before it said so; the rerun then finds the output (exit 73). Intake made sure the output
+        did not exist and no other job claims it, so a complete output with no partial left,
+        after a second start, is ours."""
         runs = [t for t in self.ledger.transitions(job.id) if t["to_state"] == "running"]
         return len(runs) >= 2
-
-    def _retry_or_fail(self, job: JobRecord, now: float, detail: str, base: dict[str, Any]) -> None:
-        attempts = job.attempts + 1
-        limit = job.spec.max_attempts or self.settings.max_attempts
-        if attempts >= limit:
-            reason = f"{detail} (attempt {attempts} of {limit}; giving up)"
-            self._move(
-                job, JobState.FAILED, now, reason, finished_at=now, attempts=attempts, **base
-            )
-            self._job_event(job, "job_failed", reason=reason, exit_class=base["exit_class"])
-            return
-        delay = self.settings.retry_backoff_s * (2 ** (attempts - 1))
-        reason = f"{detail}; retry {attempts + 1} of {limit} after {delay:.0f} s"
-        self._move(
-            job, JobState.DEFERRED, now, reason, attempts=attempts, not_before=now + delay, **base
-        )
-        self._job_event(job, "job_retry_scheduled", reason=reason, retry_in_s=delay)
 
     def _move(
         self, job: JobRecord, to: JobState, now: float, reason: str, **fields: Any
@@ -566,40 +616,70 @@ class Daemon:
             *self.settings.worker_extra_args,
         ]
 
+    def scratch_path(self, job_id: str) -> Path:
+        """The job's private scratch folder (TMPDIR and caches), removed when it is final."""
+        return self.settings.scratch_dir / job_id
+
     def _job_env(self, job_id: str, gpu_uuid: str, identity: Any) -> dict[str, str]:
-        env = scrub_env(self.environ)
+        """A job's whole environment: an allow-list, never the daemon's own (which may hold
+        secrets such as the webhook URL). ``job_env`` (the config) cannot override the
+        variables the daemon relies on (the job id, the GPU)."""
+        scratch = self.scratch_path(job_id)
+        env = {
+            "PATH": self.environ.get("PATH") or DEFAULT_PATH,
+            "LANG": self.environ.get("LANG") or "C.UTF-8",
+        }
+        if identity is not None:
+            from gpuspool import privileges
+
+            env.update(privileges.identity_env(identity))
+        else:
+            own = ("HOME", "USER", "LOGNAME")
+            env.update({k: self.environ[k] for k in own if k in self.environ})
+        env.update(
+            TMPDIR=str(scratch),
+            XDG_CACHE_HOME=str(scratch / "cache"),
+            NUMBA_CACHE_DIR=str(scratch / "numba"),
+        )
+        env.update(self.settings.job_env)
         env.update(
             CUDA_VISIBLE_DEVICES=gpu_uuid,
             CUDA_DEVICE_ORDER="PCI_BUS_ID",
             PYTHONUNBUFFERED="1",
         )
         env[JOB_ID_ENV] = job_id
-        if identity is not None:
-            from gpuspool import privileges
-
-            env.update(privileges.identity_env(identity))
         return env
 
-    def _launch(self, job: JobRecord, gpu_uuid: str, available: float, now: float) -> str | None:
+    def _prepare_launch(self, job: JobRecord, gpu_uuid: str, log_path: Path) -> Launch:
+        """Everything the runner needs to start the job; raises if the job cannot run."""
         identity = None
         popen_kwargs: dict[str, Any] = {}
         if self.identity_for is not None:
-            try:
-                identity = self.identity_for(job.submitter_uid)
-            except Exception as exc:
-                self._move(job, JobState.FAILED, now, str(exc), finished_at=now)
-                return str(exc)
             from gpuspool import privileges
 
+            identity = self.identity_for(job.submitter_uid)
             popen_kwargs = privileges.popen_kwargs(identity)
-        log_path = self.settings.logs_dir / f"{job.id}.log"
-        launch = Launch(
+        return Launch(
             argv=self.worker_argv(job),
             env=self._job_env(job.id, gpu_uuid, identity),
             log_path=log_path,
-            cwd=job.spec.output.parent,
+            events_path=self.events_path(job.id),
+            scratch_dir=self.scratch_path(job.id),
+            owner=None if identity is None else (identity.uid, identity.gid),
             popen_kwargs=popen_kwargs,
         )
+
+    def _launch(self, job: JobRecord, gpu_uuid: str, available: float, now: float) -> str | None:
+        """Claim the job and start its process. Any failure to build or start the process fails
+        the job with the reason (never left running without a pid, never retried every tick)."""
+        log_path = self.settings.logs_dir / f"{job.id}.log"
+        try:
+            launch = self._prepare_launch(job, gpu_uuid, log_path)
+        except Exception as exc:
+            reason = f"cannot start the job: {_describe(exc)}"
+            self._move(job, JobState.FAILED, now, reason, finished_at=now)
+            self.log.warning("job_failed", job_id=job.id, reason=reason)
+            return reason
         # Claim the job first, so a crash between here and the start can only requeue it.
         try:
             claimed = self.ledger.transition(
@@ -620,10 +700,11 @@ class Daemon:
             return str(exc)
         try:
             started = self.runner.start(launch)
-        except OSError as exc:
-            reason = f"could not start the worker: {exc}"
+        except Exception as exc:
+            reason = f"could not start the worker: {_describe(exc)}"
             self._move(claimed, JobState.FAILED, now, reason, finished_at=now)
             self._job_event(claimed, "job_failed", reason=reason)
+            self.runner.remove_scratch(self.scratch_path(job.id))
             return reason
         self.ledger.transition(
             job.id, JobState.RUNNING, now=now, pid=started.pid, pid_start=started.pid_start
@@ -647,3 +728,11 @@ class Daemon:
     def describe_gpus(self) -> list[dict[str, Any]]:
         """Each GPU with its stability and reservations (for ``gpuspool gpus`` and metrics)."""
         return self.observer.describe()
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception in words, one line (a reason stored in the ledger)."""
+    from gpuspool.privileges import PrivilegeError
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, OSError | PrivilegeError) else f"{type(exc).__name__}: {text}"

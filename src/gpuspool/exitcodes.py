@@ -22,6 +22,9 @@ class ExitCode(IntEnum):
     DATA_ERROR = 65
     #: The output exists and overwriting was not asked for. Not retryable.
     OUTPUT_EXISTS = 73
+    #: The worker cannot run as configured: the tokenizer cannot load, a module is missing.
+    #: Not retryable: a rerun would fail the same way (fix the job or the install, then retry).
+    CONFIG = 78
     #: CUDA ran out of memory. Retryable: another tenant may have taken memory.
     OOM = 75
     #: Stopped by SIGTERM/SIGINT after a checkpoint. Resumable; not a failure.
@@ -37,6 +40,7 @@ class ExitClass:
     INTERRUPTED = "interrupted"
     CRASH = "crash"
     USAGE = "usage"
+    CONFIG = "config"
     TIMEOUT = "timeout"
 
 
@@ -50,6 +54,7 @@ def classify(returncode: int | None) -> str:
         ExitCode.DATA_ERROR: ExitClass.DATA_ERROR,
         ExitCode.OUTPUT_EXISTS: ExitClass.USAGE,
         ExitCode.USAGE: ExitClass.USAGE,
+        ExitCode.CONFIG: ExitClass.CONFIG,
         ExitCode.INTERRUPTED: ExitClass.INTERRUPTED,
         130: ExitClass.INTERRUPTED,
         137: ExitClass.INTERRUPTED,

@@ -55,14 +55,14 @@ def parse_timestamp(value: Any) -> float | None:
     """Epoch seconds of an ``iso_timestamp`` string (or of a legacy epoch number), else None."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if not isinstance(value, str):
-        return None
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
+        if isinstance(value, (int, float)):
+            return float(value)  # OverflowError for an int past the float range
+        if isinstance(value, str):
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except (ValueError, OverflowError, OSError):
+        pass
+    return None
 
 
 def journal_stream_is(stream: IO[str], environ: Mapping[str, str] | None = None) -> bool:

@@ -7,6 +7,7 @@ one GPU; ``JobState`` the ledger's states.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -49,6 +50,21 @@ class JobState(StrEnum):
 TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
 RUNNABLE_STATES = frozenset({JobState.QUEUED, JobState.INTERRUPTED, JobState.DEFERRED})
 
+#: NUL and the C0/C1 control characters (newline, tab, ESC, DEL, ...): never allowed in a string
+#: that becomes a path, a command-line argument or a name shown in a terminal or a log line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def refuse_control(value: str) -> str:
+    """``value`` unchanged; ValueError naming the first control character if it has one."""
+    found = _CONTROL.search(value)
+    if found is not None:
+        raise ValueError(
+            f"must not contain control characters (found {found.group()!r} at {found.start()})"
+        )
+    return value
+
+
 GpuRef = (
     Annotated[StrictStr, Field(min_length=1, max_length=128)] | Annotated[StrictInt, Field(ge=0)]
 )
@@ -80,10 +96,23 @@ class JobSpec(BaseModel):
         if isinstance(v, Path):
             v = str(v)
         if isinstance(v, str):
-            if "\x00" in v or not v:
-                raise ValueError("path must be a non-empty string without NUL bytes")
-            return v
+            if not v:
+                raise ValueError("path must be a non-empty string")
+            return refuse_control(v)
         raise ValueError("path must be a string")
+
+    @field_validator("tokenizer", "name")
+    @classmethod
+    def _printable(cls, v: str | None) -> str | None:
+        return v if v is None else refuse_control(v)
+
+    @field_validator("gpus")
+    @classmethod
+    def _printable_refs(cls, v: list[str | int] | None) -> list[str | int] | None:
+        for ref in v or ():
+            if isinstance(ref, str):
+                refuse_control(ref)
+        return v
 
     @field_validator("input", "output")
     @classmethod

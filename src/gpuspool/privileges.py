@@ -164,7 +164,7 @@ def popen_kwargs(identity: Identity, *, umask: int | None = JOB_UMASK) -> dict[s
 
 
 def identity_env(identity: Identity) -> dict[str, str]:
-    """``HOME``, ``USER`` and ``LOGNAME`` for a job's environment (caches go to the user's home)."""
+    """``HOME``, ``USER`` and ``LOGNAME`` for a job's environment (caches: its scratch folder)."""
     return {"HOME": identity.home, "USER": identity.name, "LOGNAME": identity.name}
 
 
@@ -253,6 +253,21 @@ def check_job_paths(
         if reason is not None:
             return reason
     return None
+
+
+def regular_files_as(identity: Identity, paths: list[Path]) -> list[bool] | None:
+    """For each path, whether ``identity`` sees a regular file there (``test -f``, links
+    followed as that user follows them); None if that cannot be answered. The daemon asks
+    this about a job's output instead of looking itself, as root, where the user pointed."""
+    chosen = _choose(identity, "auto")
+    probes = [("f", str(p)) for p in paths]
+    try:
+        if chosen == "process":
+            return _probe_in_child(identity, probes)
+        evaluate = _probe_self if chosen == "self" else _ModeBits(identity).probe
+        return [evaluate(op, path) for op, path in probes]
+    except _Undecidable:
+        return None
 
 
 def _choose(identity: Identity, method: CheckMethod) -> CheckMethod:

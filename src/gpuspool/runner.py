@@ -1,26 +1,41 @@
-"""Starting and stopping job processes. The only module that imports subprocess.
+"""Starting and stopping job processes: the ``Runner`` protocol and the real ``ProcessRunner``.
+
+The daemon talks to job processes only through :class:`Runner`, so its tick can be tested with
+the scripted :class:`gpuspool.runner_fake.FakeRunner` (no process started). ``ProcessRunner`` is
+the only module that imports ``subprocess`` for jobs and ``psutil``.
 
 Each job runs as an argv list (no shell) in its own process session, so stopping it reaches the
-whole group: SIGTERM first, SIGKILL after a grace period. Output goes to the job's log file, which
-the daemon reads for progress events; because nothing is piped, a job outlives a daemon crash and
-is adopted again on restart (by pid and process start time, so a reused pid is never mistaken
-for it).
+whole group: SIGTERM first, SIGKILL after a grace period. It starts in ``/`` and switches to its
+user before anything else runs (``Popen``'s ``cwd`` is applied *before* the uid switch, so a user
+folder there would be opened as root). stdout and stderr go to the job's human log; events go to
+a per-job events file handed over as an inherited descriptor (``GPUSPOOL_EVENTS_FD``, see
+:mod:`gpuspool.protocol`). Because nothing is piped, a job outlives a daemon crash and is adopted
+again on restart (by pid and process start time, so a reused pid is never mistaken for it).
+
+Each job also gets a private scratch folder (its ``TMPDIR`` and caches), created here for its
+user and removed when the job is filed as finished.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import stat
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
+from gpuspool.protocol import EVENTS_FD_ENV
+
 #: Set in every job's environment, so a job started just before a crash can be found again.
 JOB_ID_ENV = "GPUSPOOL_JOB_ID"
+#: The folder a job process starts in: nothing of any user's.
+NEUTRAL_CWD = "/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,8 +44,14 @@ class Launch:
 
     argv: Sequence[str]
     env: Mapping[str, str]
+    #: The human log: the process's stdout and stderr, appended.
     log_path: Path
-    cwd: Path
+    #: The events file, truncated at each start and handed over as ``GPUSPOOL_EVENTS_FD``.
+    events_path: Path
+    #: The job's private scratch folder (created for ``owner``), or None for none.
+    scratch_dir: Path | None = None
+    #: (uid, gid) the scratch folder belongs to; None: the daemon's own user.
+    owner: tuple[int, int] | None = None
     #: Extra ``subprocess.Popen`` arguments (user, group, extra_groups, umask) for the identity.
     popen_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
@@ -49,7 +70,44 @@ class Exit:
     returncode: int | None
 
 
-class Runner:
+class Runner(Protocol):
+    """What the daemon needs of job processes. Every call is about one job's process (by pid and
+    start time) or one job (by id); none raises for a process that is gone."""
+
+    def start(self, launch: Launch) -> Started:
+        """Start the job's process; raises (any exception) if it cannot be started."""
+        ...
+
+    def poll(self, pid: int, pid_start: float | None) -> Exit | None:
+        """None while the process runs; its ``Exit`` once it is gone."""
+        ...
+
+    def terminate(self, pid: int, pid_start: float | None) -> bool:
+        """SIGTERM to the job's process group; False if it is already gone."""
+        ...
+
+    def kill(self, pid: int, pid_start: float | None) -> bool:
+        """SIGKILL to the job's process group; False if it is already gone."""
+        ...
+
+    def is_alive(self, pid: int | None, pid_start: float | None) -> bool:
+        """Whether ``pid`` is still the process started at ``pid_start``."""
+        ...
+
+    def find_job_processes(self) -> dict[str, tuple[int, float]]:
+        """Live job processes: job id → (pid, start time) of the oldest carrying that id."""
+        ...
+
+    def kill_leftovers(self, job_id: str) -> list[int]:
+        """Kill every process still carrying ``job_id``; their pids."""
+        ...
+
+    def remove_scratch(self, path: Path) -> None:
+        """Remove a finished job's scratch folder (nothing if it is not there)."""
+        ...
+
+
+class ProcessRunner:
     """Owns the job processes this daemon started (and the ones it adopted)."""
 
     def __init__(self) -> None:
@@ -57,18 +115,27 @@ class Runner:
 
     def start(self, launch: Launch) -> Started:
         launch.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(launch.log_path, "ab", buffering=0) as log:
-            proc = subprocess.Popen(
-                list(launch.argv),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=dict(launch.env),
-                cwd=launch.cwd,
-                start_new_session=True,
-                close_fds=True,
-                **dict(launch.popen_kwargs),
-            )
+        launch.events_path.parent.mkdir(parents=True, exist_ok=True)
+        if launch.scratch_dir is not None:
+            make_scratch(launch.scratch_dir, launch.owner)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        events = os.open(launch.events_path, flags, 0o600)
+        try:
+            with open(launch.log_path, "ab", buffering=0) as log:
+                proc = subprocess.Popen(
+                    list(launch.argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**launch.env, EVENTS_FD_ENV: str(events)},
+                    cwd=NEUTRAL_CWD,
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=(events,),
+                    **dict(launch.popen_kwargs),
+                )
+        finally:
+            os.close(events)
         self._children[proc.pid] = proc
         try:
             created = psutil.Process(proc.pid).create_time()
@@ -102,6 +169,59 @@ class Runner:
 
     def kill(self, pid: int, pid_start: float | None) -> bool:
         return self.signal_group(pid, pid_start, signal.SIGKILL)
+
+    def is_alive(self, pid: int | None, pid_start: float | None) -> bool:
+        return is_alive(pid, pid_start)
+
+    def find_job_processes(self) -> dict[str, tuple[int, float]]:
+        return find_job_processes()
+
+    def kill_leftovers(self, job_id: str) -> list[int]:
+        return kill_leftovers(job_id)
+
+    def remove_scratch(self, path: Path) -> None:
+        remove_scratch(path)
+
+
+def make_scratch(path: Path, owner: tuple[int, int] | None) -> None:
+    """Create ``path`` (mode 0700) for ``owner``; keep it if it is already that owner's folder.
+
+    Its parent is created 0711 and must be the daemon's alone, so no job can put anything at
+    ``path`` but the daemon: a folder found there is this job's own from an earlier attempt.
+    """
+    parent = path.parent
+    parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+    st = os.lstat(parent)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISDIR(st.st_mode):
+        raise RuntimeError(f"scratch folder {parent} must be a directory owned by the daemon's "
+                           "user and writable by nobody else")  # fmt: skip
+    if not st.st_mode & 0o001:  # the daemon's umask (0077 under systemd) took users' x bit
+        os.chmod(parent, 0o711)
+    uid, gid = owner if owner is not None else (os.geteuid(), os.getegid())
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid:
+            return
+        remove_scratch(path)
+    os.mkdir(path, 0o700)
+    os.chmod(path, 0o700)  # the daemon's umask must not narrow it further
+    if owner is not None:
+        os.chown(path, uid, gid, follow_symlinks=False)
+
+
+def remove_scratch(path: Path) -> None:
+    """Remove a scratch folder and what the job left in it, without following its links."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, ignore_errors=True)  # fd-based on Linux: links are not followed
+    else:
+        os.unlink(path)
 
 
 def is_alive(pid: int | None, pid_start: float | None) -> bool:

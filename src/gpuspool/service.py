@@ -37,7 +37,7 @@ from gpuspool.gpus import make_probe
 from gpuspool.ledger import JobRecord, Ledger, LedgerError, LedgerUnusable
 from gpuspool.ledger_api import LedgerBackend, open_ledger
 from gpuspool.models import RUNNABLE_STATES, JobState
-from gpuspool.runner import Runner
+from gpuspool.runner import ProcessRunner
 from gpuspool.spool import Spool
 from gpuspool.systemd import Notifier
 from gpuspool.timers import TickScheduler
@@ -167,7 +167,7 @@ def build_daemon(settings: Settings, ledger: LedgerBackend) -> Daemon:
         ledger=ledger,
         spool=Spool(settings.spool_dir, max_bytes=settings.max_job_file_bytes),
         probe=make_probe(settings.gpu_source),
-        runner=Runner(),
+        runner=ProcessRunner(),
         environ=os.environ,
         daemon_euid=os.geteuid(),
         identity_for=_identity_for(settings),

@@ -10,8 +10,8 @@ Without ``$NOTIFY_SOCKET`` (not started by systemd, or ``Type=`` other than noti
 a no-op. Sending is best effort: a failed send returns ``False`` and never raises, because a
 daemon must not die because its supervisor went away.
 
-Jobs must not inherit ``NOTIFY_SOCKET``/``WATCHDOG_*``: a child could otherwise send READY or
-WATCHDOG in the daemon's name. :func:`scrub_env` removes them from a job's environment.
+Jobs never inherit ``NOTIFY_SOCKET``/``WATCHDOG_*`` (a child could otherwise send READY or
+WATCHDOG in the daemon's name): a job's environment is an allow-list (``Daemon._job_env``).
 
 Owns: the notify socket. Must not import anything of the daemon.
 """
@@ -22,17 +22,6 @@ import os
 import socket
 import time
 from collections.abc import Mapping
-
-#: Variables systemd passes to the service that describe the service itself, not a job.
-#: ``LISTEN_*`` are socket-activation variables; a job inheriting them would misread its fds.
-SERVICE_ONLY_VARIABLES = frozenset(
-    {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"}
-)
-
-
-def scrub_env(env: Mapping[str, str]) -> dict[str, str]:
-    """Return a copy of ``env`` without the variables that belong to the service manager."""
-    return {k: v for k, v in env.items() if k not in SERVICE_ONLY_VARIABLES}
 
 
 def _socket_address(value: str) -> str | None:

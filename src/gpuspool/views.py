@@ -66,9 +66,33 @@ def job_dict(job: JobRecord) -> dict[str, Any]:
         "submitter_uid": job.submitter_uid,
         "input": job.input,
         "output": job.output,
-        "progress": {k: p.get(k) for k in PROGRESS_KEYS},
+        "progress": progress_view(p),
         "log_path": job.log_path,
     }
+
+
+def progress_view(stored: str | dict[str, Any] | None) -> dict[str, Any]:
+    """The progress columns, each a finite number or None. The daemon stores only validated
+    worker events (gpuspool.protocol), but a ledger written by an older version may hold
+    anything a worker printed."""
+    if isinstance(stored, str):
+        try:
+            stored = json.loads(stored)
+        except (ValueError, RecursionError):
+            stored = None
+    if not isinstance(stored, dict):
+        stored = {}
+    out: dict[str, Any] = {}
+    for key in PROGRESS_KEYS:
+        out[key] = _number(stored.get(key))
+    return out
+
+
+def _number(value: object) -> float | None:
+    """``value`` if it is a finite number of sensible size (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if -1e15 < value < 1e15 else None  # False for NaN and the infinities
 
 
 def gpus_snapshot(ledger: LedgerBackend) -> dict[str, Any]:
@@ -102,9 +126,7 @@ def status_data(
     waiting_states = {s.value for s in JobState if s.runnable} | {JobState.HELD.value}
     out = []
     for row in rows:
-        raw = row.pop("progress_json")
-        progress = json.loads(raw) if raw else {}
-        row["progress"] = {k: progress.get(k) for k in PROGRESS_KEYS}
+        row["progress"] = progress_view(row.pop("progress_json"))
         row["gpu_index"] = index.get(row["gpu_uuid"] or "")
         row["waiting_for"] = row["reason"] if row["state"] in waiting_states else None
         end = row["finished_at"] if row["state"] in TERMINAL_VALUES else now
@@ -524,29 +546,23 @@ def log_line(raw: str) -> Text:
     move the cursor or recolour the terminal of whoever reads the log.
     """
     raw = raw.rstrip("\n")
-    try:
-        event = json.loads(raw) if raw.startswith("{") else None
-    except ValueError:
-        event = None
-    if not isinstance(event, dict):
+    event = _json_object(raw)
+    if event is None:
         return Text(safe(raw), "dim")
     fields = dict(event)
     name = safe(fields.pop("event", "?"))
     source = safe(fields.pop("source", "worker"))
-    ts = logs.parse_timestamp(fields.pop("timestamp", fields.pop("ts", None)))
-    stamp = ""
-    if ts is not None:
-        with contextlib.suppress(OverflowError, OSError, ValueError):
-            stamp = time.strftime("%H:%M:%S", time.localtime(ts))
+    stamp = _clock(fields.pop("timestamp", fields.pop("ts", None)))
     style = "red" if name in ("error", "job_failed") else ("green" if name in (
         "summary", "job_finished") else "")  # fmt: skip
     line = Text(f"{stamp:8} ", "dim")
     line.append(f"{source:6} ", "magenta" if source == "daemon" else "cyan")
     line.append(name, f"bold {style}".strip())
-    done, total = fields.get("lines_done"), fields.get("lines_total")
-    if name == "progress" and isinstance(total, int) and total > 0 and isinstance(done, int):
-        del fields["lines_done"], fields["lines_total"]
-        line.append(f" {done}/{total} ({100.0 * done / total:.0f}%)")
+    done, total = fields.get("lines_done") or 0, fields.get("lines_total")
+    if name == "progress" and _count(done) and _count(total) and total:
+        del fields["lines_total"]
+        fields.pop("lines_done", None)
+        line.append(f" {done}/{total} ({100.0 * done / max(total, 1):.0f}%)")
     for key, value in fields.items():
         if value is None or key in ("job_id", "argv"):
             continue
@@ -557,17 +573,40 @@ def log_line(raw: str) -> Text:
     return line
 
 
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**15
+
+
+def _json_object(raw: str) -> dict[str, Any] | None:
+    """``raw`` as a JSON object, or None. A job's log holds whatever its worker printed, so
+    anything (deep nesting included) is just text."""
+    if not raw.startswith("{"):
+        return None
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _clock(ts: object) -> str:
+    """``HH:MM:SS`` (local) of an epoch or ISO 8601 timestamp; empty if it is neither."""
+    seconds = logs.parse_timestamp(ts)
+    if seconds is None:
+        return ""
+    try:
+        return time.strftime("%H:%M:%S", time.localtime(seconds))
+    except (OverflowError, OSError, ValueError):
+        return ""
+
+
 def log_json(raw: str) -> str:
     """One line of a job's log as JSON (a line the worker printed that is not JSON is wrapped)."""
     raw = raw.rstrip("\n")
-    if raw.startswith("{"):
-        try:
-            event = json.loads(raw)
-        except ValueError:
-            event = None
-        if isinstance(event, dict):
-            # JSON may hold C1 codes or bidi overrides unescaped; re-encoded, they are \uXXXX.
-            return raw if raw.isascii() else json.dumps(event)
+    event = _json_object(raw)
+    if event is not None:
+        # JSON may hold C1 codes or bidi overrides unescaped; re-encoded, they are \uXXXX.
+        return raw if raw.isascii() else json.dumps(event)
     return json.dumps({"event": "output", "source": "worker", "line": raw})
 
 

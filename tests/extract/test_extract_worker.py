@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -328,3 +329,47 @@ def test_resume_with_other_arguments_is_refused(
     assert r.code == ExitCode.USAGE and "--no-resume" in r.one("error")["reason"]
     r = extract("--input", dataset, "--output", out, "--tokenizer", tiny_tokenizer, "--no-resume")
     assert r.code == 0 and len(_records(out)) == 16
+
+
+def test_tokenizer_that_cannot_load_is_a_config_error(
+    extract: Any, dataset: Path, tmp_path: Path
+) -> None:
+    """A tokenizer folder that is not one: exit 78 (config), final for the daemon, no retry."""
+    empty = tmp_path / "not-a-tokenizer"
+    empty.mkdir()
+    r = extract("--input", dataset, "--output", tmp_path / "o.jsonl", "--tokenizer", empty,
+                "--device", "cpu")  # fmt: skip
+    assert r.code == ExitCode.CONFIG
+    reason = r.one("error")["reason"]
+    assert "cannot be loaded" in reason and str(empty) in reason
+
+
+def test_events_go_to_the_daemon_channel_too(
+    extract: Any, dataset: Path, tiny_tokenizer: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """With GPUSPOOL_EVENTS_FD set, each event is also written there, in the protocol's format."""
+    from gpuspool.protocol import ProgressEvent, SummaryEvent, parse_events
+
+    channel = tmp_path / "events"
+    fd = os.open(channel, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    monkeypatch.setenv("GPUSPOOL_EVENTS_FD", str(fd))
+    try:
+        r = extract("--input", dataset, "--output", tmp_path / "o.jsonl", "--tokenizer",
+                    tiny_tokenizer, "--device", "cpu", "--progress-interval-s", "0.01")  # fmt: skip
+    finally:
+        os.close(fd)
+    assert r.code == 0
+    got = parse_events(channel.read_bytes())
+    assert [e.event for e in got] == [e["event"] for e in r.events]
+    assert isinstance(got[-1], SummaryEvent) and got[-1].lines_done == 16
+    assert any(isinstance(e, ProgressEvent) for e in got)
+
+
+def test_job_logs_do_not_start_with_import_noise() -> None:
+    """Importing qwen-tts prints banners (flash-attn, sox) that never reach a job's log."""
+    import subprocess
+    import sys
+
+    code = "from gpuspool.extract.model import import_tokenizer_stack as f; f(); print('ok')"
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert got.stdout == "ok\n" and got.stderr == ""

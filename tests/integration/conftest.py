@@ -53,6 +53,7 @@ class LiveDaemon:
         values: dict[str, Any] = {
             "spool_dir": str(tmp / "spool"),
             "state_dir": str(tmp / "state"),
+            "scratch_dir": str(tmp / "scratch"),
             "gpu_source": f"file:{self.gpu_file}",
             "poll_interval_s": 0.5,
             "stable_polls": 2,

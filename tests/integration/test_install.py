@@ -34,6 +34,7 @@ LAYOUT = {
     "var/spool/gpuspool/rejected": (0o711, "root", "root"),
     "var/lib/gpuspool": (0o711, "root", "root"),
     "var/lib/gpuspool/logs": (0o711, "root", "root"),
+    "var/tmp/gpuspool": (0o711, "root", "root"),
 }
 
 CONFIG = 'poll_interval_s = 5.0\nlog_level = "info"\n'

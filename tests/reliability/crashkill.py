@@ -59,6 +59,7 @@ def daemon_config(workdir: Path, **extra: Any) -> dict[str, Any]:
     values: dict[str, Any] = {
         "spool_dir": str(workdir / "spool"),
         "state_dir": str(workdir / "state"),
+        "scratch_dir": str(workdir / "scratch"),
         "gpu_source": f"file:{workdir / 'gpus.json'}",
         "poll_interval_s": 0.2,
         "stable_polls": 1,
@@ -471,7 +472,10 @@ class CrashKill:
         return all(states.get(i) in TERMINAL_STATES for i in ids)
 
     def _kill_leftovers(self) -> None:
-        live = self.sampler.sample()
+        """Report and kill this run's job processes still alive after the stop (only this
+        run's: other daemons on the machine may have jobs of their own)."""
+        ours = {j.job_id for j in self.jobs}
+        live = {job: sids for job, sids in self.sampler.sample().items() if job in ours}
         for job, sids in live.items():
             self.report.problems.append(f"job {job}: process left running after the stop")
             for sid in sids:
@@ -525,9 +529,10 @@ class CrashKill:
                 leftovers = list(job.output.parent.glob(job.output.name + ".partial*"))
                 if leftovers:
                     r.problems.append(f"job {job.job_id}: done but left {leftovers}")
-        overlapping = {job for _, job, _ in self.sampler.overlaps}
-        r.duplicated_runs += len(overlapping)
-        for at, job, sids in self.sampler.overlaps[:10]:
+        ours = {j.job_id for j in self.jobs}
+        overlaps = [o for o in self.sampler.overlaps if o[1] in ours]
+        r.duplicated_runs += len({job for _, job, _ in overlaps})
+        for at, job, sids in overlaps[:10]:
             r.problems.append(f"job {job}: sessions {sids} alive together at {at:.3f}")
 
     def _check_runs(self, job_id: str, trail: list[dict[str, Any]], started_events: int) -> int:

@@ -30,7 +30,12 @@ from pathlib import Path
 
 
 def emit(**event: object) -> None:
-    print(json.dumps(event), flush=True)
+    """Print the event (the human log) and send it on the daemon's events channel."""
+    line = json.dumps(event)
+    print(line, flush=True)
+    fd = os.environ.get("GPUSPOOL_EVENTS_FD")
+    if fd:
+        os.write(int(fd), (line + "\n").encode())
 
 
 def output_line(line: str) -> str:

@@ -28,7 +28,7 @@ from gpuspool.config import Settings
 from gpuspool.daemon import Daemon, TickReport
 from gpuspool.gpus import FileProbe, write_gpu_file
 from gpuspool.ledger import Ledger
-from gpuspool.runner import Runner
+from gpuspool.runner import ProcessRunner
 from gpuspool.spool import Spool
 
 OUT = "\x00OUT\x00"  # placeholder: replaced by a fresh output path when the file is fed
@@ -73,7 +73,13 @@ _json_value = st.recursive(
                                                                 max_size=4),
     max_leaves=12,
 )  # fmt: skip
-_gpu_ref = st.text(min_size=1, max_size=20).filter(lambda s: "\x00" not in s) | st.integers(0, 16)
+#: Characters a job's strings may hold: no control character (C0, DEL, C1: the schema refuses).
+_printable_char = st.characters(
+    blacklist_categories=("Cs",),
+    blacklist_characters=[chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)]],
+)
+_printable = st.text(_printable_char, min_size=1, max_size=200)
+_gpu_ref = st.text(_printable_char, min_size=1, max_size=20) | st.integers(0, 16)
 
 
 @st.composite
@@ -85,7 +91,7 @@ def valid_spec(draw: st.DrawFn, inputs: tuple[str, ...]) -> dict[str, Any]:
         "tokenizer": draw(st.sampled_from(["Qwen/Qwen3-TTS-Tokenizer-12Hz", "tiny", "x" * 4096])),
     }
     optional: dict[str, Any] = {
-        "name": st.text(min_size=1, max_size=200),
+        "name": _printable,
         "priority": st.integers(-1000, 1000),
         "min_free_gib": st.floats(0, 1e6) | st.integers(0, 10**6) | st.just("auto"),
         "gpus": st.lists(_gpu_ref, max_size=8),
@@ -132,7 +138,9 @@ def mutated_spec(draw: st.DrawFn, inputs: tuple[str, ...]) -> tuple[dict[str, An
                     [("priority", 1001), ("priority", -1001), ("max_attempts", 0),
                      ("batch_seconds", 0), ("batch_seconds", 86401), ("timeout_s", -1),
                      ("min_free_gib", -1.0), ("name", ""), ("name", "n" * 201),
-                     ("gpus", list(range(65))), ("dtype", "fp16"), ("priority", True)]
+                     ("gpus", list(range(65))), ("dtype", "fp16"), ("priority", True),
+                     ("tokenizer", "tiny\x00"), ("tokenizer", "a\nb"), ("name", "\x1b[2J"),
+                     ("gpus", ["GPU-0\r"])]
                 )
             )  # fmt: skip
             spec[key] = value
@@ -247,6 +255,7 @@ class IntakeFuzzer:
         self.settings = Settings(
             spool_dir=root / "spool",
             state_dir=root / "state",
+            scratch_dir=root / "scratch",
             gpu_source=f"file:{gpu_file}",
             max_job_file_bytes=max_bytes,
             worker_command=[sys.executable, "-c", "raise SystemExit(1)"],
@@ -257,7 +266,7 @@ class IntakeFuzzer:
             ledger=Ledger(self.settings.ledger_path),
             spool=self.spool,
             probe=FileProbe(gpu_file),
-            runner=Runner(),
+            runner=ProcessRunner(),
             environ={},
             daemon_euid=os.geteuid(),
         )

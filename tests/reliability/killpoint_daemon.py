@@ -26,9 +26,9 @@ KILL_POINTS: dict[str, tuple[Any, str, str, Any]] = {
     # intake: the file is in accepted/, the "queued" reason not yet written
     "intake_after_accept": (spool.Spool, "accept", "after", None),
     # placement: the job is claimed (running, no pid), no process started
-    "place_after_claim": (runner.Runner, "start", "before", None),
+    "place_after_claim": (runner.ProcessRunner, "start", "before", None),
     # start: the process runs, its pid is not in the ledger yet
-    "start_before_pid_recorded": (runner.Runner, "start", "after", None),
+    "start_before_pid_recorded": (runner.ProcessRunner, "start", "after", None),
     # start: pid recorded, job_started not yet logged
     "start_before_started_event": (
         daemon.Daemon,

@@ -19,8 +19,8 @@ from tests.reliability.fake_pynvml import FakeGpu, FakeNvml
 GIB = 1024.0
 
 
-class FakeRunner:
-    """Job processes that exist only on paper: each ends (exit 0, output written) when told."""
+class RandomRunner:
+    """Job processes that exist only on paper: each ends (exit 0, output written) at random."""
 
     def __init__(self, rng: random.Random, finish_p: float = 0.2) -> None:
         self.rng = rng
@@ -46,6 +46,18 @@ class FakeRunner:
 
     def kill(self, pid: int, pid_start: float | None) -> bool:
         return self.live.pop(pid, None) is not None
+
+    def is_alive(self, pid: int | None, pid_start: float | None) -> bool:
+        return pid in self.live
+
+    def find_job_processes(self) -> dict[str, tuple[int, float]]:
+        return {}
+
+    def kill_leftovers(self, job_id: str) -> list[int]:
+        return []
+
+    def remove_scratch(self, path: Path) -> None:
+        pass
 
 
 def _events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -169,7 +181,7 @@ def test_fault_storm_never_places_on_unknown_or_short_gpus(harness: Harness) -> 
     The tick never raises; every start was on a GPU healthy and above the threshold at each of
     the last stable_polls polls; after the storm every job finishes."""
     rng = random.Random(7)
-    runner = FakeRunner(rng)
+    runner = RandomRunner(rng)
     harness.daemon.runner = runner  # type: ignore[assignment]
     gpus = [FakeGpu(f"GPU-{i}", free_mib=30 * GIB) for i in range(4)]
     fake = FakeNvml(gpus)

@@ -4,7 +4,6 @@ factory, and the daemon's tick running a job on a shared ledger."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -18,13 +17,9 @@ import psycopg
 import pytest
 
 from gpuspool.config import ConfigError, Settings, redact_url
-from gpuspool.daemon import Daemon
-from gpuspool.gpus import FileProbe
 from gpuspool.ledger import Ledger, LedgerError
 from gpuspool.ledger_api import open_ledger
 from gpuspool.ledger_pg import MIGRATIONS, SCHEMA_VERSION, PgLedger
-from gpuspool.runner import Runner
-from gpuspool.spool import Spool
 from tests.conftest import Harness, gpu_entry
 
 
@@ -140,21 +135,7 @@ def test_missing_driver_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.M
 
 
 class PgHarness(Harness):
-    """The tick harness with its daemon on the configured ledger (here: PostgreSQL)."""
-
-    def new_daemon(self) -> Daemon:
-        d = Daemon(
-            self.settings,
-            ledger=open_ledger(self.settings),
-            spool=Spool(self.settings.spool_dir),
-            probe=FileProbe(self.gpu_file),
-            runner=Runner(),
-            environ=self.env,
-            daemon_euid=os.geteuid(),
-            identity_for=self.identity_for,
-        )
-        d.startup(self.now)
-        return d
+    """The tick harness; its settings name the PostgreSQL ledger, which ``open_ledger`` opens."""
 
 
 def test_daemon_runs_a_job_on_a_postgresql_ledger(tmp_path: Path, pg_url: str) -> None:

@@ -1,16 +1,15 @@
-"""The daemon's tick with fake time, a file GPU source and real job processes."""
+"""The daemon's tick with fake time, a file GPU source and scripted job processes (FakeRunner)."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 from pathlib import Path
 from typing import Any
 
 from structlog.testing import capture_logs
 
-from tests.conftest import Harness, gpu_entry, json_lines, wait_until
+from tests.conftest import Harness, gpu_entry, json_lines, worker_events
 
 
 def test_job_waits_until_free_memory_is_stable(harness: Harness) -> None:
@@ -31,7 +30,9 @@ def test_job_waits_until_free_memory_is_stable(harness: Harness) -> None:
     rec = harness.job(job)
     assert rec.peak_gib == 1.5 and rec.exit_class == "done"
     events = [e["event"] for e in json_lines(harness.settings.logs_dir / f"{job}.log")]
-    assert events[0] == "job_started" and "summary" in events and events[-1] == "job_finished"
+    assert events[0] == "job_started" and events[-1] == "job_finished"
+    assert [e["event"] for e in worker_events(harness, job)] == ["start", "progress", "summary"]
+    assert harness.runner.launches[0].env["CUDA_VISIBLE_DEVICES"] == "GPU-sim-0"
 
 
 def test_reservation_prevents_double_booking(harness: Harness) -> None:
@@ -149,8 +150,7 @@ def test_restart_adopts_live_job_and_requeues_dead_one(harness: Harness) -> None
     harness.daemon = harness.new_daemon()  # a new daemon over the same ledger
     harness.tick()
     assert harness.state(job) == "running" and harness.job(job).pid == pid
-    os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid))
+    harness.runner.process(pid).exit(-signal.SIGKILL)
     harness.daemon = harness.new_daemon()
     assert harness.state(job) == "interrupted"
     for _ in range(3):
@@ -158,14 +158,6 @@ def test_restart_adopts_live_job_and_requeues_dead_one(harness: Harness) -> None
     assert harness.state(job) == "running" and harness.job(job).pid != pid
     harness.daemon.stop_all(harness.now)
     assert harness.settle(job) == "interrupted"
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def test_bad_file_is_rejected_and_good_one_accepted(harness: Harness) -> None:
@@ -224,7 +216,7 @@ def test_output_completed_by_a_killed_run_counts_as_done(harness: Harness) -> No
     pid = harness.job(job).pid
     Path(harness.job(job).output).write_text('{"audio": "a.wav", "audio_codes": []}\n')
     harness.env["STUB_MODE"] = "exists"  # what the rerun will find
-    os.kill(pid, signal.SIGKILL)
+    harness.runner.process(pid).exit(-signal.SIGKILL)
     assert harness.settle(job) in {"interrupted", "done"}
     for _ in range(3):
         harness.tick()
@@ -244,3 +236,87 @@ def test_output_existing_at_first_start_fails(harness: Harness) -> None:
         harness.tick()
     assert harness.settle(job) == "failed"
     assert "exists" in harness.job(job).reason
+
+
+def test_exception_starting_a_job_fails_it_once(harness: Harness) -> None:
+    """Row 2: any exception from starting the process (here a ValueError, as Popen raises for a
+    NUL byte) fails the job with its reason; it is not left running, nor started every tick."""
+    harness.runner.start_error = ValueError("embedded null byte")
+    job = harness.start("ok")
+    assert harness.state(job) == "failed"
+    assert harness.job(job).reason == "could not start the worker: ValueError: embedded null byte"
+    assert harness.job(job).pid is None
+    for _ in range(3):
+        harness.tick()
+    assert harness.state(job) == "failed" and harness.runner.launches == []
+    assert harness.runner.removed_scratch == [harness.settings.scratch_dir / job]
+
+
+def test_exception_preparing_a_job_fails_it(harness: Harness) -> None:
+    """A job that cannot even be prepared (its user vanished, say) fails with the reason."""
+
+    def no_user(uid: int) -> Any:
+        raise KeyError(f"uid {uid} has no passwd entry")
+
+    harness.set_gpus([gpu_entry(0, 50)])
+    job = harness.submit("a")
+    harness.tick()  # accepted
+    harness.daemon.identity_for = no_user  # gone by the time a GPU is free
+    harness.tick()
+    harness.tick()
+    assert harness.state(job) == "failed"
+    assert "cannot start the job: KeyError" in harness.job(job).reason
+    assert harness.runner.launches == []
+
+
+def test_job_environment_is_an_allow_list(harness: Harness) -> None:
+    """Row 14 at the tick: nothing of the daemon's environment but PATH and LANG reaches a job;
+    job_env is added; the job id and GPU cannot be overridden by it."""
+    harness.environ.update(GPUSPOOL_WEBHOOK_URL="http://x/?token=t", NOTIFY_SOCKET="/run/n")
+    harness.env.update(HF_HOME="/srv/hf", CUDA_VISIBLE_DEVICES="all", GPUSPOOL_JOB_ID="forged")
+    job = harness.start("ok")
+    env = dict(harness.runner.launches[0].env)
+    scratch = str(harness.settings.scratch_dir / job)
+    assert env.pop("GPUSPOOL_JOB_ID") == job and env.pop("CUDA_VISIBLE_DEVICES") == "GPU-sim-0"
+    assert env.pop("HF_HOME") == "/srv/hf" and env.pop("TMPDIR") == scratch
+    assert set(env) <= {
+        "PATH",
+        "LANG",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "CUDA_DEVICE_ORDER",
+        "PYTHONUNBUFFERED",
+        "XDG_CACHE_HOME",
+        "NUMBA_CACHE_DIR",
+        "STUB_MODE",
+    }
+    assert harness.settle(job) == "done"
+    assert harness.runner.removed_scratch == [harness.settings.scratch_dir / job]
+
+
+def test_retry_keeps_the_scratch_folder_and_reads_only_the_new_run(harness: Harness) -> None:
+    """A deferred job keeps its scratch folder; the rerun's events replace the first run's."""
+    job = harness.start("oom")
+    assert harness.settle(job) == "deferred" and harness.runner.removed_scratch == []
+    harness.env["STUB_MODE"] = "ok"
+    harness.tick(11)
+    assert harness.settle(job) == "done"
+    assert harness.job(job).peak_gib == 1.5 and harness.job(job).exit_class == "done"
+
+
+def test_flooded_events_file_is_emptied_and_read_on(harness: Harness) -> None:
+    """A worker flooding its events file (the daemon's disk) has it emptied once read; events
+    it writes afterwards are still taken."""
+    from gpuspool.daemon import MAX_EVENTS_FILE
+
+    job = harness.start("sleep")
+    proc = harness.runner.process(harness.job(job).pid)
+    proc.write_events(b"junk\n" * (MAX_EVENTS_FILE // 5 + 1))
+    harness.tick()
+    assert harness.daemon.events_path(job).stat().st_size == 0
+    proc.emit("progress", lines_done=3, lines_total=4)
+    harness.tick()
+    assert harness.job(job).progress == {"lines_done": 3, "lines_total": 4}
+    harness.daemon.stop_all(harness.now)
+    assert harness.settle(job) == "interrupted"

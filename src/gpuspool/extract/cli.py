@@ -23,8 +23,9 @@ progress events on stdout. See docs/extract.md.
 
 EPILOG = """\
 exit codes: 0 done; 1 crash; 64 usage; 65 bad data (a bad line under --on-bad-line fail);
-73 output exists; 75 CUDA out of memory (checkpointed, retryable); 143 interrupted by
-SIGTERM/SIGINT (checkpointed, resumable).
+73 output exists; 75 CUDA out of memory (checkpointed, retryable); 78 config (the tokenizer
+cannot be loaded, a module is missing); 143 interrupted by SIGTERM/SIGINT (checkpointed,
+resumable).
 """
 
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the worker; return its exit code (see :class:`ExitCode`)."""
     from gpuspool.extract.worker import Options, Run
 
-    events = Events(sys.stdout)
+    events = Events.from_env(sys.stdout)
     parser = build_parser()
     try:
         with contextlib.redirect_stdout(sys.stderr):

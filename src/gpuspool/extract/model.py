@@ -17,9 +17,13 @@ batch neighbours. Three changes leave every code as it is and keep the device bu
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -34,8 +38,46 @@ Codes = npt.NDArray[np.int64]
 
 
 def import_tokenizer_stack() -> None:
-    """Import qwen-tts (and the transformers modules it pulls in) now, to time it apart."""
-    import qwen_tts  # noqa: F401
+    """Import qwen-tts (and the transformers modules it pulls in) now, to time it apart.
+
+    Its import prints banners a job log does not need (flash-attn is not installed; sox, an
+    optional dependency, is not found, from a shell and from a logger): file descriptors 1 and
+    2 are sent to a temporary file meanwhile, which is replayed on stderr only if the import
+    fails.
+    """
+    kept = b""
+    try:
+        with _quiet_stdio() as noise:
+            try:
+                import qwen_tts  # noqa: F401
+            except BaseException:
+                noise.seek(0)
+                kept = noise.read()
+                raise
+    finally:
+        if kept:
+            sys.stderr.write(kept.decode("utf-8", "replace"))
+            sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _quiet_stdio() -> Iterator[BinaryIO]:
+    """Redirect file descriptors 1 and 2 (children and C libraries included) to a temp file."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield sink
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def resolve_device(spec: str) -> torch.device:

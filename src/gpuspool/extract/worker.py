@@ -378,11 +378,17 @@ class Run:
         if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
             os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
         t = time.monotonic()
-        import torch
+        try:
+            import torch
 
-        from gpuspool.extract.model import CodeEncoder, import_tokenizer_stack, resolve_device
+            from gpuspool.extract.model import CodeEncoder, import_tokenizer_stack, resolve_device
 
-        import_tokenizer_stack()
+            import_tokenizer_stack()
+        except ImportError as exc:  # a rerun would fail the same way: fix the install
+            raise WorkerExit(
+                ExitCode.CONFIG,
+                f"cannot import the extraction stack ({exc}); install gpuspool[extract]",
+            ) from exc
         self.import_s = time.monotonic() - t
 
         try:
@@ -403,7 +409,16 @@ class Run:
             torch.backends.cuda.matmul.allow_tf32 = o.tf32
             torch.backends.cudnn.deterministic = not o.tf32
         t = time.monotonic()
-        self.encoder = CodeEncoder(o.tokenizer, device, o.dtype)
+        try:
+            self.encoder = CodeEncoder(o.tokenizer, device, o.dtype)
+        except Exception as exc:
+            if _transient(exc):
+                raise
+            raise WorkerExit(
+                ExitCode.CONFIG,
+                f"tokenizer {o.tokenizer!r} cannot be loaded: {type(exc).__name__}: "
+                f"{_first_line(exc)}",
+            ) from exc
         self.encoder.warm_up()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -683,6 +698,22 @@ class Run:
             output=str(self.opts.output),
             skip_report=str(self.opts.report_path) if w.ck.lines_skipped else None,
         )
+
+
+#: Errors loading the tokenizer that another attempt may not meet (memory, the network).
+_TRANSIENT = {"OutOfMemoryError", "ConnectionError", "TimeoutError", "Timeout", "ReadTimeout",
+              "ConnectTimeout", "LocalEntryNotFoundError"}  # fmt: skip
+#: Hub answers that are final whatever the network does (a misspelt id, say).
+_PERMANENT = {"RepositoryNotFoundError", "GatedRepoError", "EntryNotFoundError",
+              "RevisionNotFoundError", "HFValidationError"}  # fmt: skip
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a failure to load the tokenizer is worth a retry (else it is a config error)."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & _PERMANENT:
+        return False
+    return bool(names & _TRANSIENT) or "CUDA" in str(exc)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -26,14 +26,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from gpuspool.protocol import partial_path
+
 CKPT_VERSION = 1
 
 Kind = Literal["out", "skip", "blank"]
-
-
-def partial_path(out: str | os.PathLike[str]) -> Path:
-    """Where the finished prefix of ``out`` lives until the run completes (``OUT.partial``)."""
-    return Path(str(out) + ".partial")
 
 
 def _ckpt_path(out: Path) -> Path:

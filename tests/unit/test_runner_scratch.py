@@ -1,0 +1,50 @@
+"""A job's scratch folder: private to it, reachable under the daemon's umask, never a link."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from gpuspool.runner import make_scratch, remove_scratch
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def test_scratch_folder_is_private_and_its_parent_reachable(tmp_path: Path) -> None:
+    job = tmp_path / "scratch" / "job1"
+    old = os.umask(0o077)  # the unit's UMask
+    try:
+        make_scratch(job, None)
+    finally:
+        os.umask(old)
+    assert _mode(job.parent) == 0o711 and _mode(job) == 0o700
+    (job / "cache").mkdir()
+    make_scratch(job, None)  # a retry keeps what the job cached
+    assert (job / "cache").is_dir()
+    remove_scratch(job)
+    assert not job.exists() and job.parent.is_dir()
+    remove_scratch(job)  # nothing there: nothing to do
+
+
+def test_a_link_at_the_scratch_path_is_replaced_not_followed(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep").write_text("x")
+    job = tmp_path / "scratch" / "job1"
+    job.parent.mkdir(mode=0o711)
+    job.symlink_to(target)
+    make_scratch(job, None)
+    assert job.is_dir() and not job.is_symlink() and (target / "keep").exists()
+
+
+def test_a_scratch_parent_others_may_write_is_refused(tmp_path: Path) -> None:
+    parent = tmp_path / "scratch"
+    parent.mkdir()
+    parent.chmod(0o777)
+    with pytest.raises(RuntimeError, match="writable by nobody else"):
+        make_scratch(parent / "job1", None)
