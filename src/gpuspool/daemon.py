@@ -17,11 +17,11 @@ from typing import Any
 
 from gpuspool import logs
 from gpuspool.config import Settings
-from gpuspool.estimate import job_need_gib, job_threshold_gib
 from gpuspool.exitcodes import ExitClass, ExitCode, classify
 from gpuspool.gpus import GpuProbe, ProbeResult
+from gpuspool.intake import Intake
 from gpuspool.ledger import JobRecord, Ledger, LedgerError, Waiting
-from gpuspool.models import RUNNABLE_STATES, GpuSnapshot, JobSpec, JobState
+from gpuspool.models import RUNNABLE_STATES, GpuSnapshot, JobState
 from gpuspool.placement import Candidate, GpuView, place
 from gpuspool.runner import (
     JOB_ID_ENV,
@@ -32,7 +32,7 @@ from gpuspool.runner import (
     is_alive,
     kill_leftovers,
 )
-from gpuspool.spool import RawJob, Refusal, Spool, display_name, validate_spec
+from gpuspool.spool import Spool
 from gpuspool.systemd import scrub_env
 
 #: Longest stretch of a job's log read in one tick; a flooding worker is skipped ahead.
@@ -89,8 +89,9 @@ class Daemon:
         self.runner = runner
         self.environ = environ
         self.daemon_euid = daemon_euid
-        self.identity_for = identity_for
+        self._identity_for = identity_for
         self.log = logs.get()
+        self.intake_stage = Intake(self)
         self._history: dict[str, deque[float | None]] = {}
         self._gpus: tuple[GpuSnapshot, ...] = ()
         self._gpu_errors: dict[str, str] = {}
@@ -114,6 +115,7 @@ class Daemon:
         """Recover after a restart: adopt live jobs, requeue those whose process is gone."""
         self._now = now
         self.spool.ensure_dirs()
+        self.intake_stage.requeue_lost_now()
         self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
         orphans = find_job_processes() if self.ledger.jobs([JobState.RUNNING]) else {}
         for job in self.ledger.jobs([JobState.RUNNING]):
@@ -169,104 +171,23 @@ class Daemon:
 
     # -- intake ------------------------------------------------------------------------------------
 
+    @property
+    def identity_for(self) -> Callable[[int], Any] | None:
+        """Who a job file's owner's job runs as (None: as the daemon, no switch)."""
+        return self._identity_for
+
+    @identity_for.setter
+    def identity_for(self, value: Callable[[int], Any] | None) -> None:
+        self._identity_for = value
+
     def intake(self, now: float, report: TickReport) -> None:
-        for name in self.spool.pending():
-            try:
-                self._intake_one(name, now, report)
-            except Exception as exc:  # a bad file must never stop the daemon
-                self._reject(name, f"internal error while reading: {exc!r}", now, report)
-
-    def _intake_one(self, name: bytes, now: float, report: TickReport) -> None:
-        raw = self.spool.read(name)
-        if isinstance(raw, Refusal):
-            self._reject(name, raw.reason, now, report)
-            return
-        if self.ledger.get(raw.job_id) is not None:
-            # Taken into the ledger just before a crash: finish moving its file, check nothing
-            # again (its output is now "claimed" by itself).
-            self.spool.accept(raw)
-            return
-        try:
-            spec = validate_spec(raw.data)
-            reason = self._check_job(spec, raw)
-        except ValueError as exc:
-            self._reject(name, str(exc), now, report)
-            return
-        if reason is not None:
-            self._reject(name, reason, now, report)
-            return
-        need = self._need_gib(spec)
-        threshold = self._threshold_gib(spec, need)
-        added = self.ledger.add(
-            job_id=raw.job_id,
-            spec=spec,
-            submitter_uid=raw.submitter_uid,
-            need_gib=need,
-            threshold_gib=threshold,
-            spool_file=None,
-            now=now,
-        )
-        dest = self.spool.accept(raw)
-        if added:
-            self.ledger.update(raw.job_id, now=now, reason="queued")
-            report.accepted.append(raw.job_id)
-            self.log.info(
-                "job_accepted",
-                job_id=raw.job_id,
-                name=spec.name,
-                file=display_name(raw.name),
-                submitter_uid=raw.submitter_uid,
-                need_gib=need,
-                threshold_gib=threshold,
-                accepted_as=str(dest),
-            )
-
-    def _reject(self, name: bytes, reason: str, now: float, report: TickReport) -> None:
-        try:
-            where = self.spool.reject(name, reason, now=now)
-        except OSError as exc:
-            where = None
-            reason = f"{reason} (and could not be moved: {exc})"
-        report.rejected.append(display_name(name))
-        self.log.warning(
-            "job_rejected", file=display_name(name), reason=reason, reason_file=str(where)
-        )
-
-    def _check_job(self, spec: JobSpec, raw: RawJob) -> str | None:
-        """Checks beyond the schema: paths as the submitter sees them; None if all is well."""
-        if self.identity_for is not None:
-            from gpuspool import privileges
-
-            try:
-                runs_as = self.identity_for(raw.submitter_uid)
-                submitter = privileges.identity_for_uid(raw.submitter_uid)
-            except Exception as exc:
-                return str(exc)
-            problem = privileges.check_job_paths(submitter, runs_as, spec.input, spec.output)
-            if problem is not None:
-                return problem
-        else:
-            if not spec.input.is_file():
-                return f"input: {spec.input} does not exist or is not a file"
-            if spec.output.exists():
-                return f"output: {spec.output} already exists"
-            if not spec.output.parent.is_dir():
-                return f"output: folder {spec.output.parent} does not exist"
-        if spec.tokenizer.startswith("/") and not Path(spec.tokenizer).exists():
-            return f"tokenizer: {spec.tokenizer} does not exist"
-        other = self.ledger.output_claimed(str(spec.output))
-        if other is not None:
-            return f"output: {spec.output} is already the output of job {other}"
-        return None
-
-    def _need_gib(self, spec: JobSpec) -> float:
-        need = job_need_gib(spec, self.settings.default_batch_seconds)
-        if need.partial is not None:
-            self.log.warning("need_estimate_partial", input=str(spec.input), error=need.partial)
-        return need.gib
-
-    def _threshold_gib(self, spec: JobSpec, need: float) -> float:
-        return job_threshold_gib(spec, self.settings.min_free_gib, need)
+        """The intake stage (``intake.py``): never waits on a scan, bounded per tick."""
+        totals = [g.total_gib for g in self._gpus]
+        if totals:
+            largest = max(totals)
+            known = self.intake_stage.largest_gpu_gib
+            self.intake_stage.largest_gpu_gib = largest if known is None else max(known, largest)
+        self.intake_stage.run(now, report)
 
     # -- running jobs ------------------------------------------------------------------------------
 

@@ -8,8 +8,11 @@ Layout (under ``spool_dir``)::
     rejected/   refused entries, each with <name>.reason beside it
 
 Entries of ``incoming/`` are opened without following links and without blocking, and must be
-regular files with one link and at most ``max_bytes``; anything else is moved (never followed or
-read) to ``rejected/``. Names starting with ``.`` are ignored: writers may use them while writing.
+regular files with one link, at most ``max_bytes`` and not group- or world-writable (as cron
+refuses a crontab others could edit: the file's owner is who the job runs as); anything else is
+moved (never followed or read) to ``rejected/``. Names starting with ``.`` are ignored: writers
+may use them while writing. This is the only thing a submitter controls that the daemon reads
+itself; the files a job names are read by the intake scanner as the submitter (``scan.py``).
 """
 
 from __future__ import annotations
@@ -24,11 +27,14 @@ import tomllib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from gpuspool.models import JobSpec
 
 SUFFIXES = (b".toml", b".json")
+#: Folders a job file is read from: new submissions, and accepted ones requeued after their
+#: ledger row was lost (the spool is the source of truth).
+Folder = Literal["incoming", "accepted"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,12 +119,38 @@ class Spool:
             return []
         return sorted(n for n in names if not n.startswith(b"."))
 
-    def read(self, name: bytes) -> RawJob | Refusal:
-        """Open ``incoming/<name>`` safely and parse it, or say why it is refused."""
+    def folder(self, which: Folder) -> Path:
+        return self.incoming if which == "incoming" else self.accepted
+
+    def accepted_names(self) -> list[bytes]:
+        """Names in ``accepted/`` (``<job id>.<ext>``)."""
+        try:
+            names = os.listdir(bytes(self.accepted))
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if not n.startswith(b"."))
+
+    def owner(self, name: bytes, folder: Folder = "incoming") -> int | None:
+        """The uid owning an entry (not following links), or None if it is gone."""
+        try:
+            return os.lstat(os.path.join(bytes(self.folder(folder)), name)).st_uid
+        except OSError:
+            return None
+
+    def read(self, name: bytes, folder: Folder = "incoming") -> RawJob | Refusal:
+        """Open ``<folder>/<name>`` safely and parse it, or say why it is refused.
+
+        A file read from ``accepted/`` keeps the job id it was accepted under (its stem).
+        """
         suffix = os.path.splitext(name)[1].lower()
         if suffix not in SUFFIXES:
             return Refusal(name, "job files must end in .toml or .json")
-        dir_fd = os.open(self.incoming, os.O_RDONLY | os.O_DIRECTORY)
+        kept_id = None
+        if folder == "accepted":
+            kept_id = os.path.splitext(name)[0].decode("ascii", "replace")
+            if len(kept_id) != 12 or set(kept_id) - set("0123456789abcdef"):
+                return Refusal(name, "not named <job id>.<ext> as accepted files are")
+        dir_fd = os.open(self.folder(folder), os.O_RDONLY | os.O_DIRECTORY)
         try:
             flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
             try:
@@ -134,11 +166,14 @@ class Spool:
                     return Refusal(name, f"not a regular file ({_kind(mode)})")
                 return Refusal(name, f"cannot open: {exc.strerror}")
             try:
-                return self._read_fd(name, fd, suffix.decode())
+                got = self._read_fd(name, fd, suffix.decode())
             finally:
                 os.close(fd)
         finally:
             os.close(dir_fd)
+        if kept_id is not None and isinstance(got, RawJob):
+            return RawJob(got.name, kept_id, got.data, got.submitter_uid, got.suffix)
+        return got
 
     def _read_fd(self, name: bytes, fd: int, suffix: str) -> RawJob | Refusal:
         before = os.fstat(fd)
@@ -148,6 +183,13 @@ class Spool:
             return Refusal(name, f"has {before.st_nlink} hard links (must have exactly one)")
         if before.st_size > self.max_bytes:
             return Refusal(name, f"too large: {before.st_size} bytes > {self.max_bytes}")
+        if before.st_mode & 0o022:
+            return Refusal(
+                name,
+                f"is group- or world-writable (mode {stat.S_IMODE(before.st_mode):04o}): someone"
+                " other than its owner could have written it; make it writable by its owner only"
+                " (chmod go-w)",
+            )
         chunks = []
         remaining = self.max_bytes + 1
         while remaining > 0:
@@ -176,8 +218,13 @@ class Spool:
         os.rename(os.path.join(bytes(self.incoming), raw.name), bytes(dest))
         return dest
 
-    def reject(self, name: bytes, reason: str, *, now: float | None = None) -> Path:
-        """Move an entry (whatever it is; links are not followed) to ``rejected/`` with a reason."""
+    def reject(
+        self, name: bytes, reason: str, *, now: float | None = None, folder: Folder = "incoming"
+    ) -> Path:
+        """Move an entry (whatever it is; links are not followed) to ``rejected/`` with a reason.
+
+        OSError when the reason cannot be written or the entry not moved (a daemon-side problem:
+        the caller retries later)."""
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now if now is not None else time.time()))
         base = f"{stamp}-{uuid.uuid4().hex[:8]}"
         dest = self.rejected / base
@@ -187,7 +234,7 @@ class Spool:
             f"file: {display_name(name)}\nreason: {reason}\n".encode(),
         )
         with contextlib.suppress(FileNotFoundError):  # gone meanwhile: the reason still tells
-            os.rename(os.path.join(bytes(self.incoming), name), bytes(dest))
+            os.rename(os.path.join(bytes(self.folder(folder)), name), bytes(dest))
         return reason_path
 
     def submit(self, data: dict[str, Any], *, stem: str | None = None) -> tuple[Path, str]:
