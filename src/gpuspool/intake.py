@@ -108,11 +108,10 @@ class Intake:
 
     def run(self, now: float, report: Report) -> None:
         """One tick's intake: collect finished scans, find lost jobs, take new files."""
-        started = self.clock()
         self._collect(now, report)
         if now >= self._next_lost_check:
             self._find_lost(now)
-        self._take(now, report, started)
+        self._take(now, report)
 
     def requeue_lost_now(self) -> None:
         """Look for accepted files without a ledger row at the next run (start-up)."""
@@ -125,7 +124,7 @@ class Intake:
 
     def idle(self, now: float) -> bool:
         """Nothing to do before ``now``: no scan running, nothing due in the spool."""
-        return not self._batches and next(self._due(now), None) is None
+        return not self._batches and not self._due(now)
 
     def drain(self, now: float, report: Report, *, timeout: float = 60.0) -> None:
         """Run intake until nothing is left to do at ``now`` (one-shot use and tests)."""
@@ -246,55 +245,74 @@ class Intake:
 
     # -- taking new files -------------------------------------------------------------------------
 
-    def _due(self, now: float) -> Iterator[tuple[Folder, bytes]]:
+    def _due(self, now: float) -> list[Key]:
         """Entries waiting for intake at ``now`` (not in a scan, not backing off)."""
-        for folder, names in (("incoming", self.host.spool.pending()), ("accepted", self._lost)):
-            for name in sorted(names):
-                key: Key = (folder, name)  # type: ignore[assignment]
-                if key in self._busy:
-                    continue
-                later = self._later.get(key)
-                if later is not None and later[1] > now:
-                    continue
-                yield key
+        held = {k for k, (_, at) in self._later.items() if at > now} | self._busy
+        due: list[Key] = [("accepted", n) for n in sorted(self._lost)]
+        due += [("incoming", n) for n in self.host.spool.pending()]
+        return [k for k in due if k not in held] if held else due
 
-    def _fair(self, keys: list[Key]) -> list[Key]:
-        """Round-robin by owner uid, starting after the owner served first last time."""
-        by_owner: dict[int, list[Key]] = {}
-        known = {}
+    def _by_owner(self, keys: list[Key], until: float) -> dict[int, list[Key]]:
+        """Entries grouped by owner uid (cached per name); new names are looked up until
+        ``until``, the rest on a later tick, so a flood of names costs a bounded time."""
+        cache = self._owners
+        if len(cache) > 2 * len(keys) + 1024:  # forget names long gone, now and then
+            current = {k[1] for k in keys}
+            self._owners = cache = {n: u for n, u in cache.items() if n in current}
+        groups: dict[int, list[Key]] = {}
+        late = False
+        looked = 0
         for key in keys:
-            uid = self._owners.get(key[1]) if key[0] == "incoming" else None
+            folder, name = key
+            uid = cache.get(name) if folder == "incoming" else None
             if uid is None:
-                uid = self.host.spool.owner(key[1], key[0])
-            if uid is None:
-                continue
-            if key[0] == "incoming":
-                known[key[1]] = uid
-            by_owner.setdefault(uid, []).append(key)
-        self._owners = known
-        owners = sorted(by_owner)
-        first = next((i for i, uid in enumerate(owners) if uid > self._last_owner), 0)
-        owners = owners[first:] + owners[:first]
-        if owners:
-            self._last_owner = owners[0]
-        order: list[Key] = []
-        depth = 0
-        while len(order) < len(keys):
-            row = [by_owner[uid][depth] for uid in owners if depth < len(by_owner[uid])]
-            if not row:
-                break
-            order.extend(row)
-            depth += 1
-        return order
+                # At least some progress each tick, however slow the machine.
+                late = late or (looked >= 512 and looked % 64 == 0 and self.clock() >= until)
+                if late:
+                    continue
+                looked += 1
+                uid = self.host.spool.owner(name, folder)
+                if uid is None:
+                    continue
+                if folder == "incoming":
+                    cache[name] = uid
+            group = groups.get(uid)
+            if group is None:
+                groups[uid] = [key]
+            else:
+                group.append(key)
+        return groups
 
-    def _take(self, now: float, report: Report, started: float) -> None:
+    def _fair(self, by_owner: dict[int, list[Key]]) -> Iterator[Key]:
+        """Round-robin by owner uid, starting after the owner served first last time."""
+        order = sorted(by_owner)
+        first = next((i for i, uid in enumerate(order) if uid > self._last_owner), 0)
+        order = order[first:] + order[:first]
+        if order:
+            self._last_owner = order[0]
+        queues = [iter(by_owner[uid]) for uid in order]
+        while queues:
+            alive = []
+            for queue in queues:
+                key = next(queue, None)
+                if key is not None:
+                    alive.append(queue)
+                    yield key
+            queues = alive
+
+    def _take(self, now: float, report: Report) -> None:
+        """Read, check and hand to scanners the next files, fairly, within the tick's budget:
+        looking up new names' owners may take half of ``intake_max_ms``, deciding files the
+        whole of it (each phase always makes some progress, however slow the machine)."""
         settings = self.host.settings
-        until = started + settings.intake_max_ms / 1000.0
+        budget = settings.intake_max_ms / 1000.0
+        by_owner = self._by_owner(self._due(now), self.clock() + budget / 2)
+        until = self.clock() + budget
         open_batches: dict[int, list[_Item]] = {}
         full: list[list[_Item]] = []
         taken = 0
-        for key in self._fair(list(self._due(now))):
-            if taken >= settings.intake_max_files or self.clock() >= until:
+        for key in self._fair(by_owner):
+            if taken >= settings.intake_max_files or (taken >= 16 and self.clock() >= until):
                 break
             used = len(self._batches) + len(open_batches) + len(full)
             if used >= settings.scan_concurrency and not any(

@@ -59,6 +59,8 @@ PCM_BYTES = {
     "PCM_S8": 1, "PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4,
     "FLOAT": 4, "DOUBLE": 8, "ULAW": 1, "ALAW": 1,
 }  # fmt: skip
+#: Containers whose audio data is stored uncompressed (``soundfile`` format names).
+RAW_CONTAINERS = frozenset({"WAV", "WAVEX", "AIFF", "AU", "RAW", "W64", "RF64", "NIST", "IRCAM"})
 #: Sample rate the tokenizer encodes at (as ``extract.headers``; kept here so the child
 #: imports nothing of the worker).
 MODEL_SAMPLE_RATE = 24000
@@ -82,10 +84,12 @@ def _open_regular(path: str, what: str, user: str) -> int:
     try:
         fd = os.open(path, flags)
     except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-            raise _Bad(f"{what} {path} does not exist or {user} cannot reach it") from None
-        if exc.errno == errno.EACCES:
+        if exc.errno == errno.EACCES and _visible(path):
             raise _Bad(f"{user} may not read {what} {path}") from None
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.ELOOP):
+            # Said alike, whether missing or out of reach: nothing about a path the user
+            # cannot reach is told (nor known: this process runs as the user).
+            raise _Bad(f"{what} {path} does not exist or {user} cannot reach it") from None
         if exc.errno == errno.ENXIO:  # a socket, or a FIFO with no writer on some systems
             raise _Bad(f"{what} {path} is not a file (a socket or device)") from None
         raise _Bad(f"{what} {path}: {exc.strerror}") from None
@@ -94,6 +98,15 @@ def _open_regular(path: str, what: str, user: str) -> int:
         os.close(fd)
         raise _Bad(f"{what} {path} is not a file ({_kind(mode)})")
     return fd
+
+
+def _visible(path: str) -> bool:
+    """Whether this process can see that ``path`` exists (it may still not read it)."""
+    try:
+        os.stat(path)
+    except OSError:
+        return False
+    return True
 
 
 def _kind(mode: int) -> str:
@@ -143,20 +156,30 @@ def check_tokenizer(tokenizer: str, user: str) -> str | None:
 def clip_samples(path: str, sf: Any, user: str) -> int:
     """Length at 24 kHz of an audio file, from its header; _Bad if unusable.
 
-    The file is opened as a regular file without blocking, and an uncompressed format's claim is
-    held against the file's size: a 4 KB WAV cannot hold 12 hours of audio.
+    The file is opened as a regular file without blocking, and the header's claim is checked:
+    an uncompressed container cannot hold more frames than its size allows (a 4 KB WAV cannot
+    hold 12 hours), and a compressed one must have a frame where its header says it ends.
     """
     fd = _open_regular(path, "audio file", user)
     try:
         size = os.fstat(fd).st_size
         try:
             with sf.SoundFile(fd, closefd=False) as f:
-                frames, sr, channels, subtype = (
-                    int(f.frames),
-                    int(f.samplerate),
-                    f.channels,
-                    f.subtype,
-                )
+                frames, sr, channels = int(f.frames), int(f.samplerate), max(1, int(f.channels))
+                width = PCM_BYTES.get(str(f.subtype)) if f.format in RAW_CONTAINERS else None
+                if width is not None and frames * channels * width > size:
+                    held = size / (channels * width) / max(1, sr)
+                    raise _Bad(
+                        f"header claims {frames / max(1, sr):.1f} s of audio but the file"
+                        f" ({size} bytes) holds at most {held:.1f} s"
+                    )
+                if width is None and frames > 0 and not _ends_where_claimed(f, frames):
+                    raise _Bad(
+                        f"header claims {frames / max(1, sr):.1f} s of audio but the audio"
+                        " ends earlier"
+                    )
+        except _Bad:
+            raise
         except Exception as exc:
             lines = str(exc).strip().splitlines()
             raise _Bad(
@@ -168,16 +191,18 @@ def clip_samples(path: str, sf: Any, user: str) -> int:
         raise _Bad(f"unreadable audio: sample rate {sr}")
     if frames <= 0:
         raise _Bad("empty audio (0 samples)")
-    width = PCM_BYTES.get(str(subtype))
-    if width is not None and frames * max(1, int(channels)) * width > size:
-        held = size / (max(1, int(channels)) * width) / sr
-        raise _Bad(
-            f"header claims {frames / sr:.1f} s of audio but the file ({size} bytes) holds at "
-            f"most {held:.1f} s"
-        )
     if sr == MODEL_SAMPLE_RATE:
         return frames
     return math.ceil(frames * (float(MODEL_SAMPLE_RATE) / sr))
+
+
+def _ends_where_claimed(f: Any, frames: int) -> bool:
+    """Whether a compressed file has its last claimed frame (one seek, one frame decoded)."""
+    try:
+        f.seek(frames - 1)
+        return len(f.read(1)) == 1
+    except Exception:
+        return False
 
 
 def _lines(fd: int, max_lines: int, max_bytes: int, max_line: int) -> Any:

@@ -105,6 +105,7 @@ class Spool:
         self.staging = root / "tmp"
         self.accepted = root / "accepted"
         self.rejected = root / "rejected"
+        self._incoming_b = bytes(self.incoming)
 
     def ensure_dirs(self) -> None:
         """Create missing folders (the installer sets their owners and modes)."""
@@ -132,8 +133,9 @@ class Spool:
 
     def owner(self, name: bytes, folder: Folder = "incoming") -> int | None:
         """The uid owning an entry (not following links), or None if it is gone."""
+        where = self._incoming_b if folder == "incoming" else bytes(self.accepted)
         try:
-            return os.lstat(os.path.join(bytes(self.folder(folder)), name)).st_uid
+            return os.lstat(where + b"/" + name).st_uid
         except OSError:
             return None
 
