@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
