@@ -153,8 +153,10 @@ class Daemon:
         return report
 
     def stop_all(self, now: float, *, hard: bool = False) -> None:
-        """Stop every running job (SIGTERM, or SIGKILL when ``hard``); they resume later."""
+        """Stop every running job (SIGTERM, or SIGKILL when ``hard``); they resume later.
+        Running scans are killed: their files stay in ``incoming/`` for the next start."""
         self.stopping = True
+        self.intake_stage.close()
         for job in self.ledger.jobs([JobState.RUNNING]):
             if job.pid is None:
                 continue

@@ -23,12 +23,14 @@ batch that fails is split, so a job is rejected for a scan failure only when sca
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
+from gpuspool import privileges
 from gpuspool.config import Settings
 from gpuspool.estimate import job_threshold_gib, need_gib
 from gpuspool.ledger import Ledger
@@ -65,6 +67,7 @@ class _Item:
     raw: RawJob
     spec: JobSpec
     runs_as: Any | None
+    judge_for: dict[str, Any] | None = None
 
     @property
     def name(self) -> bytes:
@@ -361,10 +364,11 @@ class Intake:
         except ValueError as exc:
             self._reject(key, str(exc), now, report)
             return None
-        runs_as = None
+        runs_as, judge_for = None, None
         if host.identity_for is not None:
             try:
                 runs_as = host.identity_for(raw.submitter_uid)
+                judge_for = _judge_for(raw.submitter_uid, runs_as)
             except Exception as exc:  # no account, root-owned without fallback_user, ...
                 self._reject(key, str(exc), now, report)
                 return None
@@ -373,7 +377,7 @@ class Intake:
             self._reject(key, f"output: {spec.output} is already the output of job {other}", now,
                          report)  # fmt: skip
             return None
-        return _Item(key, raw, spec, runs_as)
+        return _Item(key, raw, spec, runs_as, judge_for)
 
     def _start(self, items: list[_Item], now: float) -> None:
         settings = self.host.settings
@@ -385,7 +389,9 @@ class Intake:
             memory_mib=settings.scan_memory_mib,
         )
         jobs = [
-            ScanJob(str(i), str(it.spec.input), str(it.spec.output), it.spec.tokenizer)
+            ScanJob(
+                str(i), str(it.spec.input), str(it.spec.output), it.spec.tokenizer, it.judge_for
+            )
             for i, it in enumerate(items)
         ]
         runs_as = items[0].runs_as
@@ -451,3 +457,17 @@ class Intake:
             reason=reason,
             reason_file=str(where),
         )
+
+
+def _judge_for(submitter_uid: int, runs_as: Any) -> dict[str, Any] | None:
+    """The submitter, when the daemon (not root) runs their job as itself: the scanner then also
+    judges the submitter's rights from mode bits, so no one borrows the daemon's."""
+    if os.geteuid() == 0 or submitter_uid == runs_as.uid:
+        return None
+    submitter = privileges.identity_for_uid(submitter_uid)
+    return {
+        "uid": submitter.uid,
+        "gid": submitter.gid,
+        "groups": list(submitter.groups),
+        "name": submitter.name,
+    }

@@ -33,7 +33,8 @@ import signal
 import stat
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 #: Longest reason string an answer may carry (longer ones are cut, by both sides).
@@ -247,6 +248,11 @@ def scan_job(job: dict[str, Any], limits: dict[str, int], sf: Any, user: str) ->
     out: dict[str, Any] = {"key": job["key"], "problem": None, "lines": 0, "bad": 0,
                            "longest_s": 0.0, "total_s": 0.0, "note": None}  # fmt: skip
     inp = str(job["input"])
+    if job.get("judge_for") is not None:
+        problem = _judge_for(job["judge_for"], inp, str(job["output"]))
+        if problem is not None:
+            out["problem"] = _cut(problem)
+            return out
     try:
         fd = _open_regular(inp, "input", user)
     except _Bad as exc:
@@ -276,6 +282,20 @@ def scan_job(job: dict[str, Any], limits: dict[str, int], sf: Any, user: str) ->
     finally:
         os.close(fd)
     return out
+
+
+def _judge_for(who: dict[str, Any], inp: str, output: str) -> str | None:
+    """A daemon that is not root cannot become the submitter: judge their rights from mode
+    bits (``privileges``' ``modebits`` method), on top of this process's own checks."""
+    from gpuspool import privileges
+
+    ident = privileges.Identity(
+        int(who["uid"]), int(who["gid"]), tuple(int(g) for g in who["groups"]),
+        str(who["name"]), "/",
+    )  # fmt: skip
+    return privileges.check_input_readable(
+        ident, Path(inp), method="modebits"
+    ) or privileges.check_output_writable(ident, Path(output), method="modebits")
 
 
 def _line_problem(
@@ -391,6 +411,9 @@ class ScanJob:
     input: str
     output: str
     tokenizer: str
+    #: uid, gid, groups and name of a submitter this process cannot become (daemon not root),
+    #: whose rights are then judged from mode bits; None when the scan runs as the job's user.
+    judge_for: dict[str, Any] | None = field(default=None)
 
 
 @dataclass(frozen=True)
@@ -403,6 +426,16 @@ class ScanResult:
     longest_s: float
     total_s: float
     note: str | None
+
+
+def _anonymous_file() -> int:
+    """An fd of a file no one else can open (memfd; an unlinked temporary file if refused)."""
+    try:
+        return os.memfd_create("gpuspool-scan-request", os.MFD_CLOEXEC)
+    except OSError:
+        import tempfile
+
+        return os.dup(tempfile.TemporaryFile().fileno())
 
 
 class ScanProcess:
@@ -429,7 +462,7 @@ class ScanProcess:
         if identity is not None and (identity.uid, identity.gid) != (os.geteuid(), os.getegid()):
             request["identity"] = {"uid": identity.uid, "gid": identity.gid,
                                    "groups": list(identity.groups)}  # fmt: skip
-        stdin = os.memfd_create("gpuspool-scan-request", os.MFD_CLOEXEC)
+        stdin = _anonymous_file()
         try:
             os.write(stdin, json.dumps(request).encode())
             os.lseek(stdin, 0, os.SEEK_SET)

@@ -199,3 +199,25 @@ def test_a_file_replaced_during_its_scan_is_not_taken_with_the_old_content(h: Ha
     os.rename(tmp, path)
     _until_decided(h)
     assert [j.output for j in h.daemon.ledger.jobs()] == [str(h.data / "second.out")]
+
+
+def test_a_daemon_that_cannot_switch_users_judges_the_submitters_rights(tmp_path: Path) -> None:
+    """Not root, the daemon scans as itself; the scanner then also judges the submitter's
+    rights from mode bits, so a submitter cannot borrow the daemon's (here: a private input)."""
+    import pwd
+
+    import soundfile as sf
+
+    from gpuspool import scan
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "in.jsonl").write_text("\n")
+    nobody = pwd.getpwnam("nobody")
+    who = {"uid": nobody.pw_uid, "gid": nobody.pw_gid, "groups": [nobody.pw_gid], "name": "nobody"}
+    limits = {"max_lines": 10, "max_bytes": 1000, "max_line_bytes": 100}
+    job = {"key": "0", "input": str(private / "in.jsonl"), "output": str(tmp_path / "o"),
+           "tokenizer": "tiny"}  # fmt: skip
+    assert scan.scan_job(job, limits, sf, "me")["problem"] is None
+    problem = scan.scan_job({**job, "judge_for": who}, limits, sf, "me")["problem"]
+    assert problem is not None and "nobody" in problem
