@@ -104,6 +104,8 @@ class Intake:
         self._later: dict[Key, tuple[str, float]] = {}
         self._owners: dict[bytes, int] = {}
         self._lost: set[bytes] = set()
+        self._lost_todo: list[bytes] = []
+        self._lost_found = 0
         self._next_lost_check = float("-inf")
         self._last_owner = -1
 
@@ -112,7 +114,7 @@ class Intake:
     def run(self, now: float, report: Report) -> None:
         """One tick's intake: collect finished scans, find lost jobs, take new files."""
         self._collect(now, report)
-        if now >= self._next_lost_check:
+        if now >= self._next_lost_check or self._lost_todo:
             self._find_lost(now)
         self._take(now, report)
 
@@ -127,7 +129,7 @@ class Intake:
 
     def idle(self, now: float) -> bool:
         """Nothing to do before ``now``: no scan running, nothing due in the spool."""
-        return not self._batches and not self._due(now)
+        return not self._batches and not self._lost_todo and not self._due(now)
 
     def drain(self, now: float, report: Report, *, timeout: float = 60.0) -> None:
         """Run intake until nothing is left to do at ``now`` (one-shot use and tests)."""
@@ -228,23 +230,34 @@ class Intake:
     # -- lost jobs --------------------------------------------------------------------------------
 
     def _find_lost(self, now: float) -> None:
-        """Accepted files whose job the ledger does not know: taken in again."""
+        """Accepted files whose job the ledger does not know are taken in again. The ledger is
+        asked about a bounded number of names per tick, so a large ``accepted/`` costs no long
+        tick; the names found are logged once per pass."""
         host = self.host
-        self._next_lost_check = now + host.settings.requeue_check_s
-        lost = set()
-        for name in host.spool.accepted_names():
+        if now >= self._next_lost_check and not self._lost_todo:
+            self._next_lost_check = now + host.settings.requeue_check_s
+            self._lost_todo = host.spool.accepted_names()
+            self._lost &= set(self._lost_todo)  # forget files removed meanwhile
+            self._lost_found = 0
+        until = self.clock() + host.settings.intake_max_ms / 4000.0
+        checked = 0
+        while self._lost_todo and (checked < 256 or self.clock() < until):
+            name = self._lost_todo[-1]
             stem = name.rsplit(b".", 1)[0].decode("ascii", "replace")
             try:
                 known = host.ledger.get(stem) is not None
-            except Exception as exc:
-                self._later_log(("accepted", b""), f"ledger: {exc}", now)
+            except Exception as exc:  # the ledger's problem: try again next pass
+                self._later_log(("accepted", b""), f"ledger: {type(exc).__name__}: {exc}", now)
+                self._lost_todo = []
                 return
-            if not known:
-                lost.add(name)
-        new = lost - self._lost
-        if new:
-            host.log.warning("jobs_requeued_from_spool", count=len(new), folder="accepted")
-        self._lost = lost
+            self._lost_todo.pop()
+            checked += 1
+            if not known and name not in self._lost:
+                self._lost.add(name)
+                self._lost_found += 1
+        if not self._lost_todo and self._lost_found:
+            host.log.warning("jobs_requeued_from_spool", count=self._lost_found, folder="accepted")
+            self._lost_found = 0
 
     # -- taking new files -------------------------------------------------------------------------
 

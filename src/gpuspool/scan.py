@@ -210,7 +210,7 @@ def _lines(fd: int, max_lines: int, max_bytes: int, max_line: int) -> Any:
     """Yield (line number, bytes or None for an over-long line); stop at the caps.
 
     Yields ("truncated", reason) last when a cap stopped it early. Never holds more than
-    ``max_line`` bytes of one line plus one chunk.
+    ``max_line`` bytes of one line plus one chunk, and copies each byte a bounded number of times.
     """
     buf = b""
     lineno = 0
@@ -218,25 +218,27 @@ def _lines(fd: int, max_lines: int, max_bytes: int, max_line: int) -> Any:
     skipping = False
     while True:
         want = min(1 << 20, max_bytes - total)
-        if want <= 0:
+        if want <= 0 and os.read(fd, 1):
             yield "truncated", f"read only the first {max_bytes} bytes of the input"
             return
-        chunk = os.read(fd, want)
+        chunk = os.read(fd, want) if want > 0 else b""
         if not chunk:
             break
         total += len(chunk)
         buf += chunk
+        pos = 0
         while True:
-            nl = buf.find(b"\n")
+            nl = buf.find(b"\n", pos)
             if nl < 0:
                 break
-            line, buf = buf[:nl], buf[nl + 1 :]
             lineno += 1
-            yield lineno, (None if skipping or len(line) > max_line else line)
+            yield lineno, (None if skipping or nl - pos > max_line else buf[pos:nl])
+            pos = nl + 1
             skipping = False
             if lineno >= max_lines:
                 yield "truncated", f"read only the first {max_lines} lines of the input"
                 return
+        buf = buf[pos:]
         if len(buf) > max_line:
             buf, skipping = b"", True  # a line longer than allowed: drop it as it comes
     if buf or skipping:
