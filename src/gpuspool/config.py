@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     requeue_check_s: float = Field(
         300.0, gt=0, description="How often accepted/ is checked for jobs the ledger lacks"
     )
+    rejected_keep_days: float = Field(14.0, gt=0, description="Days rejected/ entries are kept")
     scan_concurrency: int = Field(4, ge=1, le=64, description="Scanner processes at once")
     scan_batch: int = Field(16, ge=1, le=256, description="Jobs of one user per scanner")
     scan_timeout_s: float = Field(60.0, gt=0, le=3600, description="Wall-clock limit of a scan")

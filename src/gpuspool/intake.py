@@ -105,6 +105,7 @@ class Intake:
         self._owners: dict[bytes, int] = {}
         self._lost: set[bytes] = set()
         self._lost_todo: list[bytes] = []
+        self._next_prune = float("-inf")
         self._lost_found = 0
         self._next_lost_check = float("-inf")
         self._last_owner = -1
@@ -117,6 +118,8 @@ class Intake:
         if now >= self._next_lost_check or self._lost_todo:
             self._find_lost(now)
         self._take(now, report)
+        if now >= self._next_prune:
+            self._prune(now)
 
     def requeue_lost_now(self) -> None:
         """Look for accepted files without a ledger row at the next run (start-up)."""
@@ -258,6 +261,19 @@ class Intake:
         if not self._lost_todo and self._lost_found:
             host.log.warning("jobs_requeued_from_spool", count=self._lost_found, folder="accepted")
             self._lost_found = 0
+
+    def _prune(self, now: float) -> None:
+        """Delete ``rejected/`` entries older than ``rejected_keep_days``: a thousand per tick,
+        once an hour (sooner while more are left)."""
+        keep_s = self.host.settings.rejected_keep_days * 86400.0
+        try:
+            removed = self.host.spool.prune_rejected(now - keep_s, limit=1000)
+        except OSError as exc:
+            self._later_log(("incoming", b""), f"pruning rejected/: {exc}", now)
+            removed = 0
+        self._next_prune = now + (1.0 if removed >= 1000 else 3600.0)
+        if removed:
+            self.host.log.info("rejected_pruned", count=removed, older_than_days=keep_s / 86400)
 
     # -- taking new files -------------------------------------------------------------------------
 

@@ -239,6 +239,25 @@ class Spool:
             os.rename(os.path.join(bytes(self.folder(folder)), name), bytes(dest))
         return reason_path
 
+    def prune_rejected(self, older_than: float, *, limit: int = 1000) -> int:
+        """Delete up to ``limit`` entries of ``rejected/`` (and reason files) last changed before
+        ``older_than`` (epoch seconds); the number deleted. Links are removed, never followed;
+        a folder someone dropped is left alone."""
+        removed = 0
+        with os.scandir(self.rejected) as entries:
+            for entry in entries:
+                if removed >= limit:
+                    break
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode) or st.st_mtime >= older_than:
+                        continue
+                    os.unlink(entry.path)
+                except OSError:
+                    continue
+                removed += 1
+        return removed
+
     def submit(self, data: dict[str, Any], *, stem: str | None = None) -> tuple[Path, str]:
         """Publish a job: write ``tmp/<name>.json``, rename it into ``incoming/``.
 

@@ -221,3 +221,21 @@ def test_a_daemon_that_cannot_switch_users_judges_the_submitters_rights(tmp_path
     assert scan.scan_job(job, limits, sf, "me")["problem"] is None
     problem = scan.scan_job({**job, "judge_for": who}, limits, sf, "me")["problem"]
     assert problem is not None and "nobody" in problem
+
+
+def test_rejected_entries_are_pruned_after_the_retention(h: Harness) -> None:
+    """Entries of rejected/ older than ``rejected_keep_days`` are deleted, newer ones kept; a
+    link there is removed without touching its target."""
+    rejected = h.settings.rejected_dir
+    old, new = rejected / "old", rejected / "new"
+    for p in (old, new, rejected / "old.reason"):
+        p.write_text("x")
+    (rejected / "old-link").symlink_to(h.data / "in.jsonl")
+    long_ago = h.now - h.settings.rejected_keep_days * 86400 - 10
+    for p in (old, rejected / "old.reason", rejected / "old-link"):
+        os.utime(p, (long_ago, long_ago), follow_symlinks=False)
+    os.utime(new, (h.now, h.now))
+    _intake(h)
+    assert sorted(p.name for p in rejected.iterdir()) == ["new"]
+    assert (h.data / "in.jsonl").exists()
+    assert h.daemon.log.events("rejected_pruned")[0]["count"] == 3
