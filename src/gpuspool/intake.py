@@ -134,15 +134,6 @@ class Intake:
         """Nothing to do before ``now``: no scan running, nothing due in the spool."""
         return not self._batches and not self._lost_todo and not self._due(now)
 
-    def drain(self, now: float, report: Report, *, timeout: float = 60.0) -> None:
-        """Run intake until nothing is left to do at ``now`` (one-shot use and tests)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self.run(now, report)
-            if self.idle(now) or time.monotonic() > deadline:
-                return
-            time.sleep(0.01)
-
     def close(self) -> None:
         """Kill the scanners still running (their files stay in the spool)."""
         for batch in self._batches:
