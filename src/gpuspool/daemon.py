@@ -89,7 +89,7 @@ class Daemon:
         self.runner = runner
         self.environ = environ
         self.daemon_euid = daemon_euid
-        self._identity_for = identity_for
+        self.identity_for = identity_for
         self.log = logs.get()
         self.intake_stage = Intake(self)
         self._history: dict[str, deque[float | None]] = {}
@@ -172,15 +172,6 @@ class Daemon:
         return self.ledger.counts().get(JobState.RUNNING.value, 0)
 
     # -- intake ------------------------------------------------------------------------------------
-
-    @property
-    def identity_for(self) -> Callable[[int], Any] | None:
-        """Who a job file's owner's job runs as (None: as the daemon, no switch)."""
-        return self._identity_for
-
-    @identity_for.setter
-    def identity_for(self, value: Callable[[int], Any] | None) -> None:
-        self._identity_for = value
 
     def intake(self, now: float, report: TickReport) -> None:
         """The intake stage (``intake.py``): never waits on a scan, bounded per tick."""
