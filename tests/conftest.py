@@ -171,9 +171,31 @@ class Harness:
             self.tick()
         return job
 
-    def tick(self, dt: float = 1.0) -> Any:
+    def tick(self, dt: float = 1.0, *, settle_intake: bool = True) -> Any:
+        """One tick at fake time; by default intake is first run to completion (its scans are
+        waited for here, in the test, so a submitted job is decided in this tick's report)."""
         self.now += dt
-        return self.daemon.tick(self.now)
+        if not settle_intake:
+            return self.daemon.tick(self.now)
+        early = self.settle_intake()
+        report = self.daemon.tick(self.now)
+        report.accepted[:0] = early.accepted
+        report.rejected[:0] = early.rejected
+        return report
+
+    def settle_intake(self, timeout: float = 60.0) -> Any:
+        """Run the daemon's intake at the current fake time until it has nothing left to do."""
+        from gpuspool.daemon import TickReport
+
+        report = TickReport()
+        deadline = time.monotonic() + timeout
+        while True:
+            self.daemon.intake(self.now, report)
+            if self.daemon.intake_stage.idle(self.now):
+                return report
+            if time.monotonic() > deadline:
+                raise AssertionError("intake did not settle")
+            time.sleep(0.01)
 
     def state(self, job_id: str) -> str:
         rec = self.daemon.ledger.get(job_id)

@@ -60,6 +60,19 @@ class Settings(BaseSettings):
         7.0, gt=0, description="Days a refused entry and its .reason stay in rejected/"
     )
     progress_log_interval_s: float = Field(30.0, ge=0, description="Min gap of job_progress logs")
+    intake_max_files: int = Field(200, ge=1, description="Job files intake takes per tick")
+    intake_max_ms: float = Field(250.0, gt=0, description="Time intake may spend per tick (ms)")
+    intake_retry_s: float = Field(30.0, ge=0, description="Retry delay after a daemon-side error")
+    requeue_check_s: float = Field(
+        300.0, gt=0, description="How often accepted/ is checked for jobs the ledger lacks"
+    )
+    scan_concurrency: int = Field(4, ge=1, le=64, description="Scanner processes at once")
+    scan_batch: int = Field(16, ge=1, le=256, description="Jobs of one user per scanner")
+    scan_timeout_s: float = Field(60.0, gt=0, le=3600, description="Wall-clock limit of a scan")
+    scan_max_lines: int = Field(200_000, ge=1, description="Input lines a scan reads at most")
+    scan_max_bytes: int = Field(256 << 20, ge=1, description="Input bytes a scan reads at most")
+    scan_max_line_bytes: int = Field(1 << 20, ge=64, description="Longer input lines are bad")
+    scan_memory_mib: int = Field(1024, ge=256, description="Address-space limit of a scanner")
     worker_command: list[str] = Field(
         default_factory=lambda: [sys.executable, "-m", "gpuspool.extract"],
         description="argv prefix of the extraction worker",

@@ -16,12 +16,12 @@ from typing import Any
 
 from gpuspool import logs
 from gpuspool.config import Settings
-from gpuspool.estimate import job_need_gib, job_threshold_gib
 from gpuspool.exitcodes import ExitCode
 from gpuspool.gpus import GpuProbe, ProbeResult
+from gpuspool.intake import Intake
 from gpuspool.ledger import JobRecord, LedgerError, Waiting
 from gpuspool.ledger_api import LedgerBackend
-from gpuspool.models import RUNNABLE_STATES, JobSpec, JobState
+from gpuspool.models import RUNNABLE_STATES, JobState
 from gpuspool.observe import GpuObserver
 from gpuspool.outcome import ExitFacts, Outcome, StopReason, decide, exit_code
 from gpuspool.placement import Candidate, GpuView, place
@@ -35,7 +35,7 @@ from gpuspool.protocol import (
     partial_path,
 )
 from gpuspool.runner import JOB_ID_ENV, Exit, Launch, Runner
-from gpuspool.spool import RawJob, Refusal, Spool, display_name, validate_spec
+from gpuspool.spool import Spool
 
 #: Longest stretch of a job's events file read in one tick; a flooding worker is skipped ahead.
 MAX_EVENTS_READ = 1 << 20
@@ -109,6 +109,7 @@ class Daemon:
         self.daemon_euid = daemon_euid
         self.identity_for = identity_for
         self.log = logs.get()
+        self.intake_stage = Intake(self)
         #: What the GPUs showed at the last polls, and the running jobs' reservations.
         self.observer = GpuObserver(settings.stable_polls)
         self._reasons: dict[str, str] = {}
@@ -129,6 +130,7 @@ class Daemon:
         last events (read from the end of the events file, parsed as untrusted input)."""
         self._now = now
         self.spool.ensure_dirs()
+        self.intake_stage.requeue_lost_now()
         self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
         self.settings.events_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         running = self.ledger.jobs([JobState.RUNNING])
@@ -168,8 +170,10 @@ class Daemon:
         return report
 
     def stop_all(self, now: float, *, hard: bool = False) -> None:
-        """Stop every running job (SIGTERM, or SIGKILL when ``hard``); they resume later."""
+        """Stop every running job (SIGTERM, or SIGKILL when ``hard``); they resume later.
+        Running scans are killed: their files stay in ``incoming/`` for the next start."""
         self.stopping = True
+        self.intake_stage.close()
         for job in self.ledger.jobs([JobState.RUNNING]):
             if job.pid is None:
                 continue
@@ -187,103 +191,13 @@ class Daemon:
     # -- intake ------------------------------------------------------------------------------------
 
     def intake(self, now: float, report: TickReport) -> None:
-        for name in self.spool.pending():
-            try:
-                self._intake_one(name, now, report)
-            except Exception as exc:  # a bad file must never stop the daemon
-                self._reject(name, f"internal error while reading: {exc!r}", now, report)
-
-    def _intake_one(self, name: bytes, now: float, report: TickReport) -> None:
-        raw = self.spool.read(name)
-        if isinstance(raw, Refusal):
-            self._reject(name, raw.reason, now, report)
-            return
-        if self.ledger.get(raw.job_id) is not None:
-            # Taken into the ledger just before a crash: finish moving its file, check nothing
-            # again (its output is now "claimed" by itself).
-            self.spool.accept(raw)
-            return
-        try:
-            spec = validate_spec(raw.data)
-            reason = self._check_job(spec, raw)
-        except ValueError as exc:
-            self._reject(name, str(exc), now, report)
-            return
-        if reason is not None:
-            self._reject(name, reason, now, report)
-            return
-        need = self._need_gib(spec)
-        threshold = self._threshold_gib(spec, need)
-        added = self.ledger.add(
-            job_id=raw.job_id,
-            spec=spec,
-            submitter_uid=raw.submitter_uid,
-            need_gib=need,
-            threshold_gib=threshold,
-            spool_file=None,
-            now=now,
-        )
-        dest = self.spool.accept(raw)
-        if added:
-            self.ledger.update(raw.job_id, now=now, reason="queued")
-            report.accepted.append(raw.job_id)
-            self.log.info(
-                "job_accepted",
-                job_id=raw.job_id,
-                name=spec.name,
-                file=display_name(raw.name),
-                submitter_uid=raw.submitter_uid,
-                need_gib=need,
-                threshold_gib=threshold,
-                accepted_as=str(dest),
-            )
-
-    def _reject(self, name: bytes, reason: str, now: float, report: TickReport) -> None:
-        try:
-            where = self.spool.reject(name, reason, now=now)
-        except OSError as exc:
-            where = None
-            reason = f"{reason} (and could not be moved: {exc})"
-        report.rejected.append(display_name(name))
-        self.log.warning(
-            "job_rejected", file=display_name(name), reason=reason, reason_file=str(where)
-        )
-
-    def _check_job(self, spec: JobSpec, raw: RawJob) -> str | None:
-        """Checks beyond the schema: paths as the submitter sees them; None if all is well."""
-        if self.identity_for is not None:
-            from gpuspool import privileges
-
-            try:
-                runs_as = self.identity_for(raw.submitter_uid)
-                submitter = privileges.identity_for_uid(raw.submitter_uid)
-            except Exception as exc:
-                return str(exc)
-            problem = privileges.check_job_paths(submitter, runs_as, spec.input, spec.output)
-            if problem is not None:
-                return problem
-        else:
-            if not spec.input.is_file():
-                return f"input: {spec.input} does not exist or is not a file"
-            if spec.output.exists():
-                return f"output: {spec.output} already exists"
-            if not spec.output.parent.is_dir():
-                return f"output: folder {spec.output.parent} does not exist"
-        if spec.tokenizer.startswith("/") and not Path(spec.tokenizer).exists():
-            return f"tokenizer: {spec.tokenizer} does not exist"
-        other = self.ledger.output_claimed(str(spec.output))
-        if other is not None:
-            return f"output: {spec.output} is already the output of job {other}"
-        return None
-
-    def _need_gib(self, spec: JobSpec) -> float:
-        need = job_need_gib(spec, self.settings.default_batch_seconds)
-        if need.partial is not None:
-            self.log.warning("need_estimate_partial", input=str(spec.input), error=need.partial)
-        return need.gib
-
-    def _threshold_gib(self, spec: JobSpec, need: float) -> float:
-        return job_threshold_gib(spec, self.settings.min_free_gib, need)
+        """The intake stage (``intake.py``): never waits on a scan, bounded per tick."""
+        totals = [g.total_gib for g in self.observer.gpus]
+        if totals:
+            largest = max(totals)
+            known = self.intake_stage.largest_gpu_gib
+            self.intake_stage.largest_gpu_gib = largest if known is None else max(known, largest)
+        self.intake_stage.run(now, report)
 
     # -- running jobs ------------------------------------------------------------------------------
 

@@ -1,9 +1,11 @@
 """GPU memory need of an extraction job, from the numbers measured on the released architecture.
 
-Pure arithmetic, no torch: the daemon uses it at intake (for ``min_free_gib = "auto"``) and the
-worker uses it to report its bound. Activation memory of the encoder grows linearly with the padded
-audio in a batch (batch size × longest clip); the worker cuts batches at a padded-seconds budget,
-so the largest batch holds ``max(budget, longest clip)`` padded seconds.
+Pure arithmetic, no torch: the daemon uses :func:`need_gib` at intake with the longest clip the
+scanner (running as the submitter) found, the worker uses it to report its bound, and the CLI's
+:func:`job_need_gib` reads the headers itself (as the user running it; never the daemon).
+Activation memory of the encoder grows linearly with the padded audio in a batch (batch size ×
+longest clip); the worker cuts batches at a padded-seconds budget, so the largest batch holds
+``max(budget, longest clip)`` padded seconds.
 """
 
 from __future__ import annotations

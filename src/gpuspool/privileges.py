@@ -7,10 +7,11 @@ file owned by root runs as ``fallback_user`` when one is configured and is rejec
 When the daemon is not root it cannot switch users, so every job runs as the daemon's user (see
 ``docs/deploy.md`` for what that means for permissions).
 
-Because a job names its input and output paths, the daemon must not become a confused deputy:
-before accepting a job, :func:`check_input_readable` and :func:`check_output_writable` ask
-whether the submitter could read the input and create the output themselves. How the question is
-answered (``method``):
+Because a job names its input and output paths, the daemon must not become a confused deputy.
+At intake, the scanner (``scan.py``) answers that by running as the job's user; the checks
+below ask the same question for other callers (``doctor``, ``demo``) and, with ``modebits``, for
+the scanner of a daemon that is not root and so cannot become the submitter. How the question
+is answered (``method``):
 
 ``self``
     The identity is the daemon's own: ``os.stat``/``os.access`` in this process.

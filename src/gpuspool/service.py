@@ -45,8 +45,6 @@ from gpuspool.views import SnapshotPublisher
 
 #: The lock file in ``state_dir`` held (``flock``) by the one daemon running on it.
 LOCK_NAME = "daemon.lock"
-#: How often (seconds) ``rejected/`` is pruned of entries older than ``rejected_keep_days``.
-PRUNE_REJECTED_EVERY_S = 600.0
 #: Settings a running daemon cannot change: the lock, the ledger and the log set-up depend on them.
 RESTART_SETTINGS = ("state_dir", "log_format", "log_level")
 
@@ -195,7 +193,6 @@ class Service:
         self._lock_fd: int | None = None
         self._published = 0.0
         self.publisher = SnapshotPublisher(settings.status_snapshot_path)
-        self._pruned_rejected = float("-inf")
 
     # -- build ----------------------------------------------------------------------------------
 
@@ -276,7 +273,6 @@ class Service:
                 except Exception:
                     self.log.exception("metrics_observe_failed")
             self._publish(daemon, now)
-            self._prune_rejected(daemon, now)
 
     def _publish(self, daemon: Daemon, now: float) -> None:
         """At most once a second: systemd's ``STATUS=`` line (sent by the main thread) and the
@@ -298,20 +294,6 @@ class Service:
             )
         except Exception:
             self.log.exception("status_snapshot_failed")
-
-    def _prune_rejected(self, daemon: Daemon, now: float) -> None:
-        """Every ``PRUNE_REJECTED_EVERY_S``, drop rejected entries older than the retention."""
-        if now - self._pruned_rejected < PRUNE_REJECTED_EVERY_S:
-            return
-        self._pruned_rejected = now
-        keep_s = daemon.settings.rejected_keep_days * 86400.0
-        try:
-            removed = daemon.spool.prune_rejected(now - keep_s)
-        except OSError as exc:
-            self.log.warning("rejected_prune_failed", error=str(exc))
-            return
-        if removed:
-            self.log.info("rejected_pruned", removed=removed, older_than_days=keep_s / 86400.0)
 
     def serve(self) -> None:
         """Run the ticks and answer signals until SIGTERM/SIGINT."""

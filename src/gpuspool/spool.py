@@ -8,8 +8,11 @@ Layout (under ``spool_dir``)::
     rejected/   refused entries, each with <name>.reason beside it
 
 Entries of ``incoming/`` are opened without following links and without blocking, and must be
-regular files with one link and at most ``max_bytes``; anything else is moved (never followed or
-read) to ``rejected/``. Names starting with ``.`` are ignored: writers may use them while writing.
+regular files with one link, at most ``max_bytes`` and not group- or world-writable (as cron
+refuses a crontab others could edit: the file's owner is who the job runs as); anything else is
+moved (never followed or read) to ``rejected/``. Names starting with ``.`` are ignored: writers
+may use them while writing. This is the only thing a submitter controls that the daemon reads
+itself; the files a job names are read by the intake scanner as the submitter (``scan.py``).
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ import tomllib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from gpuspool.models import JobSpec
 
 SUFFIXES = (b".toml", b".json")
+#: Folders a job file is read from: new submissions, and accepted ones requeued after their
+#: ledger row was lost (the spool is the source of truth).
+Folder = Literal["incoming", "accepted"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +116,7 @@ class Spool:
         self.staging = root / "tmp"
         self.accepted = root / "accepted"
         self.rejected = root / "rejected"
+        self._incoming_b = bytes(self.incoming)
 
     def ensure_dirs(self) -> None:
         """Create missing folders (the installer sets their owners and modes)."""
@@ -124,12 +131,39 @@ class Spool:
             return []
         return sorted(n for n in names if not n.startswith(b"."))
 
-    def read(self, name: bytes) -> RawJob | Refusal:
-        """Open ``incoming/<name>`` safely and parse it, or say why it is refused."""
+    def folder(self, which: Folder) -> Path:
+        return self.incoming if which == "incoming" else self.accepted
+
+    def accepted_names(self) -> list[bytes]:
+        """Names in ``accepted/`` (``<job id>.<ext>``)."""
+        try:
+            names = os.listdir(bytes(self.accepted))
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if not n.startswith(b"."))
+
+    def owner(self, name: bytes, folder: Folder = "incoming") -> int | None:
+        """The uid owning an entry (not following links), or None if it is gone."""
+        where = self._incoming_b if folder == "incoming" else bytes(self.accepted)
+        try:
+            return os.lstat(where + b"/" + name).st_uid
+        except OSError:
+            return None
+
+    def read(self, name: bytes, folder: Folder = "incoming") -> RawJob | Refusal:
+        """Open ``<folder>/<name>`` safely and parse it, or say why it is refused.
+
+        A file read from ``accepted/`` keeps the job id it was accepted under (its stem).
+        """
         suffix = os.path.splitext(name)[1].lower()
         if suffix not in SUFFIXES:
             return Refusal(name, "job files must end in .toml or .json")
-        dir_fd = os.open(self.incoming, os.O_RDONLY | os.O_DIRECTORY)
+        kept_id = None
+        if folder == "accepted":
+            kept_id = os.path.splitext(name)[0].decode("ascii", "replace")
+            if len(kept_id) != 12 or set(kept_id) - set("0123456789abcdef"):
+                return Refusal(name, "not named <job id>.<ext> as accepted files are")
+        dir_fd = os.open(self.folder(folder), os.O_RDONLY | os.O_DIRECTORY)
         try:
             flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
             try:
@@ -145,11 +179,14 @@ class Spool:
                     return Refusal(name, f"not a regular file ({_kind(mode)})")
                 return Refusal(name, f"cannot open: {exc.strerror}")
             try:
-                return self._read_fd(name, fd, suffix.decode())
+                got = self._read_fd(name, fd, suffix.decode())
             finally:
                 os.close(fd)
         finally:
             os.close(dir_fd)
+        if kept_id is not None and isinstance(got, RawJob):
+            return RawJob(got.name, kept_id, got.data, got.submitter_uid, got.suffix)
+        return got
 
     def _read_fd(self, name: bytes, fd: int, suffix: str) -> RawJob | Refusal:
         before = os.fstat(fd)
@@ -159,6 +196,13 @@ class Spool:
             return Refusal(name, f"has {before.st_nlink} hard links (must have exactly one)")
         if before.st_size > self.max_bytes:
             return Refusal(name, f"too large: {before.st_size} bytes > {self.max_bytes}")
+        if before.st_mode & 0o022:
+            return Refusal(
+                name,
+                f"is group- or world-writable (mode {stat.S_IMODE(before.st_mode):04o}): someone"
+                " other than its owner could have written it; make it writable by its owner only"
+                " (chmod go-w)",
+            )
         chunks = []
         remaining = self.max_bytes + 1
         while remaining > 0:
@@ -187,15 +231,19 @@ class Spool:
         os.rename(os.path.join(bytes(self.incoming), raw.name), bytes(dest))
         return dest
 
-    def reject(self, name: bytes, reason: str, *, now: float | None = None) -> Path:
+    def reject(
+        self, name: bytes, reason: str, *, now: float | None = None, folder: Folder = "incoming"
+    ) -> Path:
         """Move an entry (whatever it is; links are not followed) to ``rejected/`` with a reason.
 
         When the entry is a job file that could be read, the reason file is named
         ``<time>-<job id>-<random>.reason`` and says ``job: <id>``: the id ``submit`` printed,
-        so ``gpuspool show ID`` still finds a job the daemon refused.
+        so ``gpuspool show ID`` still finds a job the daemon refused. OSError when the reason
+        cannot be written or the entry not moved (a daemon-side problem: the caller retries
+        later).
         """
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now if now is not None else time.time()))
-        job_id = self._entry_job_id(name)
+        job_id = self._entry_job_id(name, folder)
         base = (
             f"{stamp}-{job_id}-{uuid.uuid4().hex[:8]}"
             if job_id
@@ -208,15 +256,19 @@ class Spool:
             reason_path,
             f"file: {display_name(name)}\nreason: {reason}\n{job_line}".encode(),
         )
-        source = os.path.join(bytes(self.incoming), name)
+        source = os.path.join(bytes(self.folder(folder)), name)
         with contextlib.suppress(FileNotFoundError):  # gone meanwhile: the reason still tells
             _give_reason(reason_path, os.lstat(source).st_uid)
             os.rename(source, bytes(dest))
         return reason_path
 
-    def _entry_job_id(self, name: bytes) -> str | None:
-        """The job id of ``incoming/<name>`` if it is a readable job file (as :meth:`read` would
-        compute it), else None. Opened as :meth:`read` opens it: no links, no blocking."""
+    def _entry_job_id(self, name: bytes, folder: Folder = "incoming") -> str | None:
+        """The job id of ``<folder>/<name>`` if it is a readable job file (as :meth:`read` would
+        compute it; an accepted file's is its stem), else None. Opened as :meth:`read` opens
+        it: no links, no blocking."""
+        if folder == "accepted":
+            stem = os.path.splitext(name)[0].decode("ascii", "replace")
+            return stem if re.fullmatch(r"[0-9a-f]{12}", stem) else None
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
         try:
             dir_fd = os.open(self.incoming, os.O_RDONLY | os.O_DIRECTORY)
@@ -311,16 +363,18 @@ class Spool:
         _fsync_dir(self.incoming)
         return dest, job_id_for(name.encode(), st, content)
 
-    def prune_rejected(self, older_than: float) -> int:
-        """Remove entries of ``rejected/`` (and their ``.reason``) last changed before
-        ``older_than``; returns how many went. Never follows a link; a folder someone managed to
-        drop is left alone."""
+    def prune_rejected(self, older_than: float, *, limit: int = 1000) -> int:
+        """Remove up to ``limit`` entries of ``rejected/`` (and their ``.reason``) last changed
+        before ``older_than``; returns how many went. Never follows a link; a folder someone
+        managed to drop is left alone."""
         removed = 0
         try:
             entries = list(os.scandir(self.rejected))
         except FileNotFoundError:
             return 0
         for entry in entries:
+            if removed >= limit:
+                break
             try:
                 st = entry.stat(follow_symlinks=False)
                 if stat.S_ISDIR(st.st_mode) or st.st_mtime >= older_than:

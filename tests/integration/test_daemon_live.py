@@ -56,7 +56,8 @@ def test_kill9_daemon_adopts_surviving_worker(
     """A worker that outlives a killed daemon is adopted on restart, never started twice."""
     job = live.start_job(audio_input, tokenizer_dir)
     wait_state(live, job, {"running"})
-    worker = live.job(job).pid
+    # "running" is written just before the worker starts, its pid just after: wait for both.
+    worker = wait_until(lambda: live.job(job).pid, timeout=30)
     live.kill9()
     live.start()
     assert wait_state(live, job, {"done", "failed"}) == "done"

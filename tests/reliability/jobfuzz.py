@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,7 +303,12 @@ class IntakeFuzzer:
         os.rename(tmp, self.spool.incoming / name)
         tick = TickReport()
         self.now += 1.0
-        self.daemon.intake(self.now, tick)
+        deadline = time.monotonic() + 60.0
+        while True:  # intake never waits on a scan: run it until this file is decided
+            self.daemon.intake(self.now, tick)
+            if self.daemon.intake_stage.idle(self.now) or time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
         problem = None
         if self.spool.pending():
             problem = "left in incoming/"

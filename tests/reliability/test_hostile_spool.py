@@ -23,9 +23,9 @@ ROOT = os.geteuid() == 0
 
 
 def _intake(h: Harness) -> TickReport:
-    report = TickReport()
+    """Intake at the next second until every entry is decided (scans waited for)."""
     h.now += 1
-    h.daemon.intake(h.now, report)
+    report: TickReport = h.settle_intake(timeout=300.0)
     return report
 
 

@@ -1,9 +1,9 @@
 """Input lines and audio headers, without torch.
 
-The daemon calls :func:`scan_input` at intake to size a job ("auto" memory need) and the worker
-uses the same parsing, so both agree on which lines are bad and why. Durations come from audio
-headers only (no decoding), so a scan of thousands of files takes well under a second per
-thousand on a local disk.
+The worker and the CLI use :func:`scan_input` to size a job; the daemon's intake scanner
+(``gpuspool.scan``, running as the submitter) reads the same headers with its own bounds.
+Durations come from audio headers only (no decoding), so a scan of thousands of files takes
+well under a second per thousand on a local disk.
 """
 
 from __future__ import annotations
