@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import STUB_WORKER, gpu_entry
+from tests.integration.conftest import TEST_USER, LiveDaemon
+from tests.reliability.submitters import (
+    SECOND_USER,
+    SYSTEM_PYTHON,
+    Submitter,
+    _ensure_user,
+    _lay_out,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -92,3 +103,50 @@ def open_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# -- real submitters (the attack tests) ----------------------------------------------------------
+
+
+@pytest.fixture
+def world() -> Iterator[Path]:
+    """A folder every user can enter (pytest's own tmp is private to root)."""
+    top = Path(tempfile.mkdtemp(prefix="gpuspool-ops-", dir="/tmp"))
+    top.chmod(0o755)
+    yield top
+    shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture
+def live(world: Path) -> Iterator[LiveDaemon]:
+    """The real daemon on the documented folder modes; jobs run a stand-in worker (system
+    Python) as their submitters."""
+    stub = world / "stub_worker.py"
+    shutil.copy(STUB_WORKER, stub)
+    stub.chmod(0o755)
+    d = LiveDaemon(world, worker_command=[SYSTEM_PYTHON, str(stub)], worker_extra_args=[])
+    _lay_out(d)
+    d.set_gpus(gpu_entry(0, 50))
+    yield d
+    if d.proc is not None and d.proc.poll() is None:
+        d.proc.kill()
+        d.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def users() -> tuple[pwd.struct_passwd, pwd.struct_passwd]:
+    return _ensure_user(TEST_USER), _ensure_user(SECOND_USER)
+
+
+@pytest.fixture
+def alice(users: tuple[pwd.struct_passwd, pwd.struct_passwd], world: Path) -> Submitter:
+    s = Submitter(users[0], world)
+    probe = s.run(Path("/"), "import gpuspool.cli", cli=False)
+    if probe.returncode != 0:  # pragma: no cover - depends on where the venv lives
+        pytest.skip(f"the system Python cannot import gpuspool as {s.name}: {probe.stderr}")
+    return s
+
+
+@pytest.fixture
+def bob(users: tuple[pwd.struct_passwd, pwd.struct_passwd], world: Path) -> Submitter:
+    return Submitter(users[1], world)
