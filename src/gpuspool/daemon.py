@@ -18,12 +18,14 @@ from gpuspool import logs
 from gpuspool.config import Settings
 from gpuspool.estimate import job_need_gib, job_threshold_gib
 from gpuspool.exitcodes import ExitClass, ExitCode, classify
+from gpuspool.fairshare import UserLimits, UserState, usage_by_user, usage_horizon
 from gpuspool.gpus import GpuProbe, ProbeResult
 from gpuspool.ledger import JobRecord, LedgerError, Waiting
 from gpuspool.ledger_api import LedgerBackend
 from gpuspool.models import RUNNABLE_STATES, JobSpec, JobState
 from gpuspool.observe import GpuObserver
 from gpuspool.placement import Candidate, GpuView, place
+from gpuspool.privileges import job_priority
 from gpuspool.runner import (
     JOB_ID_ENV,
     Exit,
@@ -94,6 +96,9 @@ class Daemon:
         self._running: dict[str, _Running] = {}
         self._now = 0.0  # the time of the tick in progress, for events written to job logs
         self._waiting_cache: tuple[tuple[int, int], list[Waiting], list[Candidate]] | None = None
+        self._usage_cache: tuple[tuple[int, int], list[tuple[int, float, float | None]]] | None = (
+            None
+        )
         self._reasons_stale = False
         self.stopping = False
         self.last_tick_done: float | None = None
@@ -190,6 +195,7 @@ class Daemon:
             return
         need = self._need_gib(spec)
         threshold = self._threshold_gib(spec, need)
+        spec, priority_note = job_priority(spec, raw.submitter_uid, self.settings)
         added = self.ledger.add(
             job_id=raw.job_id,
             spec=spec,
@@ -198,6 +204,7 @@ class Daemon:
             threshold_gib=threshold,
             spool_file=None,
             now=now,
+            note=priority_note,
         )
         dest = self.spool.accept(raw)
         if added:
@@ -482,12 +489,35 @@ class Daemon:
         if self._waiting_cache is None or self._waiting_cache[0] != version:
             rows = self.ledger.waiting()
             candidates = [
-                Candidate(w.id, w.threshold_gib, w.priority, w.seq, w.gpus)
+                Candidate(w.id, w.threshold_gib, w.priority, w.seq, w.gpus, w.submitter_uid)
                 for w in rows
                 if w.state != JobState.HELD
             ]
             self._waiting_cache = (version, rows, candidates)
         return self._waiting_cache[1], self._waiting_cache[2]
+
+    def _user_states(self, now: float) -> dict[int, UserState]:
+        """Each submitter's decayed usage, running jobs and GPUs in use, for placement.
+
+        The runs are read from the ledger only when a job's state changed; the decay is
+        recomputed each tick from them (cheap: one term per run of the last ten half-lives).
+        """
+        users: dict[int, UserState] = {}
+        for job in self.ledger.jobs([JobState.RUNNING]):
+            user = users.setdefault(job.submitter_uid, UserState())
+            user.running += 1
+            if job.gpu_uuid is not None:
+                user.gpus.add(job.gpu_uuid)
+        half_life = self.settings.fair_share_half_life_s
+        if half_life <= 0:
+            return users
+        version = self.ledger.jobs_version
+        if self._usage_cache is None or self._usage_cache[0] != version:
+            runs = self.ledger.usage_runs(usage_horizon(now, half_life))
+            self._usage_cache = (version, runs)
+        for uid, used in usage_by_user(self._usage_cache[1], now, half_life).items():
+            users.setdefault(uid, UserState()).usage = used
+        return users
 
     def _place_and_launch(self, now: float, report: TickReport) -> None:
         rows, all_candidates = self._waiting()
@@ -510,7 +540,14 @@ class Daemon:
             if backing_off
             else all_candidates
         )
-        decision = place(candidates, self.gpu_views(), stable_polls=self.settings.stable_polls)
+        decision = place(
+            candidates,
+            self.gpu_views(),
+            stable_polls=self.settings.stable_polls,
+            users=self._user_states(now) if candidates else {},
+            limits=UserLimits(self.settings.max_running_per_user, self.settings.max_gpus_per_user),
+            fair=self.settings.fair_share_half_life_s > 0,
+        )
         reasons.update(decision.reasons)
         for start in decision.starts:
             job = self.ledger.get(start.job_id)

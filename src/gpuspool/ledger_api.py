@@ -53,6 +53,10 @@ class LedgerBackend(Protocol):
 
     def submitters(self) -> dict[int, tuple[float, int]]: ...
 
+    def usage_runs(self, since: float) -> list[tuple[int, float, float | None]]:
+        """``(submitter_uid, started, ended or None while running)`` per run (fair share)."""
+        ...
+
     def output_claimed(self, output: str) -> str | None: ...
 
     def counts(self) -> dict[str, int]: ...
@@ -88,6 +92,7 @@ class LedgerBackend(Protocol):
         threshold_gib: float,
         spool_file: str | None,
         now: float,
+        note: str | None = None,
     ) -> bool: ...
 
     def transition(
