@@ -100,3 +100,52 @@ def test_root_named_in_priority_users_keeps_its_priority(tmp_path: Path) -> None
     job = h.submit("a0", priority=5)
     h.tick()
     assert h.job(job).priority == 5
+
+
+def test_metrics_and_status_show_each_submitter(tmp_path: Path) -> None:
+    """Per-user running and waiting counts in the metrics (off with metrics_user_labels =
+    false), and each submitter's share and running count in the root status data."""
+    from prometheus_client import generate_latest
+
+    from gpuspool.metrics import DaemonMetrics
+    from gpuspool.views import status_data
+
+    h = Harness(tmp_path, max_running_per_user=1)
+    h.env["STUB_MODE"] = "sleep"
+    h.set_gpus([gpu_entry(0, 80)])
+    submit_as(h, ALICE, "a0")
+    submit_as(h, ALICE, "a1")
+    submit_as(h, BOB, "b0")
+    try:
+        for _ in range(12):
+            h.tick()
+        assert running(h) == ["a0", "b0"]
+        m = DaemonMetrics()
+        m.observe(h.daemon)
+        value = m.registry.get_sample_value
+        assert value("gpuspool_user_jobs", {"user": str(ALICE), "state": "running"}) == 1
+        assert value("gpuspool_user_jobs", {"user": str(ALICE), "state": "waiting"}) == 1
+        assert value("gpuspool_user_jobs", {"user": str(BOB), "state": "waiting"}) == 0
+        h.tick(100.0)
+        data = status_data(h.daemon.ledger, h.now, fair_share_half_life_s=86400.0)
+        subs = {row["uid"]: row for row in data["submitters"]}
+        assert subs[ALICE]["running"] == 1 and subs[ALICE]["waiting"] == 1
+        assert subs[BOB]["running"] == 1 and subs[BOB]["waiting"] == 0
+        assert subs[ALICE]["usage_gpu_s"] > 100 and subs[BOB]["usage_gpu_s"] > 100
+        assert subs[ALICE]["share"] + subs[BOB]["share"] == pytest.approx(1.0, abs=1e-3)
+        own = status_data(h.daemon.ledger, h.now, submitter_uid=ALICE, fair_share_half_life_s=1)
+        assert "submitters" not in own  # a submitter's own view names no one else
+        assert b"gpuspool_user_jobs{" in generate_latest(m.registry)
+        (tmp_path / "off").mkdir()
+        off = Harness(tmp_path / "off", metrics_user_labels=False)
+        submit_as(off, ALICE, "x0")
+        off.tick()
+        m_off = DaemonMetrics()
+        m_off.observe(off.daemon)
+        assert b"gpuspool_user_jobs" not in generate_latest(m_off.registry)
+    finally:
+        h.daemon.stop_all(h.now, hard=True)
+        for _ in range(40):
+            h.tick(0.1)
+            if not running(h):
+                break
