@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from gpuspool.fairshare import UserState, usage_by_user, usage_horizon
+from gpuspool.fairshare import Run, UserState, usage_by_user, usage_horizon
 from gpuspool.models import GpuSnapshot
 from gpuspool.placement import Candidate, GpuView, place
 
@@ -78,7 +78,7 @@ def simulate(jobs: list[SimJob], n_gpus: int, half_life_s: float) -> dict[str, f
     waiting: dict[str, Candidate] = {}
     running: dict[str, tuple[int, float, str]] = {}  # job -> (uid, start, gpu)
     ends: list[tuple[float, str]] = []
-    runs: list[tuple[int, float, float | None]] = []
+    runs: list[Run] = []
     waits: dict[str, float] = {}
     seq = 0
     now = 0.0
@@ -86,17 +86,16 @@ def simulate(jobs: list[SimJob], n_gpus: int, half_life_s: float) -> dict[str, f
         while ends and ends[0][0] <= now:
             _, jid = heapq.heappop(ends)
             uid, start, _ = running.pop(jid)
-            runs.append((uid, start, now))
+            runs.append(Run(jid, uid, start, now))
         while arrivals and arrivals[0].submitted <= now:
             j = arrivals.pop(0)
             seq += 1
             waiting[j.job_id] = Candidate(j.job_id, 10.0, 0, seq, None, uids[j.user])
         if waiting and len(running) < n_gpus:
             horizon = usage_horizon(now, half_life_s) if half_life_s > 0 else now
-            live = [r for r in runs if r[2] is not None and r[2] >= horizon]
-            usage = usage_by_user(
-                [*live, *((u, s, None) for u, s, _ in running.values())], now, half_life_s
-            )
+            recent = [r for r in runs if r.end is not None and r.end >= horizon]
+            live = [Run(jid, u, s, None) for jid, (u, s, _) in running.items()]
+            usage = usage_by_user([*recent, *live], now, half_life_s)
             users = {uid: UserState(usage=use) for uid, use in usage.items()}
             busy = {g for _, _, g in running.values()}
             decision = place(

@@ -18,7 +18,7 @@ from gpuspool import logs
 from gpuspool.config import Settings
 from gpuspool.estimate import job_need_gib, job_threshold_gib
 from gpuspool.exitcodes import ExitClass, ExitCode, classify
-from gpuspool.fairshare import UserLimits, UserState, usage_by_user, usage_horizon
+from gpuspool.fairshare import UsageTracker, UserLimits, UserState
 from gpuspool.gpus import GpuProbe, ProbeResult
 from gpuspool.ledger import JobRecord, LedgerError, Waiting
 from gpuspool.ledger_api import LedgerBackend
@@ -96,9 +96,7 @@ class Daemon:
         self._running: dict[str, _Running] = {}
         self._now = 0.0  # the time of the tick in progress, for events written to job logs
         self._waiting_cache: tuple[tuple[int, int], list[Waiting], list[Candidate]] | None = None
-        self._usage_cache: tuple[tuple[int, int], list[tuple[int, float, float | None]]] | None = (
-            None
-        )
+        self._usage: tuple[tuple[int, int], UsageTracker] | None = None
         self._reasons_stale = False
         self.stopping = False
         self.last_tick_done: float | None = None
@@ -499,8 +497,9 @@ class Daemon:
     def _user_states(self, now: float) -> dict[int, UserState]:
         """Each submitter's decayed usage, running jobs and GPUs in use, for placement.
 
-        The runs are read from the ledger only when a job's state changed; the decay is
-        recomputed each tick from them (cheap: one term per run of the last ten half-lives).
+        The ledger's runs are read only when a job's state changed, and then only those that
+        ended since the last read (``UsageTracker``); the decay itself costs one term per
+        submitter and per running job.
         """
         users: dict[int, UserState] = {}
         for job in self.ledger.jobs([JobState.RUNNING]):
@@ -512,10 +511,13 @@ class Daemon:
         if half_life <= 0:
             return users
         version = self.ledger.jobs_version
-        if self._usage_cache is None or self._usage_cache[0] != version:
-            runs = self.ledger.usage_runs(usage_horizon(now, half_life))
-            self._usage_cache = (version, runs)
-        for uid, used in usage_by_user(self._usage_cache[1], now, half_life).items():
+        if self._usage is None or self._usage[1].half_life_s != half_life:
+            self._usage = ((-1, -1), UsageTracker(half_life, now))
+        if self._usage[0] != version:
+            tracker = self._usage[1]
+            tracker.update(self.ledger.usage_runs(tracker.since()), now)
+            self._usage = (version, tracker)
+        for uid, used in self._usage[1].usage(now).items():
             users.setdefault(uid, UserState()).usage = used
         return users
 

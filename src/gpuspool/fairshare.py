@@ -12,9 +12,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 #: Runs that ended this many half-lives ago weigh under 1/1000 of their length: not loaded.
 HORIZON_HALF_LIVES = 10.0
+#: A tracker reads again the runs that ended this long before the latest it folded in, so a
+#: run whose end is written late (another host's clock, a slow commit) is still counted.
+LATE_RUN_MARGIN_S = 600.0
+
+
+class Run(NamedTuple):
+    """One run of a job on one GPU, as the ledger records it (``end`` None: still running)."""
+
+    job_id: str
+    uid: int
+    start: float
+    end: float | None
 
 
 def run_usage(start: float, end: float, now: float, half_life_s: float) -> float:
@@ -28,20 +41,76 @@ def run_usage(start: float, end: float, now: float, half_life_s: float) -> float
     return (math.exp(-rate * (now - end)) - math.exp(-rate * (now - start))) / rate
 
 
-def usage_by_user(
-    runs: Iterable[tuple[int, float, float | None]], now: float, half_life_s: float
-) -> dict[int, float]:
-    """Each submitter's decayed usage from ``(uid, started_at, ended_at or None if running)``."""
+def usage_by_user(runs: Iterable[Run], now: float, half_life_s: float) -> dict[int, float]:
+    """Each submitter's decayed usage at ``now`` from their runs (running ones up to ``now``)."""
     usage: dict[int, float] = {}
-    for uid, start, end in runs:
-        used = run_usage(start, now if end is None else end, now, half_life_s)
-        usage[uid] = usage.get(uid, 0.0) + used
+    for run in runs:
+        used = run_usage(run.start, now if run.end is None else run.end, now, half_life_s)
+        usage[run.uid] = usage.get(run.uid, 0.0) + used
     return usage
 
 
 def usage_horizon(now: float, half_life_s: float) -> float:
     """The oldest run end worth loading from the ledger."""
     return now - HORIZON_HALF_LIVES * half_life_s
+
+
+class UsageTracker:
+    """Decayed usage per submitter, kept up to date run by run as runs end.
+
+    Decay is a common factor, so the finished runs are one sum per submitter, valid at
+    ``_at`` and scaled to any later time: a tick costs one term per submitter and per running
+    job, however long the history. ``update`` takes the runs that ended since ``since()`` (and
+    the running ones); a run is folded in once, by its (job id, start).
+    """
+
+    def __init__(self, half_life_s: float, now: float) -> None:
+        if half_life_s <= 0:
+            raise ValueError("a usage tracker needs a positive half-life")
+        self.half_life_s = half_life_s
+        self._at = now
+        self._finished: dict[int, float] = {}
+        self._cursor = usage_horizon(now, half_life_s)
+        self._folded: dict[tuple[str, float], float] = {}  # (job, start) -> end, near the cursor
+        self._running: list[Run] = []
+
+    def since(self) -> float:
+        """The earliest run end the next ``update`` needs."""
+        return self._cursor
+
+    def update(self, runs: Iterable[Run], now: float) -> None:
+        """Fold in the runs that ended (each once) and remember the running ones."""
+        running: list[Run] = []
+        scale = self._scale(now)
+        self._finished = {uid: used * scale for uid, used in self._finished.items()}
+        self._at = max(self._at, now)
+        latest = None
+        for run in runs:
+            if run.end is None:
+                running.append(run)
+                continue
+            key = (run.job_id, run.start)
+            if key in self._folded or run.end < self._cursor:
+                continue
+            self._folded[key] = run.end
+            used = run_usage(run.start, run.end, self._at, self.half_life_s)
+            self._finished[run.uid] = self._finished.get(run.uid, 0.0) + used
+            latest = run.end if latest is None else max(latest, run.end)
+        if latest is not None:
+            self._cursor = max(self._cursor, latest - LATE_RUN_MARGIN_S)
+            self._folded = {k: end for k, end in self._folded.items() if end >= self._cursor}
+        self._running = running
+
+    def usage(self, now: float) -> dict[int, float]:
+        """Each submitter's decayed usage at ``now``: finished runs plus running ones so far."""
+        scale = self._scale(now)
+        usage = {uid: used * scale for uid, used in self._finished.items()}
+        for uid, used in usage_by_user(self._running, now, self.half_life_s).items():
+            usage[uid] = usage.get(uid, 0.0) + used
+        return usage
+
+    def _scale(self, now: float) -> float:
+        return math.exp(-math.log(2) * max(0.0, now - self._at) / self.half_life_s)
 
 
 @dataclass(frozen=True, slots=True)

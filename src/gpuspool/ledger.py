@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from gpuspool.fairshare import Run
 from gpuspool.models import RUNNABLE_STATES, TERMINAL_STATES, JobSpec, JobState
 
 SCHEMA_VERSION = 1
@@ -331,26 +332,27 @@ class Ledger:
             for r in rows
         ]
 
-    def usage_runs(self, since: float) -> list[tuple[int, float, float | None]]:
-        """Runs for fair share: ``(submitter_uid, started, ended)`` of every run that ended at
-        or after ``since`` (from the transitions, so a retried job's earlier runs count too),
-        and ``(uid, started_at, None)`` of every running job."""
+    def usage_runs(self, since: float) -> list[Run]:
+        """Runs for fair share: every run that ended at or after ``since`` (from the
+        transitions, so a retried job's earlier runs count too), and every running job (from
+        its ``started_at``, ``end`` None)."""
         running = JobState.RUNNING.value
         ended = self._db.execute(
-            "SELECT j.submitter_uid, (SELECT MAX(s.at) FROM transitions s WHERE"
+            "SELECT e.job_id, j.submitter_uid, (SELECT MAX(s.at) FROM transitions s WHERE"
             " s.job_id = e.job_id AND s.seq < e.seq AND s.to_state = ?), e.at"
             " FROM transitions e JOIN jobs j ON j.id = e.job_id"
             " WHERE e.at >= ? AND e.from_state = ? AND e.to_state != ?",
             (running, since, running, running),
         ).fetchall()
         live = self._db.execute(
-            "SELECT submitter_uid, started_at FROM jobs WHERE state = ? AND started_at IS NOT NULL",
+            "SELECT id, submitter_uid, started_at FROM jobs"
+            " WHERE state = ? AND started_at IS NOT NULL",
             (running,),
         ).fetchall()
-        runs: list[tuple[int, float, float | None]] = [
-            (int(r[0]), float(r[1]), float(r[2])) for r in ended if r[1] is not None
+        runs = [
+            Run(str(r[0]), int(r[1]), float(r[2]), float(r[3])) for r in ended if r[2] is not None
         ]
-        runs.extend((int(r[0]), float(r[1]), None) for r in live)
+        runs.extend(Run(str(r[0]), int(r[1]), float(r[2]), None) for r in live)
         return runs
 
     def status_rows(

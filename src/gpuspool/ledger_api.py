@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from gpuspool.config import ConfigError, Settings
+from gpuspool.fairshare import Run
 from gpuspool.ledger import JobRecord, Ledger, LedgerError, Waiting
 from gpuspool.models import JobSpec, JobState
 
@@ -53,8 +54,8 @@ class LedgerBackend(Protocol):
 
     def submitters(self) -> dict[int, tuple[float, int]]: ...
 
-    def usage_runs(self, since: float) -> list[tuple[int, float, float | None]]:
-        """``(submitter_uid, started, ended or None while running)`` per run (fair share)."""
+    def usage_runs(self, since: float) -> list[Run]:
+        """Every run that ended at or after ``since`` and every running job (fair share)."""
         ...
 
     def output_claimed(self, output: str) -> str | None: ...

@@ -24,6 +24,7 @@ import psycopg
 from psycopg.rows import dict_row, tuple_row
 
 from gpuspool.config import redact_url
+from gpuspool.fairshare import Run
 from gpuspool.ledger import JobRecord, LedgerError, Waiting
 from gpuspool.models import RUNNABLE_STATES, TERMINAL_STATES, JobSpec, JobState
 
@@ -403,26 +404,26 @@ class PgLedger:
             for r in rows
         ]
 
-    def usage_runs(self, since: float) -> list[tuple[int, float, float | None]]:
+    def usage_runs(self, since: float) -> list[Run]:
         """Runs for fair share, of every host (see ``Ledger.usage_runs``)."""
         running = JobState.RUNNING.value
         with self._db.cursor(row_factory=tuple_row) as cur:
             ended = cur.execute(
-                "SELECT j.submitter_uid, (SELECT MAX(s.at) FROM transitions s WHERE"
+                "SELECT e.job_id, j.submitter_uid, (SELECT MAX(s.at) FROM transitions s WHERE"
                 " s.job_id = e.job_id AND s.seq < e.seq AND s.to_state = %s), e.at"
                 " FROM transitions e JOIN jobs j ON j.id = e.job_id"
                 " WHERE e.at >= %s AND e.from_state = %s AND e.to_state <> %s",
                 (running, since, running, running),
             ).fetchall()
             live = cur.execute(
-                "SELECT submitter_uid, started_at FROM jobs"
+                "SELECT id, submitter_uid, started_at FROM jobs"
                 " WHERE state = %s AND started_at IS NOT NULL",
                 (running,),
             ).fetchall()
-        runs: list[tuple[int, float, float | None]] = [
-            (int(r[0]), float(r[1]), float(r[2])) for r in ended if r[1] is not None
+        runs = [
+            Run(str(r[0]), int(r[1]), float(r[2]), float(r[3])) for r in ended if r[2] is not None
         ]
-        runs.extend((int(r[0]), float(r[1]), None) for r in live)
+        runs.extend(Run(str(r[0]), int(r[1]), float(r[2]), None) for r in live)
         return runs
 
     def status_rows(

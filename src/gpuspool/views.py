@@ -96,8 +96,7 @@ def submitters_data(ledger: LedgerBackend, now: float, half_life_s: float) -> li
     from gpuspool.privileges import user_name_of
 
     window = half_life_s if half_life_s > 0 else 86400.0
-    runs = ledger.usage_runs(usage_horizon(now, window))
-    usage = usage_by_user(runs, now, half_life_s)
+    usage = usage_by_user(ledger.usage_runs(usage_horizon(now, window)), now, half_life_s)
     running, waiting = submitter_counts(ledger)
     rows: list[dict[str, Any]] = []
     for row in share_table(usage, running, waiting):

@@ -7,6 +7,8 @@ import math
 import pytest
 
 from gpuspool.fairshare import (
+    Run,
+    UsageTracker,
     UserLimits,
     UserState,
     clamp_priority,
@@ -44,19 +46,18 @@ def simulate(
     """Start order of ``jobs`` on ``n_gpus`` GPUs (one job each, ``run_s`` long), tick by tick."""
     waiting = list(jobs)
     running: dict[str, tuple[int, float, str]] = {}  # job -> (uid, start, gpu)
-    runs: list[tuple[int, float, float | None]] = []
+    runs: list[Run] = []
     order: list[str] = []
     now = 0.0
     while waiting:
         for jid, (uid, start, _) in list(running.items()):
             if now - start >= run_s:
-                runs.append((uid, start, start + run_s))
+                runs.append(Run(jid, uid, start, start + run_s))
                 del running[jid]
         busy = {g for _, _, g in running.values()}
         views = [gpu_view(i, 0.0 if f"GPU-{i:04d}-fair" in busy else 80.0) for i in range(n_gpus)]
-        usage = usage_by_user(
-            [*runs, *((u, s, None) for u, s, _ in running.values())], now, half_life_s
-        )
+        live = [Run(jid, u, s, None) for jid, (u, s, _) in running.items()]
+        usage = usage_by_user([*runs, *live], now, half_life_s)
         users = {uid: UserState(usage=use) for uid, use in usage.items()}
         d = place(waiting, views, stable_polls=1, users=users, fair=fair)
         for s in d.starts:
@@ -82,8 +83,28 @@ def test_run_usage_decays_by_half_each_half_life() -> None:
 
 
 def test_usage_by_user_sums_runs_and_counts_running_ones_up_to_now() -> None:
-    u = usage_by_user([(ALICE, 0, 100), (ALICE, 100, None), (BOB, 50, 60)], 200, 0)
-    assert u == {ALICE: 200.0, BOB: 10.0}
+    runs = [Run("a", ALICE, 0, 100), Run("b", ALICE, 100, None), Run("c", BOB, 50, 60)]
+    assert usage_by_user(runs, 200, 0) == {ALICE: 200.0, BOB: 10.0}
+
+
+def test_tracker_matches_a_full_recount_and_folds_each_run_once() -> None:
+    """Runs fed in pieces, some twice (the overlap the ledger is read with), give the same
+    usage as counting every run from scratch; running jobs count up to now."""
+    runs = [Run(f"j{i}", ALICE if i % 3 else BOB, i * 500.0, i * 500.0 + 400) for i in range(40)]
+    tracker = UsageTracker(DAY, 0.0)
+    now = 0.0
+    for i in range(0, 40, 5):
+        now = runs[i + 4].end or 0.0
+        seen = [r for r in runs if r.end is not None and tracker.since() <= r.end <= now]
+        tracker.update([*seen, Run("live", BOB, now - 50, None)], now)
+    later = now + 2 * DAY
+    expected = usage_by_user([*runs, Run("live", BOB, now - 50, None)], later, DAY)
+    got = tracker.usage(later)
+    assert got.keys() == expected.keys()
+    for uid in got:
+        assert got[uid] == pytest.approx(expected[uid], rel=1e-9)
+    with pytest.raises(ValueError, match="half-life"):
+        UsageTracker(0, 0.0)
 
 
 def test_single_job_of_second_user_starts_second() -> None:
@@ -124,7 +145,7 @@ def test_decay_restores_order_over_time(alice_ended_ago: float, first: str) -> N
     """Alice used 10 GPU-hours, Bob 1 hour an hour ago; as Alice's use ages, her turn returns."""
     now = 30 * DAY
     a_end = now - alice_ended_ago
-    runs = [(ALICE, a_end - 36000, a_end), (BOB, now - 7200, now - 3600)]
+    runs = [Run("a", ALICE, a_end - 36000, a_end), Run("b", BOB, now - 7200, now - 3600)]
     usage = usage_by_user(runs, now, DAY)
     users = {uid: UserState(usage=u) for uid, u in usage.items()}
     jobs = [cand("a0", 1, ALICE), cand("b0", 2, BOB)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gpuspool.fairshare import Run
 from gpuspool.ledger_api import LedgerBackend
 from gpuspool.models import JobSpec, JobState
 from tests.unit import test_ledger
@@ -41,9 +42,13 @@ def test_usage_runs_lists_every_run_and_the_running_ones(
     ledger.transition("a", JobState.RUNNING, now=50.0, started_at=50.0)
     ledger.transition("a", JobState.DONE, now=70.0, finished_at=70.0)
     ledger.transition("b", JobState.RUNNING, now=60.0, started_at=60.0)
-    runs = sorted(open_ledger().usage_runs(since=20.0), key=lambda r: (r[0], r[1]))
-    assert runs == [(ALICE, 10.0, 40.0), (ALICE, 50.0, 70.0), (BOB, 60.0, None)]
-    assert (BOB, 2.0, 5.0) in ledger.usage_runs(since=0.0)
+    runs = sorted(open_ledger().usage_runs(since=20.0), key=lambda r: (r.uid, r.start))
+    assert runs == [
+        Run("a", ALICE, 10.0, 40.0),
+        Run("a", ALICE, 50.0, 70.0),
+        Run("b", BOB, 60.0, None),
+    ]
+    assert Run("old", BOB, 2.0, 5.0) in ledger.usage_runs(since=0.0)
 
 
 def test_waiting_rows_carry_the_submitter(open_ledger: OpenLedger, tmp_path: Path) -> None:
