@@ -140,10 +140,14 @@ def group_names_of(uid: int) -> list[str]:
 def job_priority(spec: JobSpec, uid: int, settings: Settings) -> tuple[JobSpec, str | None]:
     """``spec`` with the priority its submitter may set, and a note when it was lowered.
 
-    Positive priorities only for ``priority_users`` and members of ``priority_groups``. Intake
-    calls this just before recording the job (``ledger.add(spec=..., note=...)``); the note
-    lands in the "submitted" transition, which ``show`` lists.
+    Positive priorities only for ``priority_users``, members of ``priority_groups`` and the
+    daemon's own user (root on a shared server; the only submitter on a single-user machine,
+    where there is no one to be fair to). Intake calls this just before recording the job
+    (``ledger.add(spec=..., note=...)``); the note lands in the "submitted" transition, which
+    ``show`` lists.
     """
+    if uid == os.geteuid():
+        return spec, None
     priority, note = clamp_priority(
         spec.priority,
         uid,

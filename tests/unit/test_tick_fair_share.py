@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 from pathlib import Path
 
 import pytest
@@ -95,11 +97,28 @@ def test_positive_priority_of_an_unnamed_user_is_clamped(tmp_path: Path) -> None
     assert h.daemon.ledger.transitions(low)[0]["detail"] == "submitted"
 
 
-def test_root_named_in_priority_users_keeps_its_priority(tmp_path: Path) -> None:
-    h = Harness(tmp_path, priority_users=["root"])
-    job = h.submit("a0", priority=5)
+def test_named_users_and_groups_and_the_daemons_user_keep_their_priority(
+    tmp_path: Path,
+) -> None:
+    """priority_users and priority_groups name who may raise priority; the daemon's own user
+    (here root) always may."""
+    nobody = pwd.getpwnam("nobody")
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    for n, settings in enumerate(({"priority_users": ["nobody"]}, {"priority_groups": [group]})):
+        (tmp_path / str(n)).mkdir()
+        h = Harness(tmp_path / str(n), **settings)
+        job = submit_as(h, nobody.pw_uid, "a0", priority=5)
+        mine = h.submit("a1", priority=7)
+        h.tick()
+        assert h.job(job).priority == 5
+        assert h.daemon.ledger.transitions(job)[0]["detail"] == "submitted"
+        assert h.job(mine).priority == 7
+    (tmp_path / "none").mkdir()
+    h = Harness(tmp_path / "none")
+    job = submit_as(h, nobody.pw_uid, "a0", priority=5)
     h.tick()
-    assert h.job(job).priority == 5
+    assert h.job(job).priority == 0
+    assert "nobody is not in priority_users" in h.daemon.ledger.transitions(job)[0]["detail"]
 
 
 def test_metrics_and_status_show_each_submitter(tmp_path: Path) -> None:
