@@ -226,7 +226,7 @@ def _place_one(
     if only is not None:
         allowed = [g for g in allowed if g.uuid in only]
         if not allowed:
-            return "none of those GPUs is allowed for this job", False
+            return "none of them is a GPU of this host this job may use", False
     fitting = [
         g
         for g in allowed

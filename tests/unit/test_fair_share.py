@@ -249,3 +249,20 @@ def test_clamp_priority(priority: int, uid: int, expected: int, noted: bool) -> 
             note
             == f"priority {priority} lowered to 0: bob is not in priority_users or priority_groups"
         )
+
+
+def test_gpu_limit_reached_on_another_host_says_so() -> None:
+    """At the GPU cap with GPUs only elsewhere (a shared ledger), no GPU here may be taken."""
+    users = {ALICE: UserState(running=1, gpus={"GPU-on-another-host"})}
+    d = place(
+        [cand("a0", 1, ALICE)],
+        [gpu_view(0)],
+        stable_polls=1,
+        users=users,
+        limits=UserLimits(max_gpus=1),
+    )
+    assert d.starts == ()
+    assert d.reasons["a0"] == (
+        "user limit: 1 of 1 GPUs in use; none of them is a GPU of this host this job may use"
+    )
+    assert "a0" not in d.impossible
