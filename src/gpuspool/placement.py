@@ -17,6 +17,7 @@ import heapq
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import groupby
+from operator import attrgetter
 from typing import NamedTuple
 
 from gpuspool.fairshare import UserLimits, UserState
@@ -114,22 +115,29 @@ def _why_not(view: GpuView, threshold: float, stable_polls: int, taken: bool) ->
 
 
 def _fair_order(level: Sequence[Candidate], users: Mapping[int, UserState]) -> Iterator[Candidate]:
-    """One priority level's jobs, next always from the submitter with the least usage now.
+    """One priority level's jobs (in submission order), next always from the submitter with
+    the least usage now.
 
     Usage is read again each time a submitter's turn comes back, so a start charged by the
-    caller between two yields moves that submitter back in line. A k-way merge: O(n log users).
+    caller between two yields moves that submitter back in line. A k-way merge: O(n log users),
+    and a submitter that stays first yields on without touching the heap.
     """
     queues: dict[int, list[Candidate]] = {}
-    for job in sorted(level, key=lambda j: j.seq, reverse=True):
+    for job in reversed(level):
         queues.setdefault(job.submitter, []).append(job)  # reversed: pop() gives the earliest
     heap = [(users[uid].usage, q[-1].seq, uid) for uid, q in queues.items()]
     heapq.heapify(heap)
     while heap:
         _, _, uid = heapq.heappop(heap)
         queue = queues[uid]
-        yield queue.pop()
-        if queue:
-            heapq.heappush(heap, (users[uid].usage, queue[-1].seq, uid))
+        user = users[uid]
+        while queue:
+            yield queue.pop()
+            if not queue or not heap:
+                continue
+            if (user.usage, queue[-1].seq, uid) > heap[0]:
+                heapq.heappush(heap, (user.usage, queue[-1].seq, uid))
+                break
 
 
 def _ordered(
@@ -140,8 +148,8 @@ def _ordered(
     if not fair:
         yield from by_priority
         return
-    for _, level in groupby(by_priority, key=lambda j: j.priority):
-        yield from _fair_order(list(level), users)
+    for _, level in groupby(by_priority, key=attrgetter("priority")):
+        yield from _fair_order(list(level), users)  # each level is in submission order
 
 
 def place(
@@ -161,8 +169,8 @@ def place(
     """
     limits = limits or UserLimits()
     states: dict[int, UserState] = dict(users or {})
-    for j in jobs:
-        states.setdefault(j.submitter, UserState())
+    for uid in {j.submitter for j in jobs} - states.keys():
+        states[uid] = UserState()
     started_on: set[str] = set()
     starts: list[Start] = []
     reasons: dict[str, str] = {}
@@ -171,13 +179,16 @@ def place(
     # start changes what is left, so a queue of thousands costs one evaluation per kind of job.
     Key = tuple[float, tuple[str | int, ...] | None, frozenset[str] | None]
     memo: dict[Key, tuple[str, bool]] = {}
+    limited = limits.max_running is not None or limits.max_gpus is not None
+    only: frozenset[str] | None = None
     for job in _ordered(jobs, states, fair):
-        user = states[job.submitter]
-        blocked = user.blocked_reason(limits)
-        if blocked is not None:
-            reasons[job.job_id] = blocked
-            continue
-        only = user.gpu_restriction(limits)
+        if limited:  # the common case, no caps, skips this per-job work
+            user = states[job.submitter]
+            blocked = user.blocked_reason(limits)
+            if blocked is not None:
+                reasons[job.job_id] = blocked
+                continue
+            only = user.gpu_restriction(limits)
         key = (job.threshold_gib, job.allowed_gpus, only)
         known_answer = memo.get(key)
         if known_answer is not None:
@@ -189,6 +200,7 @@ def place(
         if isinstance(answer, Start):
             started_on.add(answer.gpu_uuid)
             starts.append(answer)
+            user = states[job.submitter]
             user.usage += START_CHARGE_GPU_S
             user.running += 1
             user.gpus.add(answer.gpu_uuid)
@@ -196,7 +208,7 @@ def place(
             continue
         reason, never = answer
         if only is not None and not never:
-            reason = f"user limit: {len(user.gpus)} of {limits.max_gpus} GPUs in use; {reason}"
+            reason = f"user limit: {len(only)} of {limits.max_gpus} GPUs in use; {reason}"
         reasons[job.job_id] = reason
         if never:
             impossible.add(job.job_id)
