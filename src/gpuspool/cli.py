@@ -497,7 +497,13 @@ def status(
     def data(limit: int | None = max_waiting) -> dict[str, Any]:
         if ledger is None:
             return _snapshot_part(s, "status")
-        return status_data(ledger, time.time(), all_jobs=all_jobs, max_waiting=limit)
+        return status_data(
+            ledger,
+            time.time(),
+            all_jobs=all_jobs,
+            max_waiting=limit,
+            fair_share_half_life_s=s.fair_share_half_life_s if as_json else None,
+        )
 
     def render() -> RenderableType:
         return status_view(

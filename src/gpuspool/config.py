@@ -100,6 +100,26 @@ class Settings(BaseSettings):
         False, description="Also serve GPU memory as DCGM_FI_DEV_FB_* (dcgm-exporter's names)"
     )
     webhook_url: str | None = Field(None, description="POSTed a JSON body on finish/failure")
+    fair_share_half_life_s: float = Field(
+        86400.0,
+        ge=0,
+        description="Half-life of past GPU usage in fair share (0 = plain FIFO by submission)",
+    )
+    max_running_per_user: int | None = Field(
+        None, ge=1, description="Most running jobs of one submitter (None = no cap)"
+    )
+    max_gpus_per_user: int | None = Field(
+        None, ge=1, description="Most GPUs one submitter's running jobs may use (None = no cap)"
+    )
+    priority_users: list[str] = Field(
+        default_factory=list, description="Users whose jobs may set a priority above 0"
+    )
+    priority_groups: list[str] = Field(
+        default_factory=list, description="Groups whose members may set a priority above 0"
+    )
+    metrics_user_labels: bool = Field(
+        True, description="Per-user running/waiting job counts in metrics (a user label)"
+    )
     log_format: str = Field("auto", description='"auto", "json" or "console"')
     log_level: str = Field("info", description="debug, info, warning, error")
 

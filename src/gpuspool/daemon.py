@@ -17,6 +17,7 @@ from typing import Any
 from gpuspool import logs
 from gpuspool.config import Settings
 from gpuspool.exitcodes import ExitCode
+from gpuspool.fairshare import UsageTracker, UserLimits, UserState
 from gpuspool.gpus import GpuProbe, ProbeResult
 from gpuspool.intake import Intake
 from gpuspool.ledger import JobRecord, LedgerError, Waiting
@@ -116,6 +117,7 @@ class Daemon:
         self._running: dict[str, _Running] = {}
         self._now = 0.0  # the time of the tick in progress, for events written to job logs
         self._waiting_cache: tuple[tuple[int, int], list[Waiting], list[Candidate]] | None = None
+        self._usage: tuple[tuple[int, int], UsageTracker] | None = None
         self._reasons_stale = False
         self.stopping = False
         self.last_tick_done: float | None = None
@@ -446,12 +448,39 @@ class Daemon:
         if self._waiting_cache is None or self._waiting_cache[0] != version:
             rows = self.ledger.waiting()
             candidates = [
-                Candidate(w.id, w.threshold_gib, w.priority, w.seq, w.gpus)
+                Candidate(w.id, w.threshold_gib, w.priority, w.seq, w.gpus, w.submitter_uid)
                 for w in rows
                 if w.state != JobState.HELD
             ]
             self._waiting_cache = (version, rows, candidates)
         return self._waiting_cache[1], self._waiting_cache[2]
+
+    def _user_states(self, now: float) -> dict[int, UserState]:
+        """Each submitter's decayed usage, running jobs and GPUs in use, for placement.
+
+        The ledger's runs are read only when a job's state changed, and then only those that
+        ended since the last read (``UsageTracker``); the decay itself costs one term per
+        submitter and per running job.
+        """
+        users: dict[int, UserState] = {}
+        for job in self.ledger.jobs([JobState.RUNNING]):
+            user = users.setdefault(job.submitter_uid, UserState())
+            user.running += 1
+            if job.gpu_uuid is not None:
+                user.gpus.add(job.gpu_uuid)
+        half_life = self.settings.fair_share_half_life_s
+        if half_life <= 0:
+            return users
+        version = self.ledger.jobs_version
+        if self._usage is None or self._usage[1].half_life_s != half_life:
+            self._usage = ((-1, -1), UsageTracker(half_life, now))
+        if self._usage[0] != version:
+            tracker = self._usage[1]
+            tracker.update(self.ledger.usage_runs(tracker.since()), now)
+            self._usage = (version, tracker)
+        for uid, used in self._usage[1].usage(now).items():
+            users.setdefault(uid, UserState()).usage = used
+        return users
 
     def _place_and_launch(self, now: float, report: TickReport) -> None:
         rows, all_candidates = self._waiting()
@@ -474,7 +503,14 @@ class Daemon:
             if backing_off
             else all_candidates
         )
-        decision = place(candidates, self.gpu_views(), stable_polls=self.settings.stable_polls)
+        decision = place(
+            candidates,
+            self.gpu_views(),
+            stable_polls=self.settings.stable_polls,
+            users=self._user_states(now) if candidates else {},
+            limits=UserLimits(self.settings.max_running_per_user, self.settings.max_gpus_per_user),
+            fair=self.settings.fair_share_half_life_s > 0,
+        )
         reasons.update(decision.reasons)
         for start in decision.starts:
             job = self.ledger.get(start.job_id)

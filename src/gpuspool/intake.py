@@ -188,6 +188,7 @@ class Intake:
         if self.largest_gpu_gib is not None and need > self.largest_gpu_gib:
             need = round(self.largest_gpu_gib, 2)  # never reserve more than a whole GPU
         threshold = job_threshold_gib(spec, host.settings.min_free_gib, need)
+        spec, priority_note = privileges.job_priority(spec, raw.submitter_uid, host.settings)
         added = host.ledger.add(
             job_id=raw.job_id,
             spec=spec,
@@ -196,6 +197,7 @@ class Intake:
             threshold_gib=threshold,
             spool_file=None,
             now=now,
+            note=priority_note,
         )
         dest = host.spool.accept(raw) if item.key[0] == "incoming" else None
         self._lost.discard(item.name)

@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from gpuspool.fairshare import Run
 from gpuspool.models import RUNNABLE_STATES, TERMINAL_STATES, JobSpec, JobState
 
 SCHEMA_VERSION = 1
@@ -63,6 +64,7 @@ CREATE TABLE IF NOT EXISTS transitions (
     detail     TEXT
 );
 CREATE INDEX IF NOT EXISTS transitions_job ON transitions(job_id);
+CREATE INDEX IF NOT EXISTS transitions_at ON transitions(at);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -92,6 +94,7 @@ class Waiting(NamedTuple):
     threshold_gib: float
     not_before: float | None
     gpus: tuple[str | int, ...] | None
+    submitter_uid: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +313,7 @@ class Ledger:
     def waiting(self) -> list[Waiting]:
         """Jobs not running and not finished, with only what placement needs, by priority."""
         rows = self._db.execute(
-            "SELECT id, state, priority, seq, threshold_gib, not_before, gpus_json"
+            "SELECT id, state, priority, seq, threshold_gib, not_before, gpus_json, submitter_uid"
             " FROM jobs WHERE state IN (?, ?, ?, ?) ORDER BY priority DESC, seq",
             (JobState.QUEUED.value, JobState.INTERRUPTED.value, JobState.DEFERRED.value,
              JobState.HELD.value),
@@ -324,9 +327,33 @@ class Ledger:
                 r[4],
                 r[5],
                 None if r[6] is None else tuple(json.loads(r[6])),
+                int(r[7]),
             )
             for r in rows
         ]
+
+    def usage_runs(self, since: float) -> list[Run]:
+        """Runs for fair share: every run that ended at or after ``since`` (from the
+        transitions, so a retried job's earlier runs count too), and every running job (from
+        its ``started_at``, ``end`` None)."""
+        running = JobState.RUNNING.value
+        ended = self._db.execute(
+            "SELECT e.job_id, j.submitter_uid, (SELECT MAX(s.at) FROM transitions s WHERE"
+            " s.job_id = e.job_id AND s.seq < e.seq AND s.to_state = ?), e.at"
+            " FROM transitions e JOIN jobs j ON j.id = e.job_id"
+            " WHERE e.at >= ? AND e.from_state = ? AND e.to_state != ?",
+            (running, since, running, running),
+        ).fetchall()
+        live = self._db.execute(
+            "SELECT id, submitter_uid, started_at FROM jobs"
+            " WHERE state = ? AND started_at IS NOT NULL",
+            (running,),
+        ).fetchall()
+        runs = [
+            Run(str(r[0]), int(r[1]), float(r[2]), float(r[3])) for r in ended if r[2] is not None
+        ]
+        runs.extend(Run(str(r[0]), int(r[1]), float(r[2]), None) for r in live)
+        return runs
 
     def status_rows(
         self,
@@ -480,8 +507,11 @@ class Ledger:
         threshold_gib: float,
         spool_file: str | None,
         now: float,
+        note: str | None = None,
     ) -> bool:
-        """Insert a queued job; False (and no change) if ``job_id`` is already there."""
+        """Insert a queued job; False (and no change) if ``job_id`` is already there.
+
+        ``note`` (e.g. a lowered priority) is added to the "submitted" transition's detail."""
         self._bump()
         with self._tx() as db:
             if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone():
@@ -509,7 +539,8 @@ class Ledger:
                     now,
                 ),
             )
-            _record_transition(db, job_id, now, None, JobState.QUEUED.value, "submitted")
+            detail = "submitted" if note is None else f"submitted; {note}"
+            _record_transition(db, job_id, now, None, JobState.QUEUED.value, detail)
         return True
 
     def transition(

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from gpuspool.config import ConfigError, Settings
+from gpuspool.fairshare import Run
 from gpuspool.ledger import JobRecord, Ledger, LedgerError, Waiting
 from gpuspool.models import JobSpec, JobState
 
@@ -53,6 +54,10 @@ class LedgerBackend(Protocol):
 
     def submitters(self) -> dict[int, tuple[float, int]]: ...
 
+    def usage_runs(self, since: float) -> list[Run]:
+        """Every run that ended at or after ``since`` and every running job (fair share)."""
+        ...
+
     def output_claimed(self, output: str) -> str | None: ...
 
     def counts(self) -> dict[str, int]: ...
@@ -88,6 +93,7 @@ class LedgerBackend(Protocol):
         threshold_gib: float,
         spool_file: str | None,
         now: float,
+        note: str | None = None,
     ) -> bool: ...
 
     def transition(

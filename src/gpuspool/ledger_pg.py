@@ -24,6 +24,7 @@ import psycopg
 from psycopg.rows import dict_row, tuple_row
 
 from gpuspool.config import redact_url
+from gpuspool.fairshare import Run
 from gpuspool.ledger import JobRecord, LedgerError, Waiting
 from gpuspool.models import RUNNABLE_STATES, TERMINAL_STATES, JobSpec, JobState
 
@@ -385,8 +386,8 @@ class PgLedger:
         """Jobs not running and not finished, with only what placement needs, by priority."""
         with self._db.cursor(row_factory=tuple_row) as cur:
             rows = cur.execute(
-                "SELECT id, state, priority, seq, threshold_gib, not_before, gpus_json"
-                " FROM jobs WHERE state = ANY(%s) ORDER BY priority DESC, seq",
+                "SELECT id, state, priority, seq, threshold_gib, not_before, gpus_json,"
+                " submitter_uid FROM jobs WHERE state = ANY(%s) ORDER BY priority DESC, seq",
                 (list(_WAITING),),
             ).fetchall()
         return [
@@ -398,9 +399,32 @@ class PgLedger:
                 r[4],
                 r[5],
                 None if r[6] is None else tuple(json.loads(r[6])),
+                int(r[7]),
             )
             for r in rows
         ]
+
+    def usage_runs(self, since: float) -> list[Run]:
+        """Runs for fair share, of every host (see ``Ledger.usage_runs``)."""
+        running = JobState.RUNNING.value
+        with self._db.cursor(row_factory=tuple_row) as cur:
+            ended = cur.execute(
+                "SELECT e.job_id, j.submitter_uid, (SELECT MAX(s.at) FROM transitions s WHERE"
+                " s.job_id = e.job_id AND s.seq < e.seq AND s.to_state = %s), e.at"
+                " FROM transitions e JOIN jobs j ON j.id = e.job_id"
+                " WHERE e.at >= %s AND e.from_state = %s AND e.to_state <> %s",
+                (running, since, running, running),
+            ).fetchall()
+            live = cur.execute(
+                "SELECT id, submitter_uid, started_at FROM jobs"
+                " WHERE state = %s AND started_at IS NOT NULL",
+                (running,),
+            ).fetchall()
+        runs = [
+            Run(str(r[0]), int(r[1]), float(r[2]), float(r[3])) for r in ended if r[2] is not None
+        ]
+        runs.extend(Run(str(r[0]), int(r[1]), float(r[2]), None) for r in live)
+        return runs
 
     def status_rows(
         self,
@@ -554,8 +578,11 @@ class PgLedger:
         threshold_gib: float,
         spool_file: str | None,
         now: float,
+        note: str | None = None,
     ) -> bool:
-        """Insert a queued job; False (and no change) if ``job_id`` is already there."""
+        """Insert a queued job; False (and no change) if ``job_id`` is already there.
+
+        ``note`` (e.g. a lowered priority) is added to the "submitted" transition's detail."""
         with self._tx() as db:
             row = db.execute(
                 "INSERT INTO jobs(id, name, spec_json, input, output, gpus_json, submitter_uid,"
@@ -582,7 +609,8 @@ class PgLedger:
             if row is None:
                 return False
             self._bump(db)
-            self._transition_row(db, job_id, now, None, JobState.QUEUED.value, "submitted")
+            detail = "submitted" if note is None else f"submitted; {note}"
+            self._transition_row(db, job_id, now, None, JobState.QUEUED.value, detail)
         return True
 
     def transition(

@@ -95,6 +95,8 @@ class _Snapshot:
     jobs: list[dict[str, Any]] = field(default_factory=list)
     last_tick: float | None = None
     draining: bool = False
+    #: (user, running, waiting) per submitter; empty with ``metrics_user_labels`` off.
+    users: list[tuple[str, int, int]] = field(default_factory=list)
 
 
 def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
@@ -128,6 +130,16 @@ class _SnapshotCollector(Collector):
         for state in JobState:
             jobs.add_metric([state.value], float(snap.states.get(state.value, 0)))
         yield jobs
+        if snap.users:
+            per_user = _gauge(
+                "gpuspool_user_jobs",
+                "Running and waiting jobs per submitter (metrics_user_labels).",
+                ["user", "state"],
+            )
+            for user, running, waiting in snap.users:
+                per_user.add_metric([user, "running"], float(running))
+                per_user.add_metric([user, "waiting"], float(waiting))
+            yield per_user
 
         per_job = {
             "lines_done": _gauge(
@@ -280,6 +292,7 @@ class DaemonMetrics:
                 ],
                 last_tick=daemon.last_tick_done,
                 draining=daemon.draining,
+                users=_user_counts(daemon) if daemon.settings.metrics_user_labels else [],
             )
 
     def _count_transitions(self, daemon: Daemon) -> None:
@@ -304,6 +317,18 @@ class DaemonMetrics:
                 self.retried.inc()
             elif to == JobState.INTERRUPTED.value:
                 self.interrupted.inc()
+
+
+def _user_counts(daemon: Daemon) -> list[tuple[str, int, int]]:
+    """(user name, running, waiting) per submitter; the uid as the name when it has none."""
+    from gpuspool.privileges import user_name_of
+    from gpuspool.views import submitter_counts
+
+    running, waiting = submitter_counts(daemon.ledger)
+    return [
+        (user_name_of(uid) or str(uid), running.get(uid, 0), waiting.get(uid, 0))
+        for uid in sorted(set(running) | set(waiting))
+    ]
 
 
 def _last_at(daemon: Daemon, row: dict[str, Any], into: set[str]) -> float | None:

@@ -2,19 +2,30 @@
 
 A job may start on a GPU when ``free − reservations ≥ threshold`` held for ``stable_polls``
 consecutive polls (``GpuView.available_history``), the GPU's state is known, and no other job
-started on that GPU at this tick. Jobs are taken by priority (higher first), then submission
-order; a job that cannot start does not stop a smaller one behind it from starting elsewhere.
+started on that GPU at this tick. Jobs are taken by priority (higher first); within equal
+priority, with fair share on, from the submitter with the least decayed GPU usage
+(``fairshare``), then in submission order (plain FIFO when fair share is off). A job that cannot
+start does not stop a smaller one behind it from starting elsewhere. Per-submitter limits
+(running jobs, GPUs in use) hold a job back with a "user limit" reason.
 Among the GPUs that fit, the one with the least room is chosen (best fit), so large GPUs stay
 free for large jobs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import heapq
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import groupby
+from operator import attrgetter
 from typing import NamedTuple
 
+from gpuspool.fairshare import UserLimits, UserState
 from gpuspool.models import GpuSnapshot
+
+#: Usage charged to a submitter for each start within one tick, so that submitters with equal
+#: usage alternate instead of the earliest submitter taking every free GPU at once.
+START_CHARGE_GPU_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +54,7 @@ class Candidate(NamedTuple):
     priority: int
     seq: int
     allowed_gpus: tuple[str | int, ...] | None = None
+    submitter: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,73 +114,149 @@ def _why_not(view: GpuView, threshold: float, stable_polls: int, taken: bool) ->
     return f"{where}: enough free, stable {stable}/{stable_polls} polls"
 
 
+def _fair_order(level: Sequence[Candidate], users: Mapping[int, UserState]) -> Iterator[Candidate]:
+    """One priority level's jobs (in submission order), next always from the submitter with
+    the least usage now.
+
+    Usage is read again each time a submitter's turn comes back, so a start charged by the
+    caller between two yields moves that submitter back in line. A k-way merge: O(n log users),
+    and a submitter that stays first yields on without touching the heap.
+    """
+    queues: dict[int, list[Candidate]] = {}
+    for job in reversed(level):
+        queues.setdefault(job.submitter, []).append(job)  # reversed: pop() gives the earliest
+    heap = [(users[uid].usage, q[-1].seq, uid) for uid, q in queues.items()]
+    heapq.heapify(heap)
+    while heap:
+        _, _, uid = heapq.heappop(heap)
+        queue = queues[uid]
+        user = users[uid]
+        while queue:
+            yield queue.pop()
+            if not queue or not heap:
+                continue
+            if (user.usage, queue[-1].seq, uid) > heap[0]:
+                heapq.heappush(heap, (user.usage, queue[-1].seq, uid))
+                break
+
+
+def _ordered(
+    jobs: Sequence[Candidate], users: Mapping[int, UserState], fair: bool
+) -> Iterator[Candidate]:
+    """Jobs in the order placement takes them (priority first; see the module docstring)."""
+    by_priority = sorted(jobs, key=lambda j: (-j.priority, j.seq))
+    if not fair:
+        yield from by_priority
+        return
+    for _, level in groupby(by_priority, key=attrgetter("priority")):
+        yield from _fair_order(list(level), users)  # each level is in submission order
+
+
 def place(
     jobs: Sequence[Candidate],
     gpus: Sequence[GpuView],
     *,
     stable_polls: int,
+    users: Mapping[int, UserState] | None = None,
+    limits: UserLimits | None = None,
+    fair: bool = False,
 ) -> Decision:
-    """Decide the starts of one tick. ``jobs`` may come in any order."""
-    ordered = sorted(jobs, key=lambda j: (-j.priority, j.seq))
+    """Decide the starts of one tick. ``jobs`` may come in any order.
+
+    ``users`` holds each submitter's usage, running jobs and GPUs in use (missing = none); it is
+    updated in place as jobs start. ``fair`` orders equal priorities by usage (else FIFO);
+    ``limits`` caps each submitter's running jobs and GPUs.
+    """
+    limits = limits or UserLimits()
+    states: dict[int, UserState] = dict(users or {})
+    for uid in {j.submitter for j in jobs} - states.keys():
+        states[uid] = UserState()
     started_on: set[str] = set()
     starts: list[Start] = []
     reasons: dict[str, str] = {}
     impossible: set[str] = set()
-    # Jobs with the same threshold and allow-list get the same answer until a start changes
-    # what is left, so a queue of thousands costs one evaluation per distinct kind of job.
-    memo: dict[tuple[float, tuple[str | int, ...] | None], tuple[str, bool]] = {}
-    for job in ordered:
-        key = (job.threshold_gib, job.allowed_gpus)
+    # Jobs with the same threshold, allow-list and GPU restriction get the same answer until a
+    # start changes what is left, so a queue of thousands costs one evaluation per kind of job.
+    Key = tuple[float, tuple[str | int, ...] | None, frozenset[str] | None]
+    memo: dict[Key, tuple[str, bool]] = {}
+    limited = limits.max_running is not None or limits.max_gpus is not None
+    only: frozenset[str] | None = None
+    for job in _ordered(jobs, states, fair):
+        if limited:  # the common case, no caps, skips this per-job work
+            user = states[job.submitter]
+            blocked = user.blocked_reason(limits)
+            if blocked is not None:
+                reasons[job.job_id] = blocked
+                continue
+            only = user.gpu_restriction(limits)
+        key = (job.threshold_gib, job.allowed_gpus, only)
         known_answer = memo.get(key)
         if known_answer is not None:
             reasons[job.job_id] = known_answer[0]
             if known_answer[1]:
                 impossible.add(job.job_id)
             continue
-        allowed = _allowed(job, gpus)
-        if not allowed:
-            reasons[job.job_id] = (
-                f"none of the allowed GPUs {list(job.allowed_gpus or ())} exist on this host"
-            )
-            impossible.add(job.job_id)
-            memo[key] = (reasons[job.job_id], True)
-            continue
-        known = [g for g in allowed if g.snapshot.healthy and g.snapshot.total_mib > 0]
-        if known and len(known) == len(allowed):
-            largest = max(g.snapshot.total_gib for g in known)
-            if largest < job.threshold_gib:
-                reasons[job.job_id] = (
-                    f"no GPU here can ever have {job.threshold_gib:.1f} GiB free:"
-                    f" largest is {largest:.1f} GiB"
-                )
-                impossible.add(job.job_id)
-                memo[key] = (reasons[job.job_id], True)
-                continue
-        fitting = [
-            g
-            for g in allowed
-            if g.uuid not in started_on
-            and g.snapshot.healthy
-            and stable_count(g.available_history, job.threshold_gib) >= stable_polls
-        ]
-        if fitting:
-            best = min(fitting, key=lambda g: (g.available_gib or 0.0, g.snapshot.index))
-            started_on.add(best.uuid)
-            starts.append(Start(job.job_id, best.uuid, best.available_gib or 0.0))
+        answer = _place_one(job, gpus, only, started_on, stable_polls)
+        if isinstance(answer, Start):
+            started_on.add(answer.gpu_uuid)
+            starts.append(answer)
+            user = states[job.submitter]
+            user.usage += START_CHARGE_GPU_S
+            user.running += 1
+            user.gpus.add(answer.gpu_uuid)
             memo.clear()
             continue
-        # Explain with the GPU that came closest: most available among the known ones.
-        closest = max(
-            allowed,
-            key=lambda g: (
-                g.snapshot.healthy,
-                g.uuid not in started_on,
-                stable_count(g.available_history, job.threshold_gib),
-                g.available_gib if g.available_gib is not None else float("-inf"),
-            ),
-        )
-        reasons[job.job_id] = _why_not(
-            closest, job.threshold_gib, stable_polls, closest.uuid in started_on
-        )
-        memo[key] = (reasons[job.job_id], False)
+        reason, never = answer
+        if only is not None and not never:
+            reason = f"user limit: {len(only)} of {limits.max_gpus} GPUs in use; {reason}"
+        reasons[job.job_id] = reason
+        if never:
+            impossible.add(job.job_id)
+        memo[key] = (reason, never)
     return Decision(tuple(starts), reasons, frozenset(impossible))
+
+
+def _place_one(
+    job: Candidate,
+    gpus: Sequence[GpuView],
+    only: frozenset[str] | None,
+    started_on: set[str],
+    stable_polls: int,
+) -> Start | tuple[str, bool]:
+    """Where ``job`` starts now, or why not (and whether it never can on this host)."""
+    allowed = _allowed(job, gpus)
+    if not allowed:
+        return f"none of the allowed GPUs {list(job.allowed_gpus or ())} exist on this host", True
+    known = [g for g in allowed if g.snapshot.healthy and g.snapshot.total_mib > 0]
+    if known and len(known) == len(allowed):
+        largest = max(g.snapshot.total_gib for g in known)
+        if largest < job.threshold_gib:
+            return (
+                f"no GPU here can ever have {job.threshold_gib:.1f} GiB free:"
+                f" largest is {largest:.1f} GiB"
+            ), True
+    if only is not None:
+        allowed = [g for g in allowed if g.uuid in only]
+        if not allowed:
+            return "none of them is a GPU of this host this job may use", False
+    fitting = [
+        g
+        for g in allowed
+        if g.uuid not in started_on
+        and g.snapshot.healthy
+        and stable_count(g.available_history, job.threshold_gib) >= stable_polls
+    ]
+    if fitting:
+        best = min(fitting, key=lambda g: (g.available_gib or 0.0, g.snapshot.index))
+        return Start(job.job_id, best.uuid, best.available_gib or 0.0)
+    # Explain with the GPU that came closest: most available among the known ones.
+    closest = max(
+        allowed,
+        key=lambda g: (
+            g.snapshot.healthy,
+            g.uuid not in started_on,
+            stable_count(g.available_history, job.threshold_gib),
+            g.available_gib if g.available_gib is not None else float("-inf"),
+        ),
+    )
+    return _why_not(closest, job.threshold_gib, stable_polls, closest.uuid in started_on), False

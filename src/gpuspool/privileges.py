@@ -37,13 +37,20 @@ check (the runner owns job processes).
 from __future__ import annotations
 
 import errno
+import grp
 import os
 import pwd
 import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+from gpuspool.fairshare import clamp_priority
+
+if TYPE_CHECKING:
+    from gpuspool.config import Settings
+    from gpuspool.models import JobSpec
 
 CheckMethod = Literal["auto", "self", "process", "modebits"]
 
@@ -106,6 +113,53 @@ def identity_for_name(name: str) -> Identity:
     except KeyError:
         raise PrivilegeError(f"there is no user called {name!r}") from None
     return _from_passwd(pw)
+
+
+def user_name_of(uid: int) -> str | None:
+    """The login name of ``uid``, or None when it has no passwd entry."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def group_names_of(uid: int) -> list[str]:
+    """The names of all groups of ``uid`` (primary and supplementary); [] without an account."""
+    try:
+        identity = identity_for_uid(uid)
+    except PrivilegeError:
+        return []
+    names = []
+    for gid in identity.groups:
+        try:
+            names.append(grp.getgrgid(gid).gr_name)
+        except KeyError:
+            continue
+    return names
+
+
+def job_priority(spec: JobSpec, uid: int, settings: Settings) -> tuple[JobSpec, str | None]:
+    """``spec`` with the priority its submitter may set, and a note when it was lowered.
+
+    Positive priorities only for ``priority_users``, members of ``priority_groups`` and the
+    daemon's own user (root on a shared server; the only submitter on a single-user machine,
+    where there is no one to be fair to). Intake calls this just before recording the job
+    (``ledger.add(spec=..., note=...)``); the note lands in the "submitted" transition, which
+    ``show`` lists.
+    """
+    if uid == os.geteuid():
+        return spec, None
+    priority, note = clamp_priority(
+        spec.priority,
+        uid,
+        priority_users=settings.priority_users,
+        priority_groups=settings.priority_groups,
+        user_name=user_name_of,
+        user_groups=group_names_of,
+    )
+    if note is None:
+        return spec, None
+    return spec.model_copy(update={"priority": priority}), note
 
 
 def current_identity() -> Identity:

@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gpuspool import logs
+from gpuspool.fairshare import share_table, usage_by_user, usage_horizon
 from gpuspool.ledger import JobRecord
 from gpuspool.ledger_api import LedgerBackend
 from gpuspool.models import TERMINAL_STATES, JobState
@@ -101,6 +102,32 @@ def gpus_snapshot(ledger: LedgerBackend) -> dict[str, Any]:
     return json.loads(raw) if raw else {"at": None, "gpus": []}
 
 
+def submitter_counts(ledger: LedgerBackend) -> tuple[dict[int, int], dict[int, int]]:
+    """Running and waiting (queued, deferred, interrupted, held) jobs per submitter uid."""
+    running: dict[int, int] = {}
+    for job in ledger.jobs([JobState.RUNNING]):
+        running[job.submitter_uid] = running.get(job.submitter_uid, 0) + 1
+    waiting: dict[int, int] = {}
+    for w in ledger.waiting():
+        waiting[w.submitter_uid] = waiting.get(w.submitter_uid, 0) + 1
+    return running, waiting
+
+
+def submitters_data(ledger: LedgerBackend, now: float, half_life_s: float) -> list[dict[str, Any]]:
+    """Each submitter's fair share for the root view of ``status``: user name, decayed usage
+    (GPU-seconds; plain GPU-seconds of the last ten days with fair share off), share of all
+    usage, running and waiting jobs."""
+    from gpuspool.privileges import user_name_of
+
+    window = half_life_s if half_life_s > 0 else 86400.0
+    usage = usage_by_user(ledger.usage_runs(usage_horizon(now, window)), now, half_life_s)
+    running, waiting = submitter_counts(ledger)
+    rows: list[dict[str, Any]] = []
+    for row in share_table(usage, running, waiting):
+        rows.append({"user": user_name_of(int(row["uid"])), **row})
+    return rows
+
+
 def status_data(
     ledger: LedgerBackend,
     now: float,
@@ -109,11 +136,14 @@ def status_data(
     max_waiting: int | None = None,
     snap: dict[str, Any] | None = None,
     submitter_uid: int | None = None,
+    fair_share_half_life_s: float | None = None,
 ) -> dict[str, Any]:
     """Everything ``status`` shows, as plain data (``status --json`` prints exactly this).
 
     ``max_waiting`` lists only the first waiting jobs (by start order); ``hidden_waiting``
     counts the rest. ``snap`` is the :func:`gpus_snapshot` if the caller has read it already.
+    With ``fair_share_half_life_s`` (the root view only: it names every submitter),
+    ``submitters`` lists each one's share and running and waiting jobs.
     """
     rows = ledger.status_rows(
         finished_limit=None if all_jobs else RECENT_FINISHED,
@@ -137,7 +167,7 @@ def status_data(
     counts = dict.fromkeys((s.value for s in JobState), 0)
     counts.update(ledger.counts())
     listed_waiting = sum(1 for r in out if r["state"] in waiting_states)
-    return {
+    data = {
         "hidden_waiting": sum(counts[s] for s in waiting_states) - listed_waiting,
         "at": now,
         "draining": ledger.draining(),
@@ -145,6 +175,9 @@ def status_data(
         "counts": counts,
         "jobs": out,
     }
+    if fair_share_half_life_s is not None and submitter_uid is None:
+        data["submitters"] = submitters_data(ledger, now, fair_share_half_life_s)
+    return data
 
 
 def _duration(seconds: float | None) -> str:
