@@ -575,7 +575,9 @@ def _show_queued(s: Settings, ref: str) -> dict[str, Any] | tuple[str, int]:
     try:
         record = ledger.find(ref)
         out = job_dict(record)
-        out["spec"] = json.loads(record.spec.model_dump_json())
+        out["spec"] = json.loads(
+            record.spec_json
+        )  # as stored: a row a newer check refuses shows too
         out["progress"] = record.progress
         out["transitions"] = ledger.transitions(record.id)
     except LedgerError as exc:

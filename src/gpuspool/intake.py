@@ -182,6 +182,13 @@ class Intake:
 
     def _accept(self, item: _Item, result: ScanResult, now: float, report: Report) -> None:
         host, spec, raw = self.host, item.spec, item.raw
+        # Checked again here, where the job is recorded: another job with the same output may
+        # have been scanned at the same time (one batch, or two owners' batches).
+        other = host.ledger.output_claimed(str(spec.output))
+        if other is not None:
+            self._reject(item.key, f"output: {spec.output} is already the output of job {other}",
+                         now, report)  # fmt: skip
+            return
         budget = spec.batch_seconds or host.settings.default_batch_seconds
         estimated = need_gib(result.longest_s, budget, spec.dtype)
         need = estimated

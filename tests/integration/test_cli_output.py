@@ -19,7 +19,7 @@ import pytest
 from rich.console import Console
 
 from gpuspool.cli import main
-from gpuspool.models import JobState
+from gpuspool.models import JobSpec, JobState
 from gpuspool.spool import Spool
 from gpuspool.views import (
     gpus_data,
@@ -152,11 +152,17 @@ def test_hostile_job_name_is_escaped_everywhere(
     terminal raw: status (table and pipe), gpus, logs, and show print it escaped."""
     harness.set_gpus([gpu_entry(0, 50)])
     data = {"input": str(harness.data / "in.jsonl"), "output": str(harness.data / "hostile.out"),
-            "tokenizer": "tiny", "name": HOSTILE}  # fmt: skip
-    _, job = Spool(harness.settings.spool_dir).submit(data, stem="x")
-    for _ in range(2):
-        harness.tick()
-    assert harness.job(job) is not None, "intake refused the name; test the renderers below"
+            "tokenizer": "Qwen/tiny"}  # fmt: skip
+    _, refused = Spool(harness.settings.spool_dir).submit({**data, "name": HOSTILE}, stem="x")
+    harness.tick()
+    assert harness.job(refused) is None  # intake refuses control characters in a name ...
+    reasons = "".join(p.read_text() for p in harness.settings.rejected_dir.glob("*.reason"))
+    assert "name" in reasons and "control character" in reasons
+    # ... and the renderers escape whatever a ledger holds (one written before that check).
+    job = "0123456789ab"
+    spec = JobSpec.model_validate(data).model_copy(update={"name": HOSTILE})
+    harness.daemon.ledger.add(job_id=job, spec=spec, submitter_uid=os.getuid(), need_gib=1.0,
+                              threshold_gib=20.0, spool_file=None, now=harness.now)  # fmt: skip
     # The table, as a colour terminal would get it.
     status = status_data(harness.daemon.ledger, harness.now)
     assert any(j["name"] == HOSTILE for j in status["jobs"])

@@ -102,9 +102,9 @@ def _drop(h: Harness, name: str, body: dict[str, Any], owner: int, mode: int = 0
 
 def _reason(h: Harness, name: str) -> str:
     for p in h.daemon.spool.reason_files():
-        head, _, reason = p.read_text().partition("\nreason: ")
+        head, _, rest = p.read_text().partition("\nreason: ")
         if head.removeprefix("file: ") == name:
-            return reason.strip()
+            return rest.split("\njob: ")[0].strip()  # the job id line follows the reason
     raise AssertionError(f"no reason file for {name}")
 
 
