@@ -229,6 +229,14 @@ def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def audio_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 synthetic clips of 1–8 s and their input JSONL (the integration and GPU tests')."""
+    from gpuspool.extract.synth import synth_dataset
+
+    return synth_dataset(tmp_path_factory.mktemp("data"), 40, min_s=1.0, max_s=8.0, seed=11)
+
+
+@pytest.fixture(scope="session")
 def tokenizer_dir(tiny_tokenizer: Path) -> Path:
     """The tiny tokenizer, under the name the daemon-level tests use."""
     return tiny_tokenizer

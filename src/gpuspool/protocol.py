@@ -67,6 +67,7 @@ class StartEvent(_Event):
     audio_s_total: Amount | None = None
     longest_s: Amount | None = None
     device: Annotated[str, Field(max_length=64)] | None = None
+    device_uuid: Annotated[str, Field(max_length=64)] | None = None
     batch_seconds: Amount | None = None
     need_gib: Amount | None = None
     resumed: StrictBool | None = None

@@ -21,13 +21,6 @@ from tests.conftest import gpu_entry, wait_until
 
 
 @pytest.fixture(scope="session")
-def audio_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from gpuspool.extract.synth import synth_dataset
-
-    return synth_dataset(tmp_path_factory.mktemp("data"), 40, min_s=1.0, max_s=8.0, seed=11)
-
-
-@pytest.fixture(scope="session")
 def reference_output(
     tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path, audio_input: Path
 ) -> bytes:

@@ -431,6 +431,7 @@ class Run:
             longest_s=scan.longest_s,
             device=str(device),
             device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            device_uuid=_device_uuid(device),
             batch_seconds=o.batch_seconds,
             dtype=o.dtype,
             tf32=o.tf32,
@@ -719,3 +720,13 @@ def _transient(exc: BaseException) -> bool:
 def _first_line(exc: BaseException) -> str:
     s = str(exc).strip().splitlines()
     return s[0] if s else type(exc).__name__
+
+
+def _device_uuid(device: Any) -> str | None:
+    """The GPU this process runs on, as NVML names it (``GPU-<uuid>``), seen from inside the
+    process: what the daemon chose through ``CUDA_VISIBLE_DEVICES``, checked end to end."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    return f"GPU-{torch.cuda.get_device_properties(device).uuid}"
