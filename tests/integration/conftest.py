@@ -36,6 +36,13 @@ def reference_output(
     return out.read_bytes()
 
 
+def _toml(value: Any) -> str:
+    """A config value as TOML: JSON for scalars and lists, an inline table for a mapping."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
 class LiveDaemon:
     """A ``gpuspool daemon`` process and the files it works on."""
 
@@ -61,7 +68,7 @@ class LiveDaemon:
         }
         values.update(config)
         self.config = tmp / "gpuspool.toml"
-        self.config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+        self.config.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in values.items()))
         self.log_path = tmp / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.spool = Spool(tmp / "spool")
