@@ -1,0 +1,163 @@
+"""A review of the issue-10 design by two unprivileged submitters, against the real daemon.
+
+Each test plays a hole found in the new design (the scanner that runs as the submitter, the
+worker launch, what submitters see) with real users (``gpuspool-test``, ``gpuspool-test2``),
+the documented folder modes and the stand-in worker, and asserts the behaviour that closes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.conftest import STUB_WORKER, gpu_entry, wait_until
+from tests.integration.conftest import TEST_USER, LiveDaemon, wait_state
+from tests.reliability.test_attacks_ops import (
+    SECOND_USER,
+    SYSTEM_PYTHON,
+    Submitter,
+    _ensure_user,
+    _lay_out,
+)
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates users and runs as them"),
+    pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON), reason=f"no {SYSTEM_PYTHON}"),
+]
+
+#: Run as the attacker: SIGSTOP every scanner it may signal (its own, once they run as it).
+STOP_SCANNERS = """
+import os, signal, sys, time
+end = time.time() + float(sys.argv[1])
+while time.time() < end:
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"gpuspool.scan" in f.read():
+                    os.kill(int(pid), signal.SIGSTOP)
+        except OSError:
+            pass
+    time.sleep(0.002)
+"""
+
+
+@pytest.fixture
+def world() -> Iterator[Path]:
+    top = Path(tempfile.mkdtemp(prefix="gpuspool-review-", dir="/tmp"))
+    top.chmod(0o755)
+    yield top
+    shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture
+def pair(world: Path) -> tuple[Submitter, Submitter]:
+    """Two submitters: the attacker (``gpuspool-test``) and another user."""
+    return Submitter(_ensure_user(TEST_USER), world), Submitter(_ensure_user(SECOND_USER), world)
+
+
+@pytest.fixture
+def make_daemon(world: Path) -> Iterator[Any]:
+    made: list[LiveDaemon] = []
+
+    def make(**config: Any) -> LiveDaemon:
+        stub = world / "stub_worker.py"
+        shutil.copy(STUB_WORKER, stub)
+        stub.chmod(0o755)
+        d = LiveDaemon(world, worker_command=[SYSTEM_PYTHON, str(stub)], worker_extra_args=[],
+                       allow_root_jobs=False, **config)  # fmt: skip
+        _lay_out(d)
+        d.set_gpus(gpu_entry(0, 50))
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+def drop(d: LiveDaemon, who: Submitter, stem: str, **fields: Any) -> None:
+    """A job file written by ``who`` (theirs, 0644), renamed into incoming/."""
+    body = {"input": str(who.data / "in.jsonl"), "output": str(who.data / f"{stem}.jsonl"),
+            "tokenizer": "Qwen/tiny", "name": stem, "min_free_gib": 20, **fields}  # fmt: skip
+    path = d.spool.staging / f"{stem}.json"
+    path.write_text(json.dumps(body))
+    path.chmod(0o644)
+    os.chown(path, who.uid, who.user.pw_gid)
+    os.rename(path, d.spool.incoming / path.name)
+
+
+def accepted_id(d: LiveDaemon, name: str) -> str | None:
+    for event in d.events():
+        if event.get("event") == "job_accepted" and event.get("name") == name:
+            return str(event["job_id"])
+    return None
+
+
+def as_user(who: Submitter, code: str, *args: str) -> subprocess.Popen[bytes]:
+    """Run ``code`` (Python) as ``who`` in the background."""
+    return subprocess.Popen(
+        [SYSTEM_PYTHON, "-c", code, *args],
+        user=who.uid,
+        group=who.user.pw_gid,
+        extra_groups=[],
+        env={"PATH": "/usr/bin:/bin"},
+        cwd="/",
+    )
+
+
+def stopped_scanners(uid: int) -> list[int]:
+    out = []
+    for proc in psutil.process_iter(["pid", "cmdline", "uids", "status"]):
+        info = proc.info
+        if info["uids"] is None or info["uids"].real != uid:
+            continue
+        command = " ".join(info["cmdline"] or ())
+        if "gpuspool.scan" in command and info["status"] == psutil.STATUS_STOPPED:
+            out.append(int(info["pid"]))
+    return out
+
+
+def test_stopped_scanners_of_one_user_do_not_hold_another_users_intake(
+    make_daemon: Any, pair: tuple[Submitter, Submitter]
+) -> None:
+    """A scanner runs as its submitter, who may SIGSTOP it. The attacker drops four jobs with
+    a long input and stops each of its scanners as soon as it runs as them: it may hold one
+    scanner, never every slot, so the other user's job is accepted within seconds, not after
+    ``scan_timeout_s``."""
+    attacker, other = pair
+    d = make_daemon(scan_concurrency=2, scan_batch=1, scan_timeout_s=60.0)
+    slow = attacker.data / "slow.jsonl"
+    slow.write_bytes(b'{"audio": "/nonexistent/clip.wav"}\n' * 200_000)
+    os.chown(slow, attacker.uid, attacker.user.pw_gid)
+    stopper = as_user(attacker, STOP_SCANNERS, "120")
+    try:
+        d.start()
+        for i in range(4):
+            drop(d, attacker, f"hog{i}", input=str(slow))
+        wait_until(lambda: stopped_scanners(attacker.uid), timeout=60, step=0.1)
+        time.sleep(3)  # a few ticks: every free slot has been offered meanwhile
+        assert len(stopped_scanners(attacker.uid)) == 1  # one scanner per user at a time
+        t0 = time.monotonic()
+        drop(d, other, "victim")
+        job = wait_until(lambda: accepted_id(d, "victim"), timeout=20, step=0.1)
+        assert time.monotonic() - t0 < 20
+        assert wait_state(d, str(job), {"done", "failed"}, timeout=60) == "done"
+    finally:
+        stopper.kill()
+        stopper.wait()
+    assert d.stop() == 0
