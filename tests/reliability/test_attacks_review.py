@@ -36,19 +36,20 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON), reason=f"no {SYSTEM_PYTHON}"),
 ]
 
-#: Run as the attacker: SIGSTOP every scanner it may signal (its own, once they run as it).
+#: Run as the attacker: SIGSTOP every scanner of the daemon (pid argv[2]) it may signal (its
+#: own, once they run as it). Only that daemon's: other test runs may use the same users.
 STOP_SCANNERS = """
 import os, signal, sys, time
-end = time.time() + float(sys.argv[1])
+end, daemon = time.time() + float(sys.argv[1]), sys.argv[2]
 while time.time() < end:
     for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
+        if not pid.isdigit():
             continue
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"gpuspool.scan" in f.read():
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[1].decode() == daemon:
                     os.kill(int(pid), signal.SIGSTOP)
-        except OSError:
+        except (OSError, IndexError):
             pass
     time.sleep(0.002)
 """
@@ -86,6 +87,8 @@ def make_daemon(world: Path) -> Iterator[Any]:
     yield make
     for d in made:
         if d.proc is not None and d.proc.poll() is None:
+            for child in psutil.Process(d.proc.pid).children(recursive=True):
+                child.kill()  # scanners left stopped by a failed test
             d.proc.kill()
             d.proc.wait()
 
@@ -120,15 +123,17 @@ def as_user(who: Submitter, code: str, *args: str) -> subprocess.Popen[bytes]:
     )
 
 
-def stopped_scanners(uid: int) -> list[int]:
+def stopped_scanners(d: LiveDaemon, uid: int) -> list[int]:
+    """The daemon's scanners that run as ``uid`` and are stopped."""
+    assert d.proc is not None
     out = []
-    for proc in psutil.process_iter(["pid", "cmdline", "uids", "status"]):
-        info = proc.info
-        if info["uids"] is None or info["uids"].real != uid:
+    for proc in psutil.Process(d.proc.pid).children():
+        try:
+            stopped = proc.status() == psutil.STATUS_STOPPED and proc.uids().real == uid
+        except psutil.Error:
             continue
-        command = " ".join(info["cmdline"] or ())
-        if "gpuspool.scan" in command and info["status"] == psutil.STATUS_STOPPED:
-            out.append(int(info["pid"]))
+        if stopped and "gpuspool.scan" in " ".join(proc.cmdline()):
+            out.append(proc.pid)
     return out
 
 
@@ -144,14 +149,15 @@ def test_stopped_scanners_of_one_user_do_not_hold_another_users_intake(
     slow = attacker.data / "slow.jsonl"
     slow.write_bytes(b'{"audio": "/nonexistent/clip.wav"}\n' * 200_000)
     os.chown(slow, attacker.uid, attacker.user.pw_gid)
-    stopper = as_user(attacker, STOP_SCANNERS, "120")
+    d.start()
+    assert d.proc is not None
+    stopper = as_user(attacker, STOP_SCANNERS, "120", str(d.proc.pid))
     try:
-        d.start()
         for i in range(4):
             drop(d, attacker, f"hog{i}", input=str(slow))
-        wait_until(lambda: stopped_scanners(attacker.uid), timeout=60, step=0.1)
+        wait_until(lambda: stopped_scanners(d, attacker.uid), timeout=60, step=0.1)
         time.sleep(3)  # a few ticks: every free slot has been offered meanwhile
-        assert len(stopped_scanners(attacker.uid)) == 1  # one scanner per user at a time
+        assert len(stopped_scanners(d, attacker.uid)) == 1  # one scanner per user at a time
         t0 = time.monotonic()
         drop(d, other, "victim")
         job = wait_until(lambda: accepted_id(d, "victim"), timeout=20, step=0.1)
