@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -166,4 +167,35 @@ def test_stopped_scanners_of_one_user_do_not_hold_another_users_intake(
     finally:
         stopper.kill()
         stopper.wait()
+    assert d.stop() == 0
+
+
+def test_a_submitters_endless_log_line_stalls_no_ones_logs_command(
+    make_daemon: Any, pair: tuple[Submitter, Submitter]
+) -> None:
+    """The daemon hands a job's log to its submitter (owner, 0600), who may write anything
+    into it: here a 4 GiB run of NUL bytes without a newline (sparse: nothing on disk). The
+    operator's ``gpuspool logs ID`` (root) still prints the log in seconds, with bounded memory:
+    the long line cut, the lines before it intact."""
+    attacker, _ = pair
+    d = make_daemon()
+    d.start()
+    drop(d, attacker, "mine")
+    job = str(wait_until(lambda: accepted_id(d, "mine"), timeout=30))
+    assert wait_state(d, job, {"done", "failed"}, timeout=60) == "done"
+    log = Path(d.job(job).log_path)
+    wait_until(lambda: log.stat().st_uid == attacker.uid, timeout=30)
+    grow = as_user(attacker, "import os, sys; os.truncate(sys.argv[1], 4 << 30)", str(log))
+    assert grow.wait(timeout=60) == 0
+    t0 = time.monotonic()
+    got = subprocess.run(
+        [sys.executable, "-m", "gpuspool.cli", "--config", str(d.config), "logs", job, "--json"],
+        capture_output=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert time.monotonic() - t0 < 60
+    assert len(got.stdout) < 1 << 20
+    events = [json.loads(line) for line in got.stdout.splitlines()]
+    assert any(e.get("event") == "job_finished" for e in events)
+    assert "cut" in json.dumps(events[-1])
     assert d.stop() == 0
