@@ -94,12 +94,13 @@ class Runner(Protocol):
         """Whether ``pid`` is still the process started at ``pid_start``."""
         ...
 
-    def find_job_processes(self) -> dict[str, tuple[int, float]]:
-        """Live job processes: job id → (pid, start time) of the oldest carrying that id."""
+    def find_job_processes(self, uids: Mapping[str, int]) -> dict[str, tuple[int, float]]:
+        """Live processes of the jobs in ``uids`` (job id → the uid the job runs as): job id →
+        (pid, start time) of the oldest carrying that id and run by that uid."""
         ...
 
-    def kill_leftovers(self, job_id: str) -> list[int]:
-        """Kill every process still carrying ``job_id``; their pids."""
+    def kill_leftovers(self, job_id: str, uid: int) -> list[int]:
+        """Kill every process of ``uid`` still carrying ``job_id``; their pids."""
         ...
 
     def remove_scratch(self, path: Path) -> None:
@@ -173,11 +174,11 @@ class ProcessRunner:
     def is_alive(self, pid: int | None, pid_start: float | None) -> bool:
         return is_alive(pid, pid_start)
 
-    def find_job_processes(self) -> dict[str, tuple[int, float]]:
-        return find_job_processes()
+    def find_job_processes(self, uids: Mapping[str, int]) -> dict[str, tuple[int, float]]:
+        return find_job_processes(uids)
 
-    def kill_leftovers(self, job_id: str) -> list[int]:
-        return kill_leftovers(job_id)
+    def kill_leftovers(self, job_id: str, uid: int) -> list[int]:
+        return kill_leftovers(job_id, uid)
 
     def remove_scratch(self, path: Path) -> None:
         remove_scratch(path)
@@ -238,34 +239,41 @@ def is_alive(pid: int | None, pid_start: float | None) -> bool:
     return pid_start is None or pid_start == 0.0 or abs(created - pid_start) < 0.01
 
 
-def _job_processes() -> Iterator[tuple[psutil.Process, str]]:
-    """Every live process that carries ``GPUSPOOL_JOB_ID``, with that job id."""
-    for proc in psutil.process_iter(["pid", "create_time"]):
+def _job_processes(uids: Mapping[str, int]) -> Iterator[tuple[psutil.Process, str]]:
+    """Every live process that carries ``GPUSPOOL_JOB_ID`` of a job in ``uids``, with that job
+    id, if its real uid is the job's. Job ids are public (everyone's status shows them) and
+    anyone may put one in their environment: a process of another user is never the job's."""
+    for proc in psutil.process_iter(["pid", "create_time", "uids"]):
         try:
             job_id = proc.environ().get(JOB_ID_ENV)
         except (psutil.Error, OSError):
             continue
-        if job_id:
+        owner = proc.info["uids"]
+        if (
+            job_id is not None
+            and job_id in uids
+            and owner is not None
+            and owner.real == uids[job_id]
+        ):
             yield proc, job_id
 
 
-def find_job_processes() -> dict[str, tuple[int, float]]:
-    """Live processes carrying ``GPUSPOOL_JOB_ID``: job id → (pid, start time) of the oldest."""
+def find_job_processes(uids: Mapping[str, int]) -> dict[str, tuple[int, float]]:
+    """Live processes of the jobs in ``uids``, run by the job's uid: job id → (pid, start
+    time) of the oldest."""
     found: dict[str, tuple[int, float]] = {}
-    for proc, job_id in _job_processes():
+    for proc, job_id in _job_processes(uids):
         created = proc.info["create_time"]
         if job_id not in found or created < found[job_id][1]:
             found[job_id] = (proc.info["pid"], created)
     return found
 
 
-def kill_leftovers(job_id: str) -> list[int]:
-    """SIGKILL every process still carrying ``job_id`` (a finished job's stray children,
-    e.g. loaders of a worker that was killed); returns their pids."""
+def kill_leftovers(job_id: str, uid: int) -> list[int]:
+    """SIGKILL every process of ``uid`` still carrying ``job_id`` (a finished job's stray
+    children, e.g. loaders of a worker that was killed); returns their pids."""
     killed = []
-    for proc, owner in _job_processes():
-        if owner != job_id:
-            continue
+    for proc, _ in _job_processes({job_id: uid}):
         try:
             proc.kill()
         except psutil.Error:

@@ -112,15 +112,18 @@ def accepted_id(d: LiveDaemon, name: str) -> str | None:
     return None
 
 
-def as_user(who: Submitter, code: str, *args: str) -> subprocess.Popen[bytes]:
+def as_user(
+    who: Submitter, code: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Run ``code`` (Python) as ``who`` in the background."""
     return subprocess.Popen(
         [SYSTEM_PYTHON, "-c", code, *args],
         user=who.uid,
         group=who.user.pw_gid,
         extra_groups=[],
-        env={"PATH": "/usr/bin:/bin"},
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
         cwd="/",
+        start_new_session=True,
     )
 
 
@@ -198,4 +201,37 @@ def test_a_submitters_endless_log_line_stalls_no_ones_logs_command(
     events = [json.loads(line) for line in got.stdout.splitlines()]
     assert any(e.get("event") == "job_finished" for e in events)
     assert "cut" in json.dumps(events[-1])
+    assert d.stop() == 0
+
+
+def test_a_process_carrying_another_users_job_id_is_never_adopted_as_that_job(
+    make_daemon: Any, pair: tuple[Submitter, Submitter]
+) -> None:
+    """Job ids are public (the anonymised status). The daemon is killed after it claimed the
+    other user's job and before it started it; meanwhile the attacker runs a process whose
+    environment says ``GPUSPOOL_JOB_ID=<that job>``. The restarted daemon must not adopt it
+    as the job (it would stand for the job, hold its GPU and never run it): only a process of
+    the job's own user may be the job's, and the job runs to done."""
+    attacker, other = pair
+    d = make_daemon()
+    killpoint = Path(__file__).with_name("killpoint_daemon.py")
+    with open(d.log_path, "ab") as log:
+        crashing = subprocess.Popen(
+            [sys.executable, str(killpoint), str(d.config), "place_after_claim"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    drop(d, other, "victim")
+    crashing.wait(timeout=60)
+    job = str(accepted_id(d, "victim"))
+    assert d.state(job) == "running" and d.job(job).pid is None
+    impostor = as_user(attacker, "import time; time.sleep(300)", env={"GPUSPOOL_JOB_ID": job})
+    try:
+        d.start()
+        assert wait_state(d, job, {"done", "failed"}, timeout=60) == "done"
+        adopted = [e for e in d.events() if e.get("event") == "job_adopted"]
+        assert all(e.get("pid") != impostor.pid for e in adopted), adopted
+        assert impostor.poll() is None  # the attacker's own process is left alone
+    finally:
+        impostor.kill()
+        impostor.wait()
     assert d.stop() == 0
