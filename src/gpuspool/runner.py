@@ -18,8 +18,8 @@ user and removed when the job is filed as finished.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -213,16 +213,42 @@ def make_scratch(path: Path, owner: tuple[int, int] | None) -> None:
         os.chown(path, uid, gid, follow_symlinks=False)
 
 
+#: A scratch folder being removed is first renamed to ``<TRASH_PREFIX><job id>-<random>``.
+TRASH_PREFIX = ".removing-"
+#: The ``rm`` processes still removing scratch folders (reaped as later ones start).
+_removers: list[subprocess.Popen[bytes]] = []
+
+
 def remove_scratch(path: Path) -> None:
-    """Remove a scratch folder and what the job left in it, without following its links."""
+    """Remove a scratch folder and what the job left in it, without waiting for it.
+
+    The folder is its user's: they may have filled it with millions of files or a tree deeper
+    than Python recursion goes. It is renamed aside at once (the job's path is free again) and
+    removed by ``rm -rf`` (which never follows links, whatever the depth) in a child process
+    nobody waits for, so no tick waits on what a user left there."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path, ignore_errors=True)  # fd-based on Linux: links are not followed
-    else:
+    if not stat.S_ISDIR(st.st_mode):
         os.unlink(path)
+        return
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.urandom(4).hex()}")
+    os.rename(path, trash)
+    _removers[:] = [p for p in _removers if p.poll() is None]
+    with contextlib.suppress(OSError):  # no process now: the renamed folder stays, out of the way
+        _removers.append(
+            subprocess.Popen(
+                ["rm", "-rf", "--one-file-system", "--", str(trash)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                cwd=NEUTRAL_CWD,
+                env={"PATH": "/usr/bin:/bin"},
+                start_new_session=True,
+                close_fds=True,
+            )
+        )
 
 
 def is_alive(pid: int | None, pid_start: float | None) -> bool:

@@ -61,7 +61,7 @@ def world() -> Iterator[Path]:
     top = Path(tempfile.mkdtemp(prefix="gpuspool-review-", dir="/tmp"))
     top.chmod(0o755)
     yield top
-    shutil.rmtree(top, ignore_errors=True)
+    subprocess.run(["rm", "-rf", "--", str(top)], check=False)  # trees deeper than rmtree goes
 
 
 @pytest.fixture
@@ -234,4 +234,44 @@ def test_a_process_carrying_another_users_job_id_is_never_adopted_as_that_job(
     finally:
         impostor.kill()
         impostor.wait()
+    assert d.stop() == 0
+
+
+#: Run as the attacker: a chain of folders ``argv[2]`` deep inside the folder ``argv[1]``.
+DEEP_TREE = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+for _ in range(int(sys.argv[2])):
+    os.mkdir("d", dir_fd=fd)
+    inner = os.open("d", os.O_RDONLY, dir_fd=fd)
+    os.close(fd)
+    fd = inner
+"""
+
+
+def test_a_scratch_folder_the_user_filled_is_removed_without_failing_a_tick(
+    make_daemon: Any, pair: tuple[Submitter, Submitter]
+) -> None:
+    """A job's scratch folder is its user's (0700), reachable by its id while the job runs:
+    the attacker fills it with a tree 3,000 folders deep. When the job ends the daemon removes
+    the folder without a failed tick (no ``RecursionError`` on the tick's thread), and the tree
+    is gone."""
+    attacker, _ = pair
+    d = make_daemon()
+    d.start(env={**os.environ, "GPUSPOOL_JOB_ENV": json.dumps({"STUB_MODE": "sleep"})})
+    drop(d, attacker, "deep")
+    job = str(wait_until(lambda: accepted_id(d, "deep"), timeout=30))
+    assert wait_state(d, job, {"running"}, timeout=60) == "running"
+    scratch = d.tmp / "scratch"
+    wait_until(lambda: (scratch / job).is_dir(), timeout=30)
+    grow = as_user(attacker, DEEP_TREE, str(scratch / job), "3000")
+    assert grow.wait(timeout=120) == 0
+    cancel = subprocess.run(
+        [sys.executable, "-m", "gpuspool.cli", "--config", str(d.config), "cancel", job],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert cancel.returncode == 0, cancel.stderr
+    assert wait_state(d, job, {"cancelled"}, timeout=60) == "cancelled"
+    wait_until(lambda: not os.listdir(scratch), timeout=60)
+    assert "tick_failed" not in d.log_path.read_text()
     assert d.stop() == 0

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gpuspool.runner import make_scratch, remove_scratch
+from tests.conftest import wait_until
 
 
 def _mode(path: Path) -> int:
@@ -48,3 +49,20 @@ def test_a_scratch_parent_others_may_write_is_refused(tmp_path: Path) -> None:
     parent.chmod(0o777)
     with pytest.raises(RuntimeError, match="writable by nobody else"):
         make_scratch(parent / "job1", None)
+
+
+def test_a_tree_deeper_than_recursion_goes_is_removed_without_waiting(tmp_path: Path) -> None:
+    """A job's user may leave any tree in their folder: it is renamed aside at once and removed
+    by a child process, however deep."""
+    job = tmp_path / "scratch" / "job1"
+    make_scratch(job, None)
+    fd = os.open(job, os.O_RDONLY)
+    for _ in range(3000):
+        os.mkdir("d", dir_fd=fd)
+        inner = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    os.close(fd)
+    remove_scratch(job)
+    assert not job.exists()
+    wait_until(lambda: not os.listdir(job.parent), timeout=30)
