@@ -191,6 +191,7 @@ def make_scratch(path: Path, owner: tuple[int, int] | None) -> None:
     ``path`` but the daemon: a folder found there is this job's own from an earlier attempt.
     """
     parent = path.parent
+    _move_aside_if_planted(parent)
     parent.mkdir(mode=0o711, parents=True, exist_ok=True)
     st = os.lstat(parent)
     if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISDIR(st.st_mode):
@@ -217,6 +218,21 @@ def make_scratch(path: Path, owner: tuple[int, int] | None) -> None:
 TRASH_PREFIX = ".removing-"
 #: The ``rm`` processes still removing scratch folders (reaped as later ones start).
 _removers: list[subprocess.Popen[bytes]] = []
+
+
+def _move_aside_if_planted(parent: Path) -> None:
+    """Rename ``parent`` to ``<name>.not-ours-<random>`` if another user made it first in a
+    shared sticky folder (``/var/tmp``, before the installer or the first job did): otherwise
+    every job would fail on it. Nothing else is moved: a wrong folder of the daemon's own user
+    or in a private place is the operator's to fix, and is refused by :func:`make_scratch`."""
+    try:
+        st = os.lstat(parent)
+        shared = os.stat(parent.parent).st_mode
+    except FileNotFoundError:
+        return
+    if st.st_uid == os.geteuid() or not (shared & stat.S_ISVTX and shared & 0o002):
+        return
+    os.rename(parent, parent.with_name(f"{parent.name}.not-ours-{os.urandom(4).hex()}"))
 
 
 def remove_scratch(path: Path) -> None:

@@ -275,3 +275,28 @@ def test_a_scratch_folder_the_user_filled_is_removed_without_failing_a_tick(
     wait_until(lambda: not os.listdir(scratch), timeout=60)
     assert "tick_failed" not in d.log_path.read_text()
     assert d.stop() == 0
+
+
+def test_a_scratch_parent_another_user_made_first_fails_no_job(
+    make_daemon: Any, pair: tuple[Submitter, Submitter]
+) -> None:
+    """The scratch folders' parent lives in a shared sticky folder (``/var/tmp/gpuspool`` by
+    default). Where it does not exist yet, any user can make it first. The daemon must not
+    fail every job for it (nor use it): it moves that folder aside and makes its own."""
+    attacker, other = pair
+    shared = attacker.data.parent / "vartmp"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    d = make_daemon(scratch_dir=str(shared / "gpuspool"))
+    planted = as_user(
+        attacker, "import os, sys; os.mkdir(sys.argv[1], 0o777)", str(shared / "gpuspool")
+    )
+    assert planted.wait(timeout=30) == 0
+    assert (shared / "gpuspool").stat().st_uid == attacker.uid
+    d.start()
+    drop(d, other, "victim")
+    job = str(wait_until(lambda: accepted_id(d, "victim"), timeout=30))
+    assert wait_state(d, job, {"done", "failed"}, timeout=60) == "done", d.job(job).reason
+    parent = (shared / "gpuspool").lstat()
+    assert parent.st_uid == 0 and parent.st_mode & 0o777 == 0o711
+    assert d.stop() == 0
