@@ -104,7 +104,7 @@ def _reason(h: Harness, name: str) -> str:
     for p in h.daemon.spool.reason_files():
         head, _, reason = p.read_text().partition("\nreason: ")
         if head.removeprefix("file: ") == name:
-            return reason.strip()
+            return reason.partition("\njob: ")[0].strip()  # the reason, without the job id line
     raise AssertionError(f"no reason file for {name}")
 
 
