@@ -581,11 +581,12 @@ class Daemon:
         """Everything the runner needs to start the job; raises if the job cannot run."""
         identity = None
         popen_kwargs: dict[str, Any] = {}
+        switch: list[str] = []
         if self.identity_for is not None:
             from gpuspool import privileges
 
             identity = self.identity_for(job.submitter_uid)
-            popen_kwargs = privileges.popen_kwargs(identity)
+            switch, popen_kwargs = privileges.switch_after_exec(identity)
         return Launch(
             argv=self.worker_argv(job),
             env=self._job_env(job.id, gpu_uuid, identity),
@@ -594,6 +595,7 @@ class Daemon:
             scratch_dir=self.scratch_path(job.id),
             owner=None if identity is None else (identity.uid, identity.gid),
             popen_kwargs=popen_kwargs,
+            switch=switch,
         )
 
     def _launch(self, job: JobRecord, gpu_uuid: str, available: float, now: float) -> str | None:

@@ -5,12 +5,14 @@ the scripted :class:`gpuspool.runner_fake.FakeRunner` (no process started). ``Pr
 the only module that imports ``subprocess`` for jobs and ``psutil``.
 
 Each job runs as an argv list (no shell) in its own process session, so stopping it reaches the
-whole group: SIGTERM first, SIGKILL after a grace period. It starts in ``/`` and switches to its
-user before anything else runs (``Popen``'s ``cwd`` is applied *before* the uid switch, so a user
-folder there would be opened as root). stdout and stderr go to the job's human log; events go to
-a per-job events file handed over as an inherited descriptor (``GPUSPOOL_EVENTS_FD``, see
-:mod:`gpuspool.protocol`). Because nothing is piped, a job outlives a daemon crash and is adopted
-again on restart (by pid and process start time, so a reused pid is never mistaken for it).
+whole group: SIGTERM first, SIGKILL after a grace period. It starts in ``/`` (a user folder
+there would be opened as root) and switches to its user before anything else runs, by
+``setpriv`` after the exec (``Launch.switch``): ``Popen`` returns before the process is the
+user's, so they cannot hold it by stopping the process before its exec. stdout and stderr go
+to the job's human log; events go to a per-job events file handed over as an inherited
+descriptor (``GPUSPOOL_EVENTS_FD``, see :mod:`gpuspool.protocol`). Because nothing is piped, a
+job outlives a daemon crash and is adopted again on restart (by pid and process start time, so
+a reused pid is never mistaken for it).
 
 Each job also gets a private scratch folder (its ``TMPDIR`` and caches), created here for its
 user and removed when the job is filed as finished.
@@ -52,8 +54,11 @@ class Launch:
     scratch_dir: Path | None = None
     #: (uid, gid) the scratch folder belongs to; None: the daemon's own user.
     owner: tuple[int, int] | None = None
-    #: Extra ``subprocess.Popen`` arguments (user, group, extra_groups, umask) for the identity.
+    #: Extra ``subprocess.Popen`` arguments (the umask) for the identity.
     popen_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    #: Put before ``argv``: switches to the job's user after the exec (``setpriv``), so the
+    #: start never waits on a process its user could already stop (see ``privileges``).
+    switch: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +129,7 @@ class ProcessRunner:
         try:
             with open(launch.log_path, "ab", buffering=0) as log:
                 proc = subprocess.Popen(
-                    list(launch.argv),
+                    [*launch.switch, *launch.argv],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,

@@ -78,8 +78,8 @@ def make_daemon(world: Path) -> Iterator[Any]:
         stub = world / "stub_worker.py"
         shutil.copy(STUB_WORKER, stub)
         stub.chmod(0o755)
-        d = LiveDaemon(world, worker_command=[SYSTEM_PYTHON, str(stub)], worker_extra_args=[],
-                       allow_root_jobs=False, **config)  # fmt: skip
+        config.setdefault("worker_command", [SYSTEM_PYTHON, str(stub)])
+        d = LiveDaemon(world, worker_extra_args=[], allow_root_jobs=False, **config)
         _lay_out(d)
         d.set_gpus(gpu_entry(0, 50))
         made.append(d)
@@ -299,4 +299,61 @@ def test_a_scratch_parent_another_user_made_first_fails_no_job(
     assert wait_state(d, job, {"done", "failed"}, timeout=60) == "done", d.job(job).reason
     parent = (shared / "gpuspool").lstat()
     assert parent.st_uid == 0 and parent.st_mode & 0o777 == 0o711
+    assert d.stop() == 0
+
+
+#: Run as the attacker: SIGSTOP each new child of the daemon (pid argv[1]) other than its worker
+#: (argv[2]) as soon as it runs as them, watching the pids the kernel hands out next.
+STOP_NEW_CHILDREN = """
+import os, signal, sys, time
+daemon, worker, end = sys.argv[1], int(sys.argv[2]), time.time() + float(sys.argv[3])
+me = os.getpid()
+while time.time() < end:
+    with open("/proc/loadavg") as f:
+        top = int(f.read().split()[-1])
+    for pid in range(top - 16, top + 1):
+        if pid in (me, worker):
+            continue
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[1].decode() != daemon:
+                    continue
+            os.kill(pid, signal.SIGSTOP)
+        except (OSError, IndexError):
+            pass
+"""
+#: A worker that starts the stand-in worker after argv[1] seconds (the attacker's setup time).
+SLOW_WORKER = """
+import os, sys, time
+time.sleep(float(sys.argv[1]))
+os.execv(sys.executable, [sys.executable, sys.argv[2], *sys.argv[3:]])
+"""
+
+
+def test_a_stopped_output_check_does_not_hold_the_tick(
+    make_daemon: Any, pair: tuple[Submitter, Submitter], world: Path
+) -> None:
+    """When a job exits 0, the daemon checks its output as the job's user, in a short-lived
+    process of that user, whom the user may SIGSTOP: between fork and exec (where ``Popen``
+    waits for the exec, forever) or after. The tick waits for neither: the job is filed
+    within a few seconds of its exit (not after the check's 10 s timeout, nor never)."""
+    attacker, _ = pair
+    slow = world / "slow_worker.py"
+    slow.write_text(SLOW_WORKER)
+    slow.chmod(0o755)
+    d = make_daemon(worker_command=[SYSTEM_PYTHON, str(slow), "4", str(world / "stub_worker.py")])
+    d.start()
+    drop(d, attacker, "mine")
+    job = str(wait_until(lambda: accepted_id(d, "mine"), timeout=30))
+    pid = int(wait_until(lambda: d.job(job).pid, timeout=60))
+    assert d.proc is not None
+    stopper = as_user(attacker, STOP_NEW_CHILDREN, str(d.proc.pid), str(pid), "60")
+    try:
+        wait_until(lambda: not psutil.pid_exists(pid), timeout=60, step=0.01)
+        exited = time.monotonic()
+        assert wait_state(d, job, {"done", "failed"}, timeout=60) == "done"
+        assert time.monotonic() - exited < 5
+    finally:
+        stopper.kill()
+        stopper.wait()
     assert d.stop() == 0
