@@ -25,6 +25,7 @@ from gpuspool.ledger_api import LedgerBackend, open_ledger
 from gpuspool.models import RUNNABLE_STATES, JobState
 from gpuspool.views import (
     RECENT_FINISHED,
+    LogLines,
     gpus_data,
     gpus_lines,
     gpus_snapshot,
@@ -827,15 +828,13 @@ def job_logs(
         raise typer.Exit(1) from exc
     try:
         with log_file as f:
-            pending = b""
+            lines = LogLines()  # the log is its submitter's: any line length, bounded here
             last_read = False
             while True:
-                chunk = f.read(65536)
+                chunk = f.read(1 << 20)
                 if chunk:
-                    pending += chunk
-                    *lines, pending = pending.split(b"\n")
-                    for raw in lines:
-                        emit(raw.decode("utf-8", errors="replace"))
+                    for line in lines.feed(chunk):
+                        emit(line)
                     continue
                 if not follow or last_read:
                     break
@@ -844,8 +843,8 @@ def job_logs(
                 last_read = ended()
                 if not last_read:
                     time.sleep(0.5)
-            if pending:
-                emit(pending.decode("utf-8", errors="replace"))
+            for line in lines.rest():
+                emit(line)
     except KeyboardInterrupt:
         pass
 

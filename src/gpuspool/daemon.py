@@ -136,7 +136,9 @@ class Daemon:
         self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
         self.settings.events_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         running = self.ledger.jobs([JobState.RUNNING])
-        orphans = self.runner.find_job_processes() if running else {}
+        unrecorded = {job.id: self._job_uid(job) for job in running if job.pid is None}
+        uids = {job_id: uid for job_id, uid in unrecorded.items() if uid is not None}
+        orphans = self.runner.find_job_processes(uids) if uids else {}
         for job in running:
             if job.pid is None and job.id in orphans:
                 # Started just before a crash, before its pid was recorded: adopt, never rerun.
@@ -293,7 +295,8 @@ class Daemon:
     ) -> None:
         """File a job whose process is gone: gather the facts, :func:`decide`, apply."""
         state = self._running.pop(job.id, _Running())
-        strays = self.runner.kill_leftovers(job.id)
+        uid = self._job_uid(job)
+        strays = self.runner.kill_leftovers(job.id, uid) if uid is not None else []
         if strays:
             self.log.warning("job_strays_killed", job_id=job.id, pids=strays)
         facts = ExitFacts(
@@ -321,6 +324,16 @@ class Daemon:
             self.runner.remove_scratch(self.scratch_path(job.id))
         if report is not None:
             report.finished.append((job.id, outcome.exit_class))
+
+    def _job_uid(self, job: JobRecord) -> int | None:
+        """The uid a job's processes run as (None: its user has no account any more). Only a
+        process of that uid can be the job's: job ids are public, environments are not proof."""
+        if self.identity_for is None:
+            return self.daemon_euid
+        try:
+            return int(self.identity_for(job.submitter_uid).uid)
+        except Exception:
+            return None
 
     def _max_attempts(self, job: JobRecord) -> int:
         try:
@@ -604,11 +617,12 @@ class Daemon:
         """Everything the runner needs to start the job; raises if the job cannot run."""
         identity = None
         popen_kwargs: dict[str, Any] = {}
+        switch: list[str] = []
         if self.identity_for is not None:
             from gpuspool import privileges
 
             identity = self.identity_for(job.submitter_uid)
-            popen_kwargs = privileges.popen_kwargs(identity)
+            switch, popen_kwargs = privileges.switch_after_exec(identity)
         return Launch(
             argv=self.worker_argv(job),
             env=self._job_env(job.id, gpu_uuid, identity),
@@ -617,6 +631,7 @@ class Daemon:
             scratch_dir=self.scratch_path(job.id),
             owner=None if identity is None else (identity.uid, identity.gid),
             popen_kwargs=popen_kwargs,
+            switch=switch,
         )
 
     def _launch(self, job: JobRecord, gpu_uuid: str, available: float, now: float) -> str | None:

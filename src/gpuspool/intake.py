@@ -12,8 +12,9 @@ Each tick, :meth:`Intake.run`:
    from each owner (round-robin by the file's uid): read safely (``spool.py``: the only thing a
    submitter controls that root reads), validated, then handed to a scanner that runs as the
    job's user (``scan.py``). At most ``scan_concurrency`` scanners run, each for up to
-   ``scan_batch`` jobs of one user. A file stays in ``incoming/`` while its scan runs; after a
-   restart it is simply scanned again.
+   ``scan_batch`` jobs of one user, and at most one per user at a time (a scanner runs as its
+   submitter, who can stop it: it must not hold others' slots). A file stays in ``incoming/``
+   while its scan runs; after a restart it is simply scanned again.
 
 A job is rejected only for what is wrong with the job. A daemon-side error (the ledger locked or
 full, the spool read-only, no process could be started) leaves the file where it is; it is tried
@@ -81,6 +82,8 @@ class _Batch:
     proc: ScanProcess
     items: list[_Item]
     who: str
+    #: The uid owning the batch's files (one owner per batch, one batch per owner at a time).
+    owner: int
 
 
 class Intake:
@@ -335,43 +338,43 @@ class Intake:
     def _take(self, now: float, report: Report) -> None:
         """Read, check and hand to scanners the next files, fairly, within the tick's budget:
         looking up new names' owners may take half of ``intake_max_ms``, deciding files the
-        whole of it (each phase always makes some progress, however slow the machine)."""
+        whole of it (each phase always makes some progress, however slow the machine).
+
+        An owner has at most one scanner at a time (a batch of up to ``scan_batch`` of their
+        files): a scanner runs as its submitter, who may stop it or make it slow, so one
+        submitter's scans must never hold every slot while another's files wait."""
         settings = self.host.settings
         budget = settings.intake_max_ms / 1000.0
         by_owner = self._by_owner(self._due(now), self.clock() + budget / 2)
         until = self.clock() + budget
-        open_batches: dict[int, list[_Item]] = {}
-        full: list[list[_Item]] = []
+        owner_of = {key: uid for uid, keys in by_owner.items() for key in keys}
+        busy = {batch.owner for batch in self._batches}
+        closed = set(busy)  # owners who get no more files this tick
+        new: dict[int, list[_Item]] = {}
         taken = 0
-        for key in self._fair(by_owner):
+        for key in self._fair({u: k for u, k in by_owner.items() if u not in busy}):
             if taken >= settings.intake_max_files or (taken >= 16 and self.clock() >= until):
                 break
-            used = len(self._batches) + len(open_batches) + len(full)
-            if used >= settings.scan_concurrency and not any(
-                len(b) < settings.scan_batch for b in open_batches.values()
-            ):
-                break  # no scanner free: the rest wait for the next tick
+            owner = owner_of[key]
+            if owner in closed:
+                continue
+            if owner not in new and len(self._batches) + len(new) >= settings.scan_concurrency:
+                if all(o in closed for o in new):
+                    break  # no scanner free: the rest wait for the next tick
+                continue
             taken += 1
             item = self._guard(key, now, partial(self._prepare, key, now, report))
             if item is None:
                 continue
-            group = -1 if item.runs_as is None else int(item.runs_as.uid)
-            if key in self._solo:
-                if used >= settings.scan_concurrency:
-                    continue
-                full.append([item])
-                continue
-            batch = open_batches.get(group)
-            if batch is not None and len(batch) >= settings.scan_batch:
-                full.append(open_batches.pop(group))
-                batch = None
-            if batch is None:
-                if used >= settings.scan_concurrency:
-                    continue
-                batch = open_batches[group] = []
+            batch = new.setdefault(owner, [])
+            if key in self._solo and batch:
+                continue  # scanned alone, on a later tick
             batch.append(item)
-        for items in [*full, *open_batches.values()]:
-            self._start(items, now)
+            if key in self._solo or len(batch) >= settings.scan_batch:
+                closed.add(owner)
+        for owner, items in new.items():
+            if items:
+                self._start(items, now, owner)
 
     def _prepare(self, key: Key, now: float, report: Report) -> _Item | None:
         """Read and validate one file; the item to scan, or None when already decided."""
@@ -408,7 +411,7 @@ class Intake:
             return None
         return _Item(key, raw, spec, runs_as, judge_for)
 
-    def _start(self, items: list[_Item], now: float) -> None:
+    def _start(self, items: list[_Item], now: float, owner: int) -> None:
         settings = self.host.settings
         limits = ScanLimits(
             timeout_s=settings.scan_timeout_s,
@@ -433,7 +436,7 @@ class Intake:
             for item in items:
                 self._later_log(item.key, f"could not start the scanner: {exc}", now)
             return
-        self._batches.append(_Batch(proc, items, who))
+        self._batches.append(_Batch(proc, items, who, owner))
         self._busy.update(item.key for item in items)
 
     # -- outcomes ---------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ import os
 import pwd
 import stat
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -218,6 +219,30 @@ def popen_kwargs(identity: Identity, *, umask: int | None = JOB_UMASK) -> dict[s
     return kwargs
 
 
+#: Switches to a user after exec (util-linux); see :func:`switch_after_exec`.
+SETPRIV = "/usr/bin/setpriv"
+
+
+def switch_after_exec(
+    identity: Identity, *, umask: int | None = JOB_UMASK
+) -> tuple[list[str], dict[str, Any]]:
+    """An argv prefix and ``Popen`` keyword arguments that start a child as ``identity``.
+
+    The switch is made by ``setpriv`` after the exec, not by ``Popen``: ``Popen`` switches
+    between fork and exec and then waits for the exec, so a user who SIGSTOPs their new
+    process in between (it is already theirs) would hold the caller forever. ``setpriv``
+    starts as root, which they cannot signal, and the caller is free once it runs.
+    """
+    kwargs = popen_kwargs(identity, umask=umask)
+    if "user" not in kwargs:
+        return [], kwargs
+    for key in ("user", "group", "extra_groups"):
+        del kwargs[key]
+    groups = ",".join(str(g) for g in identity.groups)
+    prefix = [SETPRIV, f"--reuid={identity.uid}", f"--regid={identity.gid}", f"--groups={groups}"]
+    return [*prefix, "--"], kwargs
+
+
 def identity_env(identity: Identity) -> dict[str, str]:
     """``HOME``, ``USER`` and ``LOGNAME`` for a job's environment (caches: its scratch folder)."""
     return {"HOME": identity.home, "USER": identity.name, "LOGNAME": identity.name}
@@ -363,21 +388,53 @@ def _probe_in_child(identity: Identity, probes: list[tuple[str, str]]) -> list[b
     """Run ``test`` for each probe in a ``/bin/sh`` that runs as ``identity``."""
     argv = ["/bin/sh", "-c", _PROBE_SCRIPT, "sh", *(f"{op}:{path}" for op, path in probes)]
     try:
-        done = subprocess.run(
-            argv,
-            capture_output=True,
+        prefix, kwargs = switch_after_exec(identity, umask=0o077)
+        child = subprocess.Popen(
+            [*prefix, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
             env={"PATH": _CHECK_PATH},
             cwd="/",
-            timeout=CHECK_TIMEOUT_S,
-            check=False,
-            **popen_kwargs(identity, umask=0o077),
+            **kwargs,
         )
     except (OSError, subprocess.SubprocessError, PrivilegeError) as exc:
         raise _Undecidable(f"could not check paths as {identity}: {exc}") from exc
-    out = done.stdout.decode("ascii", "replace")
-    if done.returncode != 0 or len(out) != len(probes) or set(out) - {"0", "1"}:
+    raw = _output_unless_stopped(child)
+    if raw is None:
+        raise _Undecidable(f"could not check paths as {identity}: the check process was stopped"
+                           " or took too long")  # fmt: skip
+    out = raw.decode("ascii", "replace")
+    if child.returncode != 0 or len(out) != len(probes) or set(out) - {"0", "1"}:
         raise _Undecidable(f"could not check paths as {identity}: the check process failed")
     return [c == "1" for c in out]
+
+
+def _output_unless_stopped(child: subprocess.Popen[bytes]) -> bytes | None:
+    """The check process's stdout once it exits; None (it is killed) when it is stopped or
+    past :data:`CHECK_TIMEOUT_S`. It runs as the user, who may SIGSTOP it: the daemon's tick
+    waits on it, so a stopped one is given up at once, not after the timeout."""
+    deadline = time.monotonic() + CHECK_TIMEOUT_S
+    while True:
+        try:
+            out, _ = child.communicate(timeout=0.02)
+            return out
+        except subprocess.TimeoutExpired:
+            if time.monotonic() < deadline and not _stopped(child.pid):
+                continue
+        child.kill()
+        child.communicate()
+        return None
+
+
+def _stopped(pid: int) -> bool:
+    """Whether the process ``pid`` is stopped (by a signal or a tracer)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in (b"T", b"t")
 
 
 def _probe_self(op: str, path: str) -> bool:

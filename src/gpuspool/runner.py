@@ -5,12 +5,14 @@ the scripted :class:`gpuspool.runner_fake.FakeRunner` (no process started). ``Pr
 the only module that imports ``subprocess`` for jobs and ``psutil``.
 
 Each job runs as an argv list (no shell) in its own process session, so stopping it reaches the
-whole group: SIGTERM first, SIGKILL after a grace period. It starts in ``/`` and switches to its
-user before anything else runs (``Popen``'s ``cwd`` is applied *before* the uid switch, so a user
-folder there would be opened as root). stdout and stderr go to the job's human log; events go to
-a per-job events file handed over as an inherited descriptor (``GPUSPOOL_EVENTS_FD``, see
-:mod:`gpuspool.protocol`). Because nothing is piped, a job outlives a daemon crash and is adopted
-again on restart (by pid and process start time, so a reused pid is never mistaken for it).
+whole group: SIGTERM first, SIGKILL after a grace period. It starts in ``/`` (a user folder
+there would be opened as root) and switches to its user before anything else runs, by
+``setpriv`` after the exec (``Launch.switch``): ``Popen`` returns before the process is the
+user's, so they cannot hold it by stopping the process before its exec. stdout and stderr go
+to the job's human log; events go to a per-job events file handed over as an inherited
+descriptor (``GPUSPOOL_EVENTS_FD``, see :mod:`gpuspool.protocol`). Because nothing is piped, a
+job outlives a daemon crash and is adopted again on restart (by pid and process start time, so
+a reused pid is never mistaken for it).
 
 Each job also gets a private scratch folder (its ``TMPDIR`` and caches), created here for its
 user and removed when the job is filed as finished.
@@ -18,8 +20,8 @@ user and removed when the job is filed as finished.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -52,8 +54,11 @@ class Launch:
     scratch_dir: Path | None = None
     #: (uid, gid) the scratch folder belongs to; None: the daemon's own user.
     owner: tuple[int, int] | None = None
-    #: Extra ``subprocess.Popen`` arguments (user, group, extra_groups, umask) for the identity.
+    #: Extra ``subprocess.Popen`` arguments (the umask) for the identity.
     popen_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    #: Put before ``argv``: switches to the job's user after the exec (``setpriv``), so the
+    #: start never waits on a process its user could already stop (see ``privileges``).
+    switch: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,12 +99,13 @@ class Runner(Protocol):
         """Whether ``pid`` is still the process started at ``pid_start``."""
         ...
 
-    def find_job_processes(self) -> dict[str, tuple[int, float]]:
-        """Live job processes: job id → (pid, start time) of the oldest carrying that id."""
+    def find_job_processes(self, uids: Mapping[str, int]) -> dict[str, tuple[int, float]]:
+        """Live processes of the jobs in ``uids`` (job id → the uid the job runs as): job id →
+        (pid, start time) of the oldest carrying that id and run by that uid."""
         ...
 
-    def kill_leftovers(self, job_id: str) -> list[int]:
-        """Kill every process still carrying ``job_id``; their pids."""
+    def kill_leftovers(self, job_id: str, uid: int) -> list[int]:
+        """Kill every process of ``uid`` still carrying ``job_id``; their pids."""
         ...
 
     def remove_scratch(self, path: Path) -> None:
@@ -123,7 +129,7 @@ class ProcessRunner:
         try:
             with open(launch.log_path, "ab", buffering=0) as log:
                 proc = subprocess.Popen(
-                    list(launch.argv),
+                    [*launch.switch, *launch.argv],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -173,11 +179,11 @@ class ProcessRunner:
     def is_alive(self, pid: int | None, pid_start: float | None) -> bool:
         return is_alive(pid, pid_start)
 
-    def find_job_processes(self) -> dict[str, tuple[int, float]]:
-        return find_job_processes()
+    def find_job_processes(self, uids: Mapping[str, int]) -> dict[str, tuple[int, float]]:
+        return find_job_processes(uids)
 
-    def kill_leftovers(self, job_id: str) -> list[int]:
-        return kill_leftovers(job_id)
+    def kill_leftovers(self, job_id: str, uid: int) -> list[int]:
+        return kill_leftovers(job_id, uid)
 
     def remove_scratch(self, path: Path) -> None:
         remove_scratch(path)
@@ -190,6 +196,7 @@ def make_scratch(path: Path, owner: tuple[int, int] | None) -> None:
     ``path`` but the daemon: a folder found there is this job's own from an earlier attempt.
     """
     parent = path.parent
+    _move_aside_if_planted(parent)
     parent.mkdir(mode=0o711, parents=True, exist_ok=True)
     st = os.lstat(parent)
     if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISDIR(st.st_mode):
@@ -212,16 +219,57 @@ def make_scratch(path: Path, owner: tuple[int, int] | None) -> None:
         os.chown(path, uid, gid, follow_symlinks=False)
 
 
+#: A scratch folder being removed is first renamed to ``<TRASH_PREFIX><job id>-<random>``.
+TRASH_PREFIX = ".removing-"
+#: The ``rm`` processes still removing scratch folders (reaped as later ones start).
+_removers: list[subprocess.Popen[bytes]] = []
+
+
+def _move_aside_if_planted(parent: Path) -> None:
+    """Rename ``parent`` to ``<name>.not-ours-<random>`` if another user made it first in a
+    shared sticky folder (``/var/tmp``, before the installer or the first job did): otherwise
+    every job would fail on it. Nothing else is moved: a wrong folder of the daemon's own user
+    or in a private place is the operator's to fix, and is refused by :func:`make_scratch`."""
+    try:
+        st = os.lstat(parent)
+        shared = os.stat(parent.parent).st_mode
+    except FileNotFoundError:
+        return
+    if st.st_uid == os.geteuid() or not (shared & stat.S_ISVTX and shared & 0o002):
+        return
+    os.rename(parent, parent.with_name(f"{parent.name}.not-ours-{os.urandom(4).hex()}"))
+
+
 def remove_scratch(path: Path) -> None:
-    """Remove a scratch folder and what the job left in it, without following its links."""
+    """Remove a scratch folder and what the job left in it, without waiting for it.
+
+    The folder is its user's: they may have filled it with millions of files or a tree deeper
+    than Python recursion goes. It is renamed aside at once (the job's path is free again) and
+    removed by ``rm -rf`` (which never follows links, whatever the depth) in a child process
+    nobody waits for, so no tick waits on what a user left there."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path, ignore_errors=True)  # fd-based on Linux: links are not followed
-    else:
+    if not stat.S_ISDIR(st.st_mode):
         os.unlink(path)
+        return
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.urandom(4).hex()}")
+    os.rename(path, trash)
+    _removers[:] = [p for p in _removers if p.poll() is None]
+    with contextlib.suppress(OSError):  # no process now: the renamed folder stays, out of the way
+        _removers.append(
+            subprocess.Popen(
+                ["rm", "-rf", "--one-file-system", "--", str(trash)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                cwd=NEUTRAL_CWD,
+                env={"PATH": "/usr/bin:/bin"},
+                start_new_session=True,
+                close_fds=True,
+            )
+        )
 
 
 def is_alive(pid: int | None, pid_start: float | None) -> bool:
@@ -238,34 +286,41 @@ def is_alive(pid: int | None, pid_start: float | None) -> bool:
     return pid_start is None or pid_start == 0.0 or abs(created - pid_start) < 0.01
 
 
-def _job_processes() -> Iterator[tuple[psutil.Process, str]]:
-    """Every live process that carries ``GPUSPOOL_JOB_ID``, with that job id."""
-    for proc in psutil.process_iter(["pid", "create_time"]):
+def _job_processes(uids: Mapping[str, int]) -> Iterator[tuple[psutil.Process, str]]:
+    """Every live process that carries ``GPUSPOOL_JOB_ID`` of a job in ``uids``, with that job
+    id, if its real uid is the job's. Job ids are public (everyone's status shows them) and
+    anyone may put one in their environment: a process of another user is never the job's."""
+    for proc in psutil.process_iter(["pid", "create_time", "uids"]):
         try:
             job_id = proc.environ().get(JOB_ID_ENV)
         except (psutil.Error, OSError):
             continue
-        if job_id:
+        owner = proc.info["uids"]
+        if (
+            job_id is not None
+            and job_id in uids
+            and owner is not None
+            and owner.real == uids[job_id]
+        ):
             yield proc, job_id
 
 
-def find_job_processes() -> dict[str, tuple[int, float]]:
-    """Live processes carrying ``GPUSPOOL_JOB_ID``: job id → (pid, start time) of the oldest."""
+def find_job_processes(uids: Mapping[str, int]) -> dict[str, tuple[int, float]]:
+    """Live processes of the jobs in ``uids``, run by the job's uid: job id → (pid, start
+    time) of the oldest."""
     found: dict[str, tuple[int, float]] = {}
-    for proc, job_id in _job_processes():
+    for proc, job_id in _job_processes(uids):
         created = proc.info["create_time"]
         if job_id not in found or created < found[job_id][1]:
             found[job_id] = (proc.info["pid"], created)
     return found
 
 
-def kill_leftovers(job_id: str) -> list[int]:
-    """SIGKILL every process still carrying ``job_id`` (a finished job's stray children,
-    e.g. loaders of a worker that was killed); returns their pids."""
+def kill_leftovers(job_id: str, uid: int) -> list[int]:
+    """SIGKILL every process of ``uid`` still carrying ``job_id`` (a finished job's stray
+    children, e.g. loaders of a worker that was killed); returns their pids."""
     killed = []
-    for proc, owner in _job_processes():
-        if owner != job_id:
-            continue
+    for proc, _ in _job_processes({job_id: uid}):
         try:
             proc.kill()
         except psutil.Error:

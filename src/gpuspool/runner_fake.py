@@ -14,8 +14,9 @@ adopted (not its children), so their exit code is unknown to it, as with the rea
 from __future__ import annotations
 
 import itertools
+import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,11 @@ class FakeProcess:
     @property
     def job_id(self) -> str:
         return self.launch.env.get(JOB_ID_ENV, "")
+
+    @property
+    def uid(self) -> int:
+        """The uid it runs as: the job's user, or the daemon's own."""
+        return self.launch.owner[0] if self.launch.owner is not None else os.geteuid()
 
     @property
     def alive(self) -> bool:
@@ -137,13 +143,14 @@ class FakeRunner:
         proc = self.table.procs.get(pid) if pid is not None else None
         return proc is not None and proc.alive
 
-    def find_job_processes(self) -> dict[str, tuple[int, float]]:
-        return {p.job_id: (p.pid, p.pid_start) for p in self.processes if p.alive and p.job_id}
+    def find_job_processes(self, uids: Mapping[str, int]) -> dict[str, tuple[int, float]]:
+        return {p.job_id: (p.pid, p.pid_start) for p in self.processes
+                if p.alive and p.job_id in uids and p.uid == uids[p.job_id]}  # fmt: skip
 
-    def kill_leftovers(self, job_id: str) -> list[int]:
+    def kill_leftovers(self, job_id: str, uid: int) -> list[int]:
         killed = []
         for proc in self.processes:
-            if proc.alive and proc.job_id == job_id:
+            if proc.alive and proc.job_id == job_id and proc.uid == uid:
                 proc.exit(-signal.SIGKILL)
                 killed.append(proc.pid)
         return killed

@@ -643,6 +643,50 @@ def log_json(raw: str) -> str:
     return json.dumps({"event": "output", "source": "worker", "line": raw})
 
 
+#: Longest line of a job's log that ``logs`` shows; the rest of a longer line is cut.
+MAX_LOG_LINE = 64 << 10
+
+
+class LogLines:
+    """The lines of a job's log as it is read, each at most :data:`MAX_LOG_LINE` bytes.
+
+    A job's log belongs to its submitter, who may write anything into it (gigabytes without a
+    newline, a sparse file of NUL bytes): the cut part of a line is counted, not kept, so
+    reading costs memory bounded by one line and time linear in the bytes read.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._cut = 0
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """The lines that ``chunk`` completes."""
+        out = []
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            self._add(chunk, start, end)
+            out.append(self._take())
+            start = end + 1
+        self._add(chunk, start, len(chunk))
+        return out
+
+    def rest(self) -> list[str]:
+        """The last line, if the log does not end with a newline."""
+        return [self._take()] if self._buf or self._cut else []
+
+    def _add(self, chunk: bytes, start: int, end: int) -> None:
+        keep = min(end - start, MAX_LOG_LINE - len(self._buf))
+        self._buf += chunk[start : start + keep]
+        self._cut += end - start - keep
+
+    def _take(self) -> str:
+        text = self._buf.decode("utf-8", errors="replace")
+        if self._cut:
+            text += f" [... {self._cut} more bytes of this line cut]"
+        self._buf, self._cut = bytearray(), 0
+        return text
+
+
 #: Waiting jobs listed in the published snapshot (the rest are counted).
 SNAPSHOT_WAITING = 200
 #: What the public snapshot hides of a job: what it is, whose it is, where its files are, its

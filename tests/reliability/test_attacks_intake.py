@@ -102,9 +102,9 @@ def _drop(h: Harness, name: str, body: dict[str, Any], owner: int, mode: int = 0
 
 def _reason(h: Harness, name: str) -> str:
     for p in h.daemon.spool.reason_files():
-        head, _, rest = p.read_text().partition("\nreason: ")
+        head, _, reason = p.read_text().partition("\nreason: ")
         if head.removeprefix("file: ") == name:
-            return rest.split("\njob: ")[0].strip()  # the job id line follows the reason
+            return reason.partition("\njob: ")[0].strip()  # the reason, without the job id line
     raise AssertionError(f"no reason file for {name}")
 
 

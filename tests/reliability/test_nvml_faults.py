@@ -4,6 +4,7 @@ the daemon stays up, never places on a GPU whose state is unknown, says why, and
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +51,10 @@ class RandomRunner:
     def is_alive(self, pid: int | None, pid_start: float | None) -> bool:
         return pid in self.live
 
-    def find_job_processes(self) -> dict[str, tuple[int, float]]:
+    def find_job_processes(self, uids: Mapping[str, int]) -> dict[str, tuple[int, float]]:
         return {}
 
-    def kill_leftovers(self, job_id: str) -> list[int]:
+    def kill_leftovers(self, job_id: str, uid: int) -> list[int]:
         return []
 
     def remove_scratch(self, path: Path) -> None:

@@ -94,3 +94,18 @@ def test_log_lines_pretty_and_json() -> None:
         "source": "worker",
         "line": "Traceback (most recent call last):",
     }
+
+
+def test_log_lines_cut_a_long_line_and_keep_the_rest_across_chunks() -> None:
+    """Lines split over reads come out whole; a line longer than MAX_LOG_LINE is cut, with the
+    number of bytes cut, and the next line is intact."""
+    from gpuspool.views import MAX_LOG_LINE, LogLines
+
+    lines = LogLines()
+    got = lines.feed(b"one\ntw") + lines.feed(b"o\n" + b"x" * (MAX_LOG_LINE + 10))
+    got += lines.feed(b"y" * 5 + b"\nthree") + lines.rest()
+    assert got[:2] == ["one", "two"] and got[3] == "three"
+    assert got[2].startswith("x" * MAX_LOG_LINE) and got[2].endswith(
+        "15 more bytes of this line cut]"
+    )
+    assert lines.rest() == []

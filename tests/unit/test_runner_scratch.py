@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gpuspool.runner import make_scratch, remove_scratch
+from tests.conftest import wait_until
 
 
 def _mode(path: Path) -> int:
@@ -48,3 +49,38 @@ def test_a_scratch_parent_others_may_write_is_refused(tmp_path: Path) -> None:
     parent.chmod(0o777)
     with pytest.raises(RuntimeError, match="writable by nobody else"):
         make_scratch(parent / "job1", None)
+
+
+def test_a_tree_deeper_than_recursion_goes_is_removed_without_waiting(tmp_path: Path) -> None:
+    """A job's user may leave any tree in their folder: it is renamed aside at once and removed
+    by a child process, however deep."""
+    job = tmp_path / "scratch" / "job1"
+    make_scratch(job, None)
+    fd = os.open(job, os.O_RDONLY)
+    for _ in range(3000):
+        os.mkdir("d", dir_fd=fd)
+        inner = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    os.close(fd)
+    remove_scratch(job)
+    assert not job.exists()
+    wait_until(lambda: not os.listdir(job.parent), timeout=30)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="planting another user's folder needs root")
+def test_a_parent_another_user_planted_in_a_shared_folder_is_moved_aside(tmp_path: Path) -> None:
+    """In a sticky world-writable folder (``/var/tmp``), a parent someone else made first is
+    renamed aside and made anew; the shared folder itself is never moved."""
+    shared = tmp_path / "vartmp"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    planted = shared / "gpuspool"
+    planted.mkdir(mode=0o777)
+    os.chown(planted, 65534, 65534)
+    make_scratch(planted / "job1", None)
+    assert planted.stat().st_uid == os.geteuid() and _mode(planted) == 0o711
+    assert [p.name.startswith("gpuspool.not-ours-") for p in shared.iterdir()].count(True) == 1
+    with pytest.raises(RuntimeError, match="writable by nobody else"):
+        make_scratch(shared / "job2", None)  # scratch_dir = the shared folder: refused, kept
+    assert shared.is_dir() and _mode(shared) == 0o1777
