@@ -24,7 +24,7 @@ import psycopg
 from psycopg.rows import dict_row, tuple_row
 
 from gpuspool.config import redact_url
-from gpuspool.ledger import JobRecord, LedgerError, Waiting
+from gpuspool.ledger import FencedOut, JobRecord, LedgerError, Waiting
 from gpuspool.models import RUNNABLE_STATES, TERMINAL_STATES, JobSpec, JobState
 
 #: Each entry moves the schema from version ``i`` to ``i + 1``; never edit a released one, add.
@@ -109,6 +109,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX jobs_submitter ON jobs(submitter_uid);
     """,
+    # 4: the job key ``hosts`` (allow-list of host names), for placement.
+    """
+    ALTER TABLE jobs ADD COLUMN hosts_json TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -141,10 +145,6 @@ _TRANSITION_FIELDS = frozenset(
     }
 )
 _UPDATE_FIELDS = frozenset({"reason", "progress", "peak_gib", "cancel_requested", "need_gib"})
-
-
-class FencedOut(LedgerError):
-    """A write carried a fencing token that is no longer the job's: another attempt owns it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +198,8 @@ def _record(row: dict[str, Any]) -> JobRecord:
         spool_file=row["spool_file"],
         cancel_requested=bool(row["cancel_requested"]),
         updated_at=row["updated_at"],
+        host=row.get("host"),
+        fence=int(row.get("fence") or 0),
     )
 
 
@@ -385,7 +387,7 @@ class PgLedger:
         """Jobs not running and not finished, with only what placement needs, by priority."""
         with self._db.cursor(row_factory=tuple_row) as cur:
             rows = cur.execute(
-                "SELECT id, state, priority, seq, threshold_gib, not_before, gpus_json"
+                "SELECT id, state, priority, seq, threshold_gib, not_before, gpus_json, hosts_json"
                 " FROM jobs WHERE state = ANY(%s) ORDER BY priority DESC, seq",
                 (list(_WAITING),),
             ).fetchall()
@@ -398,6 +400,7 @@ class PgLedger:
                 r[4],
                 r[5],
                 None if r[6] is None else tuple(json.loads(r[6])),
+                None if r[7] is None else tuple(json.loads(r[7])),
             )
             for r in rows
         ]
@@ -559,8 +562,8 @@ class PgLedger:
         with self._tx() as db:
             row = db.execute(
                 "INSERT INTO jobs(id, name, spec_json, input, output, gpus_json, submitter_uid,"
-                " submitted_at, priority, state, need_gib, threshold_gib, spool_file, updated_at)"
-                " VALUES(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " submitted_at, priority, state, need_gib, threshold_gib, spool_file, updated_at,"
+                " hosts_json) VALUES(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (id) DO NOTHING RETURNING id",
                 (
                     job_id,
@@ -577,6 +580,7 @@ class PgLedger:
                     threshold_gib,
                     spool_file,
                     now,
+                    None if spec.hosts is None else json.dumps(spec.hosts),
                 ),
             ).fetchone()
             if row is None:
@@ -700,7 +704,15 @@ class PgLedger:
         with self._tx() as db:
             db.execute("DELETE FROM gpu_history WHERE at < %s", (older_than,))
 
-    # -- several hosts: heartbeats, claims, fencing (not yet used by the daemon) ---------------
+    # -- several hosts: heartbeats, claims, fencing --------------------------------------------
+
+    def ping(self) -> bool:
+        """Whether the database answers now (a broken connection is replaced first)."""
+        try:
+            self._db.execute("SELECT 1").fetchone()
+        except (psycopg.Error, LedgerError):
+            return False
+        return True
 
     def heartbeat(self, *, gpus: Any, version: str, draining: bool) -> None:
         """Record that this host is alive, with its GPU snapshot (any JSON value), its gpuspool
@@ -803,6 +815,21 @@ class PgLedger:
         return self._move(
             job_id, to, now=now, expect=expect, detail=detail, fields=fields, fence=fence
         )
+
+    def fenced_update(self, job_id: str, *, fence: int, now: float, **fields: Any) -> None:
+        """``update`` (progress, peak), but only while attempt ``fence`` on this host still owns
+        the running job; otherwise ``FencedOut`` and nothing changes."""
+        _check_fields(fields, _UPDATE_FIELDS)
+        cols = _column_values(fields)
+        sets = ", ".join(f"{k} = %s" for k in cols)
+        with self._tx() as db:
+            row = db.execute(
+                f"UPDATE jobs SET {sets}, updated_at = %s WHERE id = %s AND state = 'running'"
+                " AND host = %s AND fence = %s RETURNING id",
+                (*cols.values(), now, job_id, self.host_name, fence),
+            ).fetchone()
+        if row is None:
+            raise FencedOut(f"job {job_id} attempt {fence} on {self.host_name} is fenced out")
 
     def owns(self, job_id: str, fence: int) -> bool:
         """Whether attempt ``fence`` on this host still owns the running job (checked before a
