@@ -150,7 +150,7 @@ class Daemon:
         self.intake_stage.requeue_lost_now()
         self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
         self.settings.events_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        running = self._running_jobs()
+        running = self.running_jobs()
         orphans = self.runner.find_job_processes() if running else {}
         for job in running:
             if job.pid is None and job.id in orphans:
@@ -172,7 +172,7 @@ class Daemon:
             fence=job.fence if self.cluster is not None else None,
         )
 
-    def _running_jobs(self) -> list[JobRecord]:
+    def running_jobs(self) -> list[JobRecord]:
         """The running jobs this host runs (on a shared ledger, other hosts run the rest)."""
         jobs = self.ledger.jobs([JobState.RUNNING])
         if self.cluster is None:
@@ -219,7 +219,7 @@ class Daemon:
         if self.cluster is not None:
             # First, before anything else: a host that was frozen or cut off stops the workers
             # of the jobs another host has taken over since.
-            self._drop_lost(self._running_jobs())
+            self._drop_lost(self.running_jobs())
         self.intake(now, report)
         self.reap(now, report)
         result = self.probe.poll()
@@ -315,7 +315,7 @@ class Daemon:
         Running scans are killed: their files stay in ``incoming/`` for the next start."""
         self.stopping = True
         self.intake_stage.close()
-        for job in self._running_jobs():
+        for job in self.running_jobs():
             if job.pid is None:
                 continue
             state = self._running.setdefault(job.id, self._track(job))
@@ -328,7 +328,7 @@ class Daemon:
 
     def running_count(self) -> int:
         if self.cluster is not None:
-            return len(self._running_jobs())
+            return len(self.running_jobs())
         return self.ledger.counts().get(JobState.RUNNING.value, 0)
 
     # -- intake ------------------------------------------------------------------------------------
@@ -346,7 +346,7 @@ class Daemon:
 
     def reap(self, now: float, report: TickReport) -> None:
         self._now = now
-        for job in self._running_jobs():
+        for job in self.running_jobs():
             state = self._running.setdefault(job.id, self._track(job))
             if job.pid is None and state.pid is not None:
                 # Started, but the ledger went away before the pid was written: write it now.
@@ -604,7 +604,7 @@ class Daemon:
     def _observe(self, result: ProbeResult, now: float, report: TickReport) -> None:
         """Hand the poll to the observer; record GPU history in the ledger when it is due."""
         self.observer.stable_polls = self.settings.stable_polls
-        self.observer.observe(result, self._running_jobs())
+        self.observer.observe(result, self.running_jobs())
         report.probe_error = result.error
         rows = self.observer.history_rows(now)
         if rows is not None:

@@ -417,7 +417,7 @@ class PgLedger:
         cols = (
             "id, name, state, gpu_uuid, priority, need_gib, threshold_gib, attempts, reason,"
             " exit_class, submitted_at, started_at, finished_at, peak_gib, submitter_uid, input,"
-            " output, progress_json, log_path, seq, updated_at"
+            " output, progress_json, log_path, seq, updated_at, host"
         )
         who = "" if submitter_uid is None else " AND submitter_uid = %s"
         whom: tuple[int, ...] = () if submitter_uid is None else (submitter_uid,)
@@ -472,7 +472,7 @@ class PgLedger:
     def transitions_after(self, after_seq: int) -> list[dict[str, Any]]:
         """Transitions newer than ``after_seq``, oldest first (metrics count them once)."""
         return self._db.execute(
-            f"SELECT {_TRANSITION_COLS} FROM transitions WHERE seq > %s ORDER BY seq",
+            f"SELECT {_TRANSITION_COLS}, host FROM transitions WHERE seq > %s ORDER BY seq",
             (after_seq,),
         ).fetchall()
 

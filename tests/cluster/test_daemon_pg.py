@@ -167,3 +167,33 @@ def test_an_outage_keeps_running_jobs_and_starts_nothing(
     trail = audit(pg_url, job)
     assert [t["to_state"] for t in trail] == ["queued", "running"]  # nothing lost, no rerun
     a.daemon.stop_all(a.now, hard=True)
+
+
+def test_gpus_status_and_metrics_name_the_host(tmp_path: Path, pg_url: str) -> None:
+    from prometheus_client import generate_latest
+
+    from gpuspool import views
+    from gpuspool.metrics import DaemonMetrics
+
+    a, b = host(tmp_path, pg_url, "a"), host(tmp_path, pg_url, "b")
+    a.env["STUB_MODE"] = b.env["STUB_MODE"] = "sleep"
+    ja, jb = a.submit("on-a", hosts=["a"]), b.submit("on-b", hosts=["b"])
+    a.tick(), b.tick()
+    reader = PgLedger(pg_url, host_name="cli", readonly=True)
+    snap = views.gpus_snapshot(reader)
+    assert [(g["host"], g["index"]) for g in snap["gpus"]] == [("a", 0), ("b", 0)]
+    assert [h["name"] for h in snap["hosts"]] == ["a", "b"]
+    data = views.gpus_data(snap, reader.jobs(), 20.0, 1)
+    lines = views.gpus_lines(data, time.time())
+    assert [line.split("\t")[0] for line in lines[2:]] == ["a:0", "b:0"]
+    status = views.status_data(reader, time.time())
+    assert {j["id"]: j["host"] for j in status["jobs"]} == {ja: "a", jb: "b"}
+    assert any(line.startswith(f"{ja}") and "a: 0" in line for line in views.status_lines(status))
+    reader.close()
+    wait_until(lambda: a.tick(0.1) and b.tick(0.1) and a.job(ja).progress and b.job(jb).progress)
+    m = DaemonMetrics(hostname="a")
+    m.observe(a.daemon)
+    text = generate_latest(m.registry).decode()
+    assert 'gpuspool_host_info{host="a"} 1.0' in text
+    assert f'job_id="{ja}"' in text and f'job_id="{jb}"' not in text  # b's job is b's to report
+    a.daemon.stop_all(a.now, hard=True), b.daemon.stop_all(b.now, hard=True)
