@@ -127,6 +127,11 @@ class Daemon:
         self._outage_since: float | None = None
         self._outage_retry_at = 0.0
         self._outage_backoff_s = OUTAGE_BACKOFF_S
+        #: When the shared ledger last answered a whole tick, and since when without a break:
+        #: a host requeues others' jobs only after being connected for ``host_timeout_s``.
+        self._ledger_ok_at: float | None = None
+        self._connected_since: float | None = None
+        self._self_fenced = False
         #: What the GPUs showed at the last polls, and the running jobs' reservations.
         self.observer = GpuObserver(settings.stable_polls)
         self._reasons: dict[str, str] = {}
@@ -203,6 +208,7 @@ class Daemon:
         if self._outage_since is not None and (
             now < self._outage_retry_at or not self._reconnected(now)
         ):
+            self._self_fence(now)
             return report
         try:
             self._tick(now, report)
@@ -210,7 +216,12 @@ class Daemon:
             if self.cluster is None or self._cluster_reachable():
                 raise
             self._outage(now, exc)
+            self._self_fence(now)
             return report
+        if self.cluster is not None:
+            self._ledger_ok_at = now
+            if self._connected_since is None:
+                self._connected_since = now
         self.last_tick_done = now
         self.last_report = report
         return report
@@ -239,7 +250,12 @@ class Daemon:
         self.cluster.heartbeat(
             gpus=self.describe_gpus(), version=__version__, draining=self.draining
         )
-        lost = self.cluster.requeue_silent_hosts(timeout_s=self.settings.host_timeout_s, now=now)
+        timeout = self.settings.host_timeout_s
+        if self._connected_since is None or now - self._connected_since < timeout:
+            # Just started or back from an outage: the other hosts have had no chance to
+            # heartbeat yet, and must not be taken for dead.
+            return
+        lost = self.cluster.requeue_silent_hosts(timeout_s=timeout, now=now)
         if lost:
             self.log.warning(
                 "jobs_requeued_from_silent_host",
@@ -278,6 +294,35 @@ class Daemon:
             reason="another host owns this job now; its worker here is stopped",
         )
 
+    @property
+    def ledger_unreachable(self) -> bool:
+        """Whether the shared ledger is in an outage (the service skips what needs it)."""
+        return self._outage_since is not None
+
+    def _self_fence(self, now: float) -> None:
+        """Cut off from the shared ledger for over half ``host_timeout_s``: the other hosts will
+        soon take this host's jobs over, so kill their workers now, before a second worker can
+        start on the same output. Filed as interrupted once the ledger answers (or forgotten,
+        if another host owns them by then)."""
+        if self._self_fenced or self._ledger_ok_at is None:
+            return
+        if now - self._ledger_ok_at <= self.settings.host_timeout_s / 2:
+            return
+        self._self_fenced = True
+        killed = []
+        for job_id, state in self._running.items():
+            if state.pid is not None:
+                self.runner.kill(state.pid, state.pid_start)
+                state.stop = state.stop or StopReason.DAEMON_STOPPING
+                killed.append(job_id)
+        if killed:
+            self.log.warning(
+                "jobs_stopped_ledger_unreachable",
+                job_ids=killed,
+                unreachable_s=round(now - self._ledger_ok_at, 1),
+                host_timeout_s=self.settings.host_timeout_s,
+            )
+
     def _cluster_reachable(self) -> bool:
         assert self.cluster is not None
         return self.cluster.ping()
@@ -306,6 +351,8 @@ class Daemon:
         assert self._outage_since is not None
         self.log.info("ledger_reconnected", down_s=round(now - self._outage_since, 1))
         self._outage_since = None
+        self._connected_since = now
+        self._self_fenced = False
         self._waiting_cache = None
         self._reasons_stale = True
         return True

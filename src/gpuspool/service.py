@@ -269,6 +269,8 @@ class Service:
             except Exception:
                 self.log.exception("tick_failed")
                 return
+            if daemon.ledger_unreachable:  # logged once by the daemon; nothing to publish
+                return
             if self.metrics is not None:
                 try:
                     self.metrics.observe(daemon)

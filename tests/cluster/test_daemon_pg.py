@@ -27,10 +27,10 @@ TIMEOUT_S = 0.6
 def host(tmp: Path, url: str, name: str, **overrides: Any) -> Harness:
     folder = tmp / name
     folder.mkdir()
+    overrides.setdefault("host_timeout_s", TIMEOUT_S)
     h = Harness(
-        folder, ledger_url=url, host_name=name, poll_interval_s=0.1, host_timeout_s=TIMEOUT_S,
-        stable_polls=1, **overrides,
-    )  # fmt: skip
+        folder, ledger_url=url, host_name=name, poll_interval_s=0.1, stable_polls=1, **overrides
+    )
     h.set_gpus([gpu_entry(0, 50)])
     return h
 
@@ -135,7 +135,7 @@ def test_a_silent_hosts_job_moves_and_the_stale_worker_is_stopped(
 def test_an_outage_keeps_running_jobs_and_starts_nothing(
     tmp_path: Path, pg_url: str, pg_server: PgServer
 ) -> None:
-    a = host(tmp_path, pg_url, "a")
+    a = host(tmp_path, pg_url, "a", host_timeout_s=30.0)  # the outage is shorter than half
     a.env["STUB_MODE"] = "sleep"
     job = a.submit("long")
     a.tick()
@@ -197,3 +197,31 @@ def test_gpus_status_and_metrics_name_the_host(tmp_path: Path, pg_url: str) -> N
     assert 'gpuspool_host_info{host="a"} 1.0' in text
     assert f'job_id="{ja}"' in text and f'job_id="{jb}"' not in text  # b's job is b's to report
     a.daemon.stop_all(a.now, hard=True), b.daemon.stop_all(b.now, hard=True)
+
+
+def test_a_host_cut_off_past_half_the_timeout_stops_its_workers(
+    tmp_path: Path, pg_url: str, pg_server: PgServer
+) -> None:
+    """Cut off from the ledger, a host cannot tell an outage from a partition; the others take
+    its jobs after ``host_timeout_s``, so it kills its workers after half of that."""
+    a = host(tmp_path, pg_url, "a", host_timeout_s=4.0)
+    a.env["STUB_MODE"] = "sleep"
+    job = a.submit("long")
+    a.tick()
+    pid = a.job(job).pid
+    pg_server.down()
+    try:
+        with capture_logs() as logs:
+            a.tick(1.0, settle_intake=False)
+            assert alive(pid)  # 1 s: under half the timeout
+            a.tick(1.5, settle_intake=False)
+        assert [e["event"] for e in logs].count("jobs_stopped_ledger_unreachable") == 1
+        wait_until(lambda: not alive(pid), timeout=10)
+    finally:
+        pg_server.up()
+    wait_until(lambda: a.tick(1.0) is not None and a.daemon.last_tick_done == a.now, timeout=30)
+    a.tick()
+    trail = audit(pg_url, job)
+    assert [t["to_state"] for t in trail][:3] == ["queued", "running", "interrupted"]
+    assert trail[2]["host"] == "a"  # still its own: filed by it, through its fence
+    a.daemon.stop_all(a.now, hard=True)
