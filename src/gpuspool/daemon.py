@@ -213,7 +213,9 @@ class Daemon:
         try:
             self._tick(now, report)
         except Exception as exc:
-            if self.cluster is None or self._cluster_reachable():
+            if self.cluster is None:
+                raise
+            if not self.cluster.is_connection_error(exc) and self._cluster_reachable():
                 raise
             self._outage(now, exc)
             self._self_fence(now)

@@ -706,6 +706,11 @@ class PgLedger:
 
     # -- several hosts: heartbeats, claims, fencing --------------------------------------------
 
+    @staticmethod
+    def is_connection_error(exc: BaseException) -> bool:
+        """Whether ``exc`` says the database went away (not that a statement was wrong)."""
+        return isinstance(exc, psycopg.OperationalError)
+
     def ping(self) -> bool:
         """Whether the database answers now (a broken connection is replaced first)."""
         try:

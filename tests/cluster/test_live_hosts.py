@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.pgserver import require_driver
+from tests.pgserver import PgServer, require_driver
 
 require_driver()
 
@@ -27,7 +27,9 @@ HOST_TIMEOUT_S = 2.0
 
 
 class Cluster:
-    def __init__(self, tmp: Path, url: str, names: list[str], gpus: int, mode: str) -> None:
+    def __init__(
+        self, tmp: Path, url: str, names: list[str], gpus: int, mode: str, timeout_s: float
+    ) -> None:
         self.url = url
         self.data = tmp / "shared"  # the filesystem every host sees
         self.data.mkdir()
@@ -39,7 +41,7 @@ class Cluster:
             d = PgLiveDaemon(
                 folder, url, host_name=name, worker_command=[sys.executable, STUB_WORKER],
                 worker_extra_args=[], poll_interval_s=0.2, stable_polls=1,
-                host_timeout_s=HOST_TIMEOUT_S, stop_grace_s=2.0,
+                host_timeout_s=timeout_s, stop_grace_s=2.0,
             )  # fmt: skip
             with d.config.open("a") as f:  # a table comes after the plain keys
                 f.write(f'\n[job_env]\nSTUB_MODE = "{mode}"\n')
@@ -88,8 +90,8 @@ class Cluster:
 def cluster_factory(tmp_path: Path, pg_url: str) -> Iterator[Any]:
     made: list[Cluster] = []
 
-    def make(names: list[str], gpus: int, mode: str) -> Cluster:
-        c = Cluster(tmp_path, pg_url, names, gpus, mode)
+    def make(names: list[str], gpus: int, mode: str, timeout_s: float = HOST_TIMEOUT_S) -> Cluster:
+        c = Cluster(tmp_path, pg_url, names, gpus, mode, timeout_s)
         made.append(c)
         return c
 
@@ -169,6 +171,28 @@ def test_a_frozen_host_wakes_up_fenced_out(cluster_factory: Any) -> None:
     events = c.hosts["a"].events()
     assert any(e["event"] == "job_fenced_out" and e["pid"] == stale for e in events)
     for d in c.hosts.values():
+        assert d.stop() == 0
+
+
+def test_postgresql_restarting_mid_run_loses_nothing(
+    cluster_factory: Any, pg_server: PgServer
+) -> None:
+    """The restart is far shorter than half ``host_timeout_s``: the workers keep running, the
+    daemons log the outage once and its end once, every job runs once."""
+    c = cluster_factory(["a", "b"], gpus=2, mode="slow", timeout_s=20.0)
+    jobs = [c.submit("ab"[i % 2], f"j{i}") for i in range(10)]
+    c.start()
+    wait_until(lambda: len(c.workers("a")) + len(c.workers("b")) == 4, timeout=30, step=0.05)
+    pg_server.restart()
+    c.ledger.ping()  # this test's own reader reconnects too
+    wait_until(lambda: c.all_done(jobs), timeout=60, step=0.2)
+    for job_id in jobs:
+        assert len(starts(c.ledger, job_id)) == 1
+    for d in c.hosts.values():
+        names = [e["event"] for e in d.events()]
+        assert names.count("ledger_unreachable") <= 1
+        assert names.count("ledger_reconnected") == names.count("ledger_unreachable")
+        assert "tick_failed" not in names
         assert d.stop() == 0
 
 
