@@ -205,11 +205,10 @@ class Daemon:
         """
         self._now = now
         report = TickReport()
-        if self._outage_since is not None and (
-            now < self._outage_retry_at or not self._reconnected(now)
-        ):
-            self._self_fence(now)
-            return report
+        if self._outage_since is not None:
+            self._self_fence(now)  # before trying again: a try may block for the I/O timeout
+            if now < self._outage_retry_at or not self._reconnected(now):
+                return report
         try:
             self._tick(now, report)
         except Exception as exc:

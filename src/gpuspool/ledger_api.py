@@ -191,4 +191,9 @@ def open_ledger(settings: Settings, *, readonly: bool = False) -> LedgerBackend:
             " install gpuspool with the postgres extra: pip install 'gpuspool[postgres]'",
             "ledger_url",
         ) from exc
-    return PgLedger(settings.ledger_location, host_name=settings.host_name, readonly=readonly)
+    return PgLedger(
+        settings.ledger_location,
+        host_name=settings.host_name,
+        readonly=readonly,
+        io_timeout_s=max(1.0, settings.host_timeout_s / 4),
+    )

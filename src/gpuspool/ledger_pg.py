@@ -226,10 +226,16 @@ class PgLedger:
     jobs it claims, and in ``hosts`` by ``heartbeat``.
     """
 
-    def __init__(self, url: str, *, host_name: str, readonly: bool = False) -> None:
+    def __init__(
+        self, url: str, *, host_name: str, readonly: bool = False, io_timeout_s: float = 10.0
+    ) -> None:
         self.url = url
         self.host_name = host_name
         self.readonly = readonly
+        #: The longest a connect or an unanswered write to the server may block a call: a
+        #: partitioned host must notice within a fraction of ``host_timeout_s`` (TCP alone
+        #: retransmits for minutes).
+        self.io_timeout_s = io_timeout_s
         self._state_writes = 0
         self._conn = self._connect()
         if readonly:
@@ -241,8 +247,12 @@ class PgLedger:
         options = "-c default_transaction_read_only=on" if self.readonly else ""
         try:
             return psycopg.connect(
-                self.url, autocommit=True, row_factory=dict_row, connect_timeout=10,
-                options=options, application_name=f"gpuspool@{self.host_name}",
+                self.url, autocommit=True, row_factory=dict_row, options=options,
+                application_name=f"gpuspool@{self.host_name}",
+                connect_timeout=max(2, round(self.io_timeout_s)),
+                tcp_user_timeout=round(self.io_timeout_s * 1000), keepalives=1,
+                keepalives_idle=max(1, round(self.io_timeout_s / 2)), keepalives_interval=1,
+                keepalives_count=3,
             )  # fmt: skip
         except psycopg.Error as exc:
             raise LedgerError(
