@@ -667,9 +667,16 @@ class Daemon:
     def _waiting(self) -> tuple[list[Waiting], list[Candidate]]:
         """Waiting jobs and their placement candidates, reloaded only when a job's state changed."""
         version = self.ledger.jobs_version
-        if self._waiting_cache is not None and self._waiting_cache[0][0] != version[0]:
+        if (
+            self.cluster is None
+            and self._waiting_cache is not None
+            and self._waiting_cache[0][0] != version[0]
+        ):
             # Another process (the CLI: cancel, retry, hold, release) wrote job rows and their
             # reasons ("retry requested"): the cached reasons no longer say what the rows hold.
+            # On a shared ledger the other hosts change the version every tick, and rewriting
+            # every waiting reason each time would be most of the database's load: there a
+            # reason is written only when this host's own changes.
             self._reasons_stale = True
         if self._waiting_cache is None or self._waiting_cache[0] != version:
             rows = self.ledger.waiting()

@@ -225,3 +225,25 @@ def test_a_host_cut_off_past_half_the_timeout_stops_its_workers(
     assert [t["to_state"] for t in trail][:3] == ["queued", "running", "interrupted"]
     assert trail[2]["host"] == "a"  # still its own: filed by it, through its fence
     a.daemon.stop_all(a.now, hard=True)
+
+
+def test_other_hosts_changes_do_not_rewrite_every_reason(tmp_path: Path, pg_url: str) -> None:
+    """On a shared ledger the version moves at every other host's tick: a host writes only the
+    waiting reasons that changed for it, not the whole queue each time."""
+    a, b = host(tmp_path, pg_url, "a"), host(tmp_path, pg_url, "b")
+    a.set_gpus([gpu_entry(0, 10)]), b.set_gpus([gpu_entry(0, 10)])  # nothing fits anywhere
+    jobs = [a.submit(f"j{i}") for i in range(5)]
+    a.tick(), b.tick(), a.tick()
+    assert all(a.state(j) == "queued" for j in jobs)
+    written: list[dict[str, str]] = []
+    original = a.daemon.ledger.set_reasons
+
+    def spy(reasons: dict[str, str], *, now: float) -> None:
+        written.append(dict(reasons))
+        original(reasons, now=now)
+
+    a.daemon.ledger.set_reasons = spy  # type: ignore[method-assign]
+    late = b.submit("late")
+    b.tick()  # b takes a job in: the shared version moves
+    a.tick()
+    assert [set(w) for w in written] == [{late}]
