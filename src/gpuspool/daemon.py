@@ -156,7 +156,9 @@ class Daemon:
         self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
         self.settings.events_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         running = self.running_jobs()
-        orphans = self.runner.find_job_processes() if running else {}
+        orphans = self.runner.find_job_processes() if running or self.cluster else {}
+        if self.cluster is not None:
+            self._kill_stale_workers(running, orphans)
         for job in running:
             if job.pid is None and job.id in orphans:
                 # Started just before a crash, before its pid was recorded: adopt, never rerun.
@@ -168,6 +170,23 @@ class Daemon:
                 continue
             self._read_events(job, now, tail=True)
             self._finish(job, Exit(None), now)
+
+    def _kill_stale_workers(
+        self, owned: list[JobRecord], processes: Mapping[str, tuple[int, float]]
+    ) -> None:
+        """Start-up on a shared ledger: a worker this host started that outlived its daemon,
+        and whose job another host has taken over meanwhile (the daemon was down for longer
+        than ``host_timeout_s``), is killed before it writes another line."""
+        assert self.cluster is not None
+        mine = {j.id for j in owned}
+        for job_id, (pid, created) in processes.items():
+            if job_id in mine or self.ledger.get(job_id) is None:
+                continue
+            here = self.cluster.host_name
+            trail = self.cluster.audit(job_id)
+            if not any(t["host"] == here and t["to_state"] == "running" for t in trail):
+                continue  # not a job this host ever ran: not ours to touch
+            self._fenced_out(job_id, _Running(pid=pid, pid_start=created))
 
     def _track(self, job: JobRecord) -> _Running:
         """What to remember of a running job this host owns, as its row says."""

@@ -173,6 +173,8 @@ class ClusterLedger(Protocol):
 
     def requeue_silent_hosts(self, *, timeout_s: float, now: float) -> list[str]: ...
 
+    def audit(self, job_id: str) -> list[dict[str, Any]]: ...
+
 
 def open_ledger(settings: Settings, *, readonly: bool = False) -> LedgerBackend:
     """The ledger ``settings.ledger_url`` names (SQLite in ``state_dir`` when unset).

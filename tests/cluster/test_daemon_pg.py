@@ -247,3 +247,25 @@ def test_other_hosts_changes_do_not_rewrite_every_reason(tmp_path: Path, pg_url:
     b.tick()  # b takes a job in: the shared version moves
     a.tick()
     assert [set(w) for w in written] == [{late}]
+
+
+def test_a_restarted_daemon_kills_its_workers_whose_jobs_moved(tmp_path: Path, pg_url: str) -> None:
+    """The daemon died and stayed down past host_timeout_s while its worker ran on; another
+    host took the job. Back up, the daemon kills that worker before anything else."""
+    a, b = host(tmp_path, pg_url, "a"), host(tmp_path, pg_url, "b")
+    a.env["STUB_MODE"] = b.env["STUB_MODE"] = "sleep"
+    job = a.submit("long")
+    a.tick()
+    b.tick()
+    stale = a.job(job).pid
+    time.sleep(TIMEOUT_S + 0.3)  # a's daemon is gone; its worker is not
+    b.tick()
+    b.tick()
+    fresh = b.job(job)
+    assert fresh.host == "b" and alive(stale)
+    with capture_logs() as logs:
+        a.daemon = a.new_daemon()
+    assert next(e for e in logs if e["event"] == "job_fenced_out")["pid"] == stale
+    wait_until(lambda: not alive(stale), timeout=10)
+    assert alive(fresh.pid) and b.job(job).pid == fresh.pid
+    b.daemon.stop_all(b.now, hard=True)
