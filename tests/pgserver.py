@@ -76,6 +76,7 @@ class PgServer:
         self.data = self.root / "data"
         self.log = self.root / "server.log"
         self.port = 0
+        self._opts = ""
         self._names = itertools.count(1)
         if run_as is not None:
             pw = pwd.getpwnam(run_as)
@@ -120,6 +121,7 @@ class PgServer:
             try:
                 self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
                           "-o", opts, "start")  # fmt: skip
+                self._opts = opts
                 break
             except RuntimeError as exc:
                 last = exc
@@ -131,6 +133,16 @@ class PgServer:
         """Restart the server (fast: every client's connection is cut), same port and options."""
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-m", "fast", "-w",
                   "-t", "60", "restart")  # fmt: skip
+
+    def down(self) -> None:
+        """Stop the server for a while (an outage): clients' connections are cut, and new ones
+        refused until :meth:`up`. The data stays."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+
+    def up(self) -> None:
+        """Start the server again after :meth:`down`, on the same port with the same options."""
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
+                  "-o", self._opts, "start")  # fmt: skip
 
     def stop(self) -> None:
         """Stop the server (fast: disconnect clients) and remove its folder."""

@@ -2,7 +2,8 @@
 
 It takes the worker's flags, and behaves as ``STUB_MODE`` says: ok (write the output, exit 0),
 oom (exit 75), data (exit 65), exists (exit 73), crash (exit 1), sleep (run until SIGTERM, then
-exit 143). The integration tests run the real worker instead.
+exit 143), slow (``STUB_STEPS`` × 50 ms of running time, then ok, its pid in the output line).
+The integration tests run the real worker instead.
 
 Two modes play a hostile job for the attack tests: ``probe`` prints (on stdout, the human log) one
 ``{"probe": ...}`` line saying what the process can see (its cwd, its whole environment, whether
@@ -137,6 +138,14 @@ def main() -> int:
     if mode == "hostile":
         hostile()
         mode = "sleep"
+    if mode == "slow":  # work for STUB_STEPS × 50 ms of running time (a stopped process does not
+        # advance), then finish as ok with its pid in the output line
+        for _ in range(int(os.environ.get("STUB_STEPS", "20"))):
+            time.sleep(0.05)
+        with open(args.output, "w") as f:
+            f.write(json.dumps({"audio": "a.wav", "pid": os.getpid()}) + "\n")
+        emit(event="summary", lines_done=4, lines_skipped=0, peak_gpu_gib=1.5)
+        return 0
     if mode == "sleep":
         stop = []
         signal.signal(signal.SIGTERM, lambda *_: stop.append(1))

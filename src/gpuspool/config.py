@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         default_factory=socket.gethostname, description="This host's name in a shared ledger"
     )
     poll_interval_s: float = Field(5.0, gt=0, description="Seconds between NVML polls (ticks)")
+    host_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Shared ledger: a host silent this long loses its running jobs to the queue",
+    )
     stable_polls: int = Field(3, ge=1, description="Consecutive polls a GPU must fit a job")
     min_free_gib: float = Field(100.0, ge=0, description="Default free-memory threshold (GiB)")
     gpu_source: str = Field("nvml", description='"nvml" or "file:/path/gpus.json"')
@@ -151,6 +156,17 @@ class Settings(BaseSettings):
     def _check_host_name(cls, v: str) -> str:
         if not _HOST_NAME.fullmatch(v):
             raise ValueError("host_name must be 1-253 letters, digits, dots, dashes or underscores")
+        return v
+
+    @field_validator("host_timeout_s")
+    @classmethod
+    def _check_host_timeout(cls, v: float, info: ValidationInfo) -> float:
+        poll = info.data.get("poll_interval_s")
+        if poll is not None and v < 3 * poll:
+            raise ValueError(
+                f"host_timeout_s must be at least 3 poll intervals ({3 * poll:g} s with"
+                f" poll_interval_s = {poll:g}): a busy host must not be taken for a dead one"
+            )
         return v
 
     @field_validator("job_env")

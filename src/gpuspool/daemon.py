@@ -14,14 +14,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gpuspool import logs
+from gpuspool import __version__, logs
 from gpuspool.config import Settings
 from gpuspool.exitcodes import ExitCode
 from gpuspool.fairshare import UsageTracker, UserLimits, UserState
 from gpuspool.gpus import GpuProbe, ProbeResult
 from gpuspool.intake import Intake
-from gpuspool.ledger import JobRecord, LedgerError, Waiting
-from gpuspool.ledger_api import LedgerBackend
+from gpuspool.ledger import FencedOut, JobRecord, LedgerError, Waiting
+from gpuspool.ledger_api import ClusterLedger, LedgerBackend
 from gpuspool.models import RUNNABLE_STATES, JobState
 from gpuspool.observe import GpuObserver
 from gpuspool.outcome import ExitFacts, Outcome, StopReason, decide, exit_code
@@ -49,6 +49,9 @@ MAX_EVENTS_FILE = 16 << 20
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Per tick, waiting-reason changes logged one by one; the rest are summed up in one event.
 MAX_WAITING_EVENTS = 50
+#: Shared ledger unreachable: the first retry after this many seconds, doubling up to the most.
+OUTAGE_BACKOFF_S = 1.0
+OUTAGE_BACKOFF_MAX_S = 30.0
 
 
 @dataclass
@@ -64,6 +67,12 @@ class _Running:
     last_progress: StartEvent | ProgressEvent | None = None
     summary: SummaryEvent | None = None
     error: ErrorEvent | None = None
+    #: The process this daemon started or adopted (kept here: on a shared ledger the row may
+    #: name another host's process once the job was taken away).
+    pid: int | None = None
+    pid_start: float | None = None
+    #: Shared ledger: the fencing token of the attempt this host runs.
+    fence: int | None = None
 
     def take(self, event: WorkerEvent) -> None:
         """Remember the latest event of each kind the daemon acts on."""
@@ -111,6 +120,19 @@ class Daemon:
         self.identity_for = identity_for
         self.log = logs.get()
         self.intake_stage = Intake(self)
+        #: The shared ledger's several-host operations; None on SQLite (one host).
+        self.cluster: ClusterLedger | None = ledger if isinstance(ledger, ClusterLedger) else None
+        #: Workers of attempts another host took over: killed, reaped here once gone.
+        self._fenced: list[tuple[int, float | None]] = []
+        #: Shared ledger unreachable since (None: reachable); the next try; the current backoff.
+        self._outage_since: float | None = None
+        self._outage_retry_at = 0.0
+        self._outage_backoff_s = OUTAGE_BACKOFF_S
+        #: When the shared ledger last answered a whole tick, and since when without a break:
+        #: a host requeues others' jobs only after being connected for ``host_timeout_s``.
+        self._ledger_ok_at: float | None = None
+        self._connected_since: float | None = None
+        self._self_fenced = False
         #: What the GPUs showed at the last polls, and the running jobs' reservations.
         self.observer = GpuObserver(settings.stable_polls)
         self._reasons: dict[str, str] = {}
@@ -135,53 +157,242 @@ class Daemon:
         self.intake_stage.requeue_lost_now()
         self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
         self.settings.events_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        running = self.ledger.jobs([JobState.RUNNING])
-        unrecorded = {job.id: self._job_uid(job) for job in running if job.pid is None}
-        uids = {job_id: uid for job_id, uid in unrecorded.items() if uid is not None}
+        running = self.running_jobs()
+        if self.cluster is None:  # only a job claimed just before a crash can have no pid
+            candidates = [job for job in running if job.pid is None]
+        else:  # and on a shared ledger, any job this host may have run before it went down
+            candidates = self.ledger.jobs()
+        uids = self._job_uids(candidates)
         orphans = self.runner.find_job_processes(uids) if uids else {}
+        if self.cluster is not None:
+            self._kill_stale_workers(running, orphans)
         for job in running:
             if job.pid is None and job.id in orphans:
                 # Started just before a crash, before its pid was recorded: adopt, never rerun.
                 pid, created = orphans[job.id]
-                job = self.ledger.transition(
-                    job.id, JobState.RUNNING, now=now, pid=pid, pid_start=created
-                )
+                job = self._write(job, now=now, pid=pid, pid_start=created)
+            self._running[job.id] = self._track(job)
             if self.runner.is_alive(job.pid, job.pid_start):
-                self._running[job.id] = _Running()
                 self.log.info("job_adopted", job_id=job.id, pid=job.pid, gpu_uuid=job.gpu_uuid)
                 continue
-            self._running[job.id] = _Running()
             self._read_events(job, now, tail=True)
             self._finish(job, Exit(None), now)
+
+    def _kill_stale_workers(
+        self, owned: list[JobRecord], processes: Mapping[str, tuple[int, float]]
+    ) -> None:
+        """Start-up on a shared ledger: a worker this host started that outlived its daemon,
+        and whose job another host has taken over meanwhile (the daemon was down for longer
+        than ``host_timeout_s``), is killed before it writes another line."""
+        assert self.cluster is not None
+        mine = {j.id for j in owned}
+        for job_id, (pid, created) in processes.items():
+            if job_id in mine or self.ledger.get(job_id) is None:
+                continue
+            here = self.cluster.host_name
+            trail = self.cluster.audit(job_id)
+            if not any(t["host"] == here and t["to_state"] == "running" for t in trail):
+                continue  # not a job this host ever ran: not ours to touch
+            self._fenced_out(job_id, _Running(pid=pid, pid_start=created))
+
+    def _track(self, job: JobRecord) -> _Running:
+        """What to remember of a running job this host owns, as its row says."""
+        return _Running(
+            pid=job.pid,
+            pid_start=job.pid_start,
+            fence=job.fence if self.cluster is not None else None,
+        )
+
+    def running_jobs(self) -> list[JobRecord]:
+        """The running jobs this host runs (on a shared ledger, other hosts run the rest)."""
+        jobs = self.ledger.jobs([JobState.RUNNING])
+        if self.cluster is None:
+            return jobs
+        return [j for j in jobs if j.host == self.cluster.host_name]
+
+    def _write(self, job: JobRecord, *, now: float, **fields: Any) -> JobRecord:
+        """Set fields of a running job this host owns: through the fence on a shared ledger
+        (``FencedOut`` when another attempt owns it now), a plain write on SQLite."""
+        if self.cluster is None:
+            return self.ledger.transition(job.id, JobState.RUNNING, now=now, **fields)
+        return self.cluster.fenced_transition(
+            job.id, JobState.RUNNING, fence=job.fence, now=now, **fields
+        )
 
     @property
     def draining(self) -> bool:
         return self.ledger.draining()
 
     def tick(self, now: float) -> TickReport:
-        """Everything the daemon does at one poll. Never raises for a job's or a file's fault."""
+        """Everything the daemon does at one poll. Never raises for a job's or a file's fault.
+
+        On a shared ledger that cannot be reached, the tick is skipped (running jobs keep
+        running, nothing starts) and retried with backoff; see :meth:`_outage`.
+        """
         self._now = now
         report = TickReport()
+        if self._outage_since is not None:
+            self._self_fence(now)  # before trying again: a try may block for the I/O timeout
+            if now < self._outage_retry_at or not self._reconnected(now):
+                return report
+        try:
+            self._tick(now, report)
+        except Exception as exc:
+            if self.cluster is None:
+                raise
+            if not self.cluster.is_connection_error(exc) and self._cluster_reachable():
+                raise
+            self._outage(now, exc)
+            self._self_fence(now)
+            return report
+        if self.cluster is not None:
+            self._ledger_ok_at = now
+            if self._connected_since is None:
+                self._connected_since = now
+        self.last_tick_done = now
+        self.last_report = report
+        return report
+
+    def _tick(self, now: float, report: TickReport) -> None:
+        if self.cluster is not None:
+            # First, before anything else: a host that was frozen or cut off stops the workers
+            # of the jobs another host has taken over since.
+            self._drop_lost(self.running_jobs())
         self.intake(now, report)
         self.reap(now, report)
         result = self.probe.poll()
         self._observe(result, now, report)
+        if self.cluster is not None:
+            self._heartbeat(now)
         if not self.stopping:
             self._place_and_launch(now, report)
         self.ledger.set_meta("gpus", json.dumps({"at": now, "gpus": self.describe_gpus()}))
-        self.last_tick_done = now
-        self.last_report = report
-        return report
+
+    # -- several hosts -------------------------------------------------------------------------
+
+    def _heartbeat(self, now: float) -> None:
+        """Tell the other hosts this one is alive (and what its GPUs show); move the running
+        jobs of hosts silent for over ``host_timeout_s`` back to the queue."""
+        assert self.cluster is not None
+        self.cluster.heartbeat(
+            gpus=self.describe_gpus(), version=__version__, draining=self.draining
+        )
+        timeout = self.settings.host_timeout_s
+        if self._connected_since is None or now - self._connected_since < timeout:
+            # Just started or back from an outage: the other hosts have had no chance to
+            # heartbeat yet, and must not be taken for dead.
+            return
+        lost = self.cluster.requeue_silent_hosts(timeout_s=timeout, now=now)
+        if lost:
+            self.log.warning(
+                "jobs_requeued_from_silent_host",
+                job_ids=lost,
+                host_timeout_s=self.settings.host_timeout_s,
+            )
+
+    def _drop_lost(self, owned: list[JobRecord]) -> None:
+        """Stop and forget every job this host tracks whose current attempt is not its own any
+        more (another host requeued or took it): its worker must not write another line."""
+        fences = {j.id: j.fence for j in owned}
+        for job_id, state in list(self._running.items()):
+            if fences.get(job_id) != state.fence:
+                self._fenced_out(job_id, state)
+        still = []
+        for pid, start in self._fenced:
+            if self.runner.poll(pid, start) is None:
+                self.runner.kill(pid, start)
+                still.append((pid, start))
+        self._fenced = still
+
+    def _fenced_out(self, job_id: str, state: _Running | None = None) -> None:
+        """Another attempt owns ``job_id``: SIGKILL our worker at once (no grace: a worker
+        given SIGTERM would checkpoint into the output another host now writes), and forget
+        the job without writing anything about it."""
+        state = self._running.pop(job_id, None) or state
+        pid = state.pid if state is not None else None
+        if pid is not None and state is not None:
+            self.runner.kill(pid, state.pid_start)
+            self._fenced.append((pid, state.pid_start))
+        self.log.warning(
+            "job_fenced_out",
+            job_id=job_id,
+            pid=pid,
+            fence=state.fence if state is not None else None,
+            reason="another host owns this job now; its worker here is stopped",
+        )
+
+    @property
+    def ledger_unreachable(self) -> bool:
+        """Whether the shared ledger is in an outage (the service skips what needs it)."""
+        return self._outage_since is not None
+
+    def _self_fence(self, now: float) -> None:
+        """Cut off from the shared ledger for over half ``host_timeout_s``: the other hosts will
+        soon take this host's jobs over, so kill their workers now, before a second worker can
+        start on the same output. Filed as interrupted once the ledger answers (or forgotten,
+        if another host owns them by then)."""
+        if self._self_fenced or self._ledger_ok_at is None:
+            return
+        if now - self._ledger_ok_at <= self.settings.host_timeout_s / 2:
+            return
+        self._self_fenced = True
+        killed = []
+        for job_id, state in self._running.items():
+            if state.pid is not None:
+                self.runner.kill(state.pid, state.pid_start)
+                state.stop = state.stop or StopReason.DAEMON_STOPPING
+                killed.append(job_id)
+        if killed:
+            self.log.warning(
+                "jobs_stopped_ledger_unreachable",
+                job_ids=killed,
+                unreachable_s=round(now - self._ledger_ok_at, 1),
+                host_timeout_s=self.settings.host_timeout_s,
+            )
+
+    def _cluster_reachable(self) -> bool:
+        assert self.cluster is not None
+        return self.cluster.ping()
+
+    def _outage(self, now: float, exc: BaseException) -> None:
+        """The shared ledger stopped answering: keep the running jobs, start nothing, retry
+        after a backoff that doubles up to ``OUTAGE_BACKOFF_MAX_S``; log it once."""
+        if self._outage_since is None:
+            self._outage_since = now
+            self._outage_backoff_s = OUTAGE_BACKOFF_S
+            self.log.error(
+                "ledger_unreachable",
+                error=_describe(exc),
+                running_jobs=len(self._running),
+                ledger=self.settings.ledger_shown,
+            )
+        else:
+            self._outage_backoff_s = min(self._outage_backoff_s * 2, OUTAGE_BACKOFF_MAX_S)
+        self._outage_retry_at = now + self._outage_backoff_s
+
+    def _reconnected(self, now: float) -> bool:
+        """Whether the shared ledger answers again (logged once); else back off further."""
+        if not self._cluster_reachable():
+            self._outage(now, ConnectionError("still unreachable"))
+            return False
+        assert self._outage_since is not None
+        self.log.info("ledger_reconnected", down_s=round(now - self._outage_since, 1))
+        self._outage_since = None
+        self._connected_since = now
+        self._self_fenced = False
+        self._waiting_cache = None
+        self._reasons_stale = True
+        return True
 
     def stop_all(self, now: float, *, hard: bool = False) -> None:
         """Stop every running job (SIGTERM, or SIGKILL when ``hard``); they resume later.
         Running scans are killed: their files stay in ``incoming/`` for the next start."""
         self.stopping = True
         self.intake_stage.close()
-        for job in self.ledger.jobs([JobState.RUNNING]):
+        for job in self.running_jobs():
             if job.pid is None:
                 continue
-            state = self._running.setdefault(job.id, _Running())
+            state = self._running.setdefault(job.id, self._track(job))
             state.stop = state.stop or StopReason.DAEMON_STOPPING
             if hard:
                 self.runner.kill(job.pid, job.pid_start)
@@ -190,6 +401,8 @@ class Daemon:
                 state.stop_deadline = now + self.settings.stop_grace_s
 
     def running_count(self) -> int:
+        if self.cluster is not None:
+            return len(self.running_jobs())
         return self.ledger.counts().get(JobState.RUNNING.value, 0)
 
     # -- intake ------------------------------------------------------------------------------------
@@ -207,9 +420,18 @@ class Daemon:
 
     def reap(self, now: float, report: TickReport) -> None:
         self._now = now
-        for job in self.ledger.jobs([JobState.RUNNING]):
-            state = self._running.setdefault(job.id, _Running())
+        for job in self.running_jobs():
+            state = self._running.setdefault(job.id, self._track(job))
+            if job.pid is None and state.pid is not None:
+                # Started, but the ledger went away before the pid was written: write it now.
+                try:
+                    job = self._write(job, now=now, pid=state.pid, pid_start=state.pid_start)
+                except FencedOut:
+                    self._fenced_out(job.id)
+                    continue
             self._read_events(job, now)
+            if job.id not in self._running:  # fenced out while its progress was written
+                continue
             if job.pid is None:
                 self._finish(job, Exit(None), now, report)
                 continue
@@ -285,7 +507,11 @@ class Daemon:
             return
         fields = state.last_progress.fields()
         if fields != job.progress:
-            self.ledger.update(job.id, now=now, progress=fields)
+            try:
+                self._update(job, now=now, progress=fields)
+            except FencedOut:
+                self._fenced_out(job.id)
+                return
             if now - state.last_progress_log >= self.settings.progress_log_interval_s:
                 state.last_progress_log = now
                 self.log.info("job_progress", job_id=job.id, gpu_uuid=job.gpu_uuid, **fields)
@@ -325,6 +551,18 @@ class Daemon:
         if report is not None:
             report.finished.append((job.id, outcome.exit_class))
 
+    def _job_uids(self, jobs: list[JobRecord]) -> dict[str, int]:
+        """Job id → the uid its processes run as, for the jobs whose user still exists."""
+        by_submitter: dict[int, int | None] = {}
+        out: dict[str, int] = {}
+        for job in jobs:
+            if job.submitter_uid not in by_submitter:
+                by_submitter[job.submitter_uid] = self._job_uid(job)
+            uid = by_submitter[job.submitter_uid]
+            if uid is not None:
+                out[job.id] = uid
+        return out
+
     def _job_uid(self, job: JobRecord) -> int | None:
         """The uid a job's processes run as (None: its user has no account any more). Only a
         process of that uid can be the job's: job ids are public, environments are not proof."""
@@ -357,7 +595,11 @@ class Daemon:
         if outcome.state == JobState.DONE and summary:
             final = {**job.progress, **summary}
             final["lines_total"] = final.get("lines_total") or summary.get("lines_done")
-            self.ledger.update(job.id, now=now, progress=final)
+            try:
+                self._update(job, now=now, progress=final)
+            except FencedOut:
+                self._fenced_out(job.id, state)
+                return
         self._move(job, outcome.state, now, outcome.reason, **fields)
         extra: dict[str, Any] = {}
         if outcome.event == "job_finished":
@@ -397,15 +639,35 @@ class Daemon:
         runs = [t for t in self.ledger.transitions(job.id) if t["to_state"] == "running"]
         return len(runs) >= 2
 
+    def _update(self, job: JobRecord, *, now: float, **fields: Any) -> None:
+        """Set a running job's progress or peak: through the fence on a shared ledger."""
+        if self.cluster is None or job.state != JobState.RUNNING:
+            self.ledger.update(job.id, now=now, **fields)
+        else:
+            self.cluster.fenced_update(job.id, fence=job.fence, now=now, **fields)
+
     def _move(
         self, job: JobRecord, to: JobState, now: float, reason: str, **fields: Any
     ) -> JobRecord | None:
         """Move a job on from the state it was read in; a job that ends done or failed is handed
-        to each ``finish_hooks`` entry (webhooks). None if the job had moved on meanwhile."""
+        to each ``finish_hooks`` entry (webhooks). None if the job had moved on meanwhile.
+
+        On a shared ledger a running job moves only through its attempt's fence: a host that
+        lost the job stops its worker and writes nothing (``FencedOut``)."""
         try:
-            moved = self.ledger.transition(
-                job.id, to, now=now, expect=[job.state], detail=reason, reason=reason, **fields
-            )
+            if self.cluster is not None and job.state == JobState.RUNNING:
+                moved = self.cluster.fenced_transition(
+                    job.id, to, fence=job.fence, now=now, expect=[job.state], detail=reason,
+                    reason=reason, **fields,
+                )  # fmt: skip
+            else:
+                moved = self.ledger.transition(
+                    job.id, to, now=now, expect=[job.state], detail=reason, reason=reason,
+                    **fields,
+                )  # fmt: skip
+        except FencedOut:
+            self._fenced_out(job.id)
+            return None
         except LedgerError as exc:
             self.log.warning("job_transition_skipped", job_id=job.id, to=to.value, error=str(exc))
             return None
@@ -439,7 +701,7 @@ class Daemon:
     def _observe(self, result: ProbeResult, now: float, report: TickReport) -> None:
         """Hand the poll to the observer; record GPU history in the ledger when it is due."""
         self.observer.stable_polls = self.settings.stable_polls
-        self.observer.observe(result, self.ledger.jobs([JobState.RUNNING]))
+        self.observer.observe(result, self.running_jobs())
         report.probe_error = result.error
         rows = self.observer.history_rows(now)
         if rows is not None:
@@ -454,16 +716,23 @@ class Daemon:
     def _waiting(self) -> tuple[list[Waiting], list[Candidate]]:
         """Waiting jobs and their placement candidates, reloaded only when a job's state changed."""
         version = self.ledger.jobs_version
-        if self._waiting_cache is not None and self._waiting_cache[0][0] != version[0]:
+        if (
+            self.cluster is None
+            and self._waiting_cache is not None
+            and self._waiting_cache[0][0] != version[0]
+        ):
             # Another process (the CLI: cancel, retry, hold, release) wrote job rows and their
             # reasons ("retry requested"): the cached reasons no longer say what the rows hold.
+            # On a shared ledger the other hosts change the version every tick, and rewriting
+            # every waiting reason each time would be most of the database's load: there a
+            # reason is written only when this host's own changes.
             self._reasons_stale = True
         if self._waiting_cache is None or self._waiting_cache[0] != version:
             rows = self.ledger.waiting()
             candidates = [
                 Candidate(w.id, w.threshold_gib, w.priority, w.seq, w.gpus, w.submitter_uid)
                 for w in rows
-                if w.state != JobState.HELD
+                if w.state != JobState.HELD and self._host_allowed(w)
             ]
             self._waiting_cache = (version, rows, candidates)
         return self._waiting_cache[1], self._waiting_cache[2]
@@ -495,9 +764,16 @@ class Daemon:
             users.setdefault(uid, UserState()).usage = used
         return users
 
+    def _host_allowed(self, w: Waiting) -> bool:
+        """Whether the job's ``hosts`` allow-list (if any) names this host."""
+        return w.hosts is None or self.cluster is None or self.cluster.host_name in w.hosts
+
     def _place_and_launch(self, now: float, report: TickReport) -> None:
         rows, all_candidates = self._waiting()
         reasons: dict[str, str] = {}
+        for w in rows:
+            if not self._host_allowed(w) and w.hosts is not None:
+                reasons[w.id] = f"runs only on hosts {', '.join(w.hosts)}"
         backing_off = {w.id for w in rows if w.not_before is not None and w.not_before > now}
         blocked = None
         if self.draining:
@@ -647,20 +923,7 @@ class Daemon:
             return reason
         # Claim the job first, so a crash between here and the start can only requeue it.
         try:
-            claimed = self.ledger.transition(
-                job.id,
-                JobState.RUNNING,
-                now=now,
-                expect=sorted(RUNNABLE_STATES),
-                detail=f"starting on {gpu_uuid}",
-                gpu_uuid=gpu_uuid,
-                started_at=now,
-                log_path=str(log_path),
-                reason=f"running on {gpu_uuid}",
-                not_before=None,
-                pid=None,
-                pid_start=None,
-            )
+            claimed = self._claim(job, gpu_uuid, log_path, now)
         except LedgerError as exc:
             return str(exc)
         try:
@@ -671,10 +934,16 @@ class Daemon:
             self._job_event(claimed, "job_failed", reason=reason)
             self.runner.remove_scratch(self.scratch_path(job.id))
             return reason
-        self.ledger.transition(
-            job.id, JobState.RUNNING, now=now, pid=started.pid, pid_start=started.pid_start
+        self._running[job.id] = _Running(
+            pid=started.pid,
+            pid_start=started.pid_start,
+            fence=claimed.fence if self.cluster is not None else None,
         )
-        self._running[job.id] = _Running()
+        try:
+            self._write(claimed, now=now, pid=started.pid, pid_start=started.pid_start)
+        except FencedOut:
+            self._fenced_out(job.id)
+            return "another host took the job as it started"
         self._reasons.pop(job.id, None)
         self._job_event(
             claimed,
@@ -687,6 +956,31 @@ class Daemon:
             argv=launch.argv,
         )
         return None
+
+    def _claim(self, job: JobRecord, gpu_uuid: str, log_path: Path, now: float) -> JobRecord:
+        """Mark the job running here, no pid yet. On a shared ledger one atomic statement that
+        also stamps this host and the attempt's fencing token: two hosts never both win."""
+        fields: dict[str, Any] = {
+            "gpu_uuid": gpu_uuid,
+            "started_at": now,
+            "log_path": str(log_path),
+            "reason": f"running on {gpu_uuid}",
+            "not_before": None,
+            "pid": None,
+            "pid_start": None,
+        }
+        if self.cluster is not None:
+            host = self.cluster.host_name
+            detail = f"starting on {gpu_uuid} on {host}"
+            return self.cluster.claim(job.id, now=now, detail=detail, **fields).job
+        return self.ledger.transition(
+            job.id,
+            JobState.RUNNING,
+            now=now,
+            expect=sorted(RUNNABLE_STATES),
+            detail=f"starting on {gpu_uuid}",
+            **fields,
+        )
 
     # -- views for the CLI and metrics ------------------------------------------------------------
 

@@ -95,6 +95,8 @@ class Waiting(NamedTuple):
     not_before: float | None
     gpus: tuple[str | int, ...] | None
     submitter_uid: int = 0
+    #: The job's ``hosts`` allow-list (a shared ledger only; None: any host).
+    hosts: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +130,9 @@ class JobRecord:
     spool_file: str | None = None
     cancel_requested: bool = False
     updated_at: float = 0.0
+    #: The host running the current attempt and the attempt's fencing token (shared ledger only).
+    host: str | None = None
+    fence: int = 0
 
     @property
     def label(self) -> str:
@@ -141,6 +146,11 @@ class JobRecord:
 
 class LedgerError(Exception):
     """A requested change does not apply to the job in its current state."""
+
+
+class FencedOut(LedgerError):
+    """A write carried a fencing token that is no longer the job's: another attempt owns it
+    (raised by the shared ledger only; defined here so the daemon need not import its driver)."""
 
 
 class LedgerUnusable(Exception):

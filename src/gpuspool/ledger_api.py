@@ -10,14 +10,22 @@ talks to. ``ledger_pg`` (and with it the optional ``psycopg`` driver) is importe
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from gpuspool.config import ConfigError, Settings
 from gpuspool.fairshare import Run
-from gpuspool.ledger import JobRecord, Ledger, LedgerError, Waiting
+from gpuspool.ledger import FencedOut, JobRecord, Ledger, LedgerError, Waiting
 from gpuspool.models import JobSpec, JobState
 
-__all__ = ["JobRecord", "LedgerBackend", "LedgerError", "Waiting", "open_ledger"]
+__all__ = [
+    "ClusterLedger",
+    "FencedOut",
+    "JobRecord",
+    "LedgerBackend",
+    "LedgerError",
+    "Waiting",
+    "open_ledger",
+]
 
 
 class LedgerBackend(Protocol):
@@ -118,6 +126,62 @@ class LedgerBackend(Protocol):
     def prune_gpu_history(self, older_than: float) -> None: ...
 
 
+class HostInfo(Protocol):
+    """One host's last heartbeat (``ledger_pg.HostRow``)."""
+
+    name: str
+    gpus: Any
+    version: str
+    draining: bool
+    age_s: float
+
+
+class ClaimInfo(Protocol):
+    """A claimed job and its fencing token (``ledger_pg.Claim``)."""
+
+    job: JobRecord
+    fence: int
+
+
+@runtime_checkable
+class ClusterLedger(Protocol):
+    """What a ledger shared by several hosts adds (``ledger_pg.PgLedger``): heartbeats, atomic
+    claims with a fencing token, fenced writes and requeueing a silent host's jobs. The daemon
+    uses these when its ledger has them, and the single-host paths otherwise."""
+
+    host_name: str
+
+    def ping(self) -> bool: ...
+
+    def is_connection_error(self, exc: BaseException) -> bool: ...
+
+    def heartbeat(self, *, gpus: Any, version: str, draining: bool) -> None: ...
+
+    def hosts(self) -> Sequence[HostInfo]: ...
+
+    def claim(
+        self, job_id: str, *, now: float, detail: str | None = None, **fields: Any
+    ) -> ClaimInfo: ...
+
+    def fenced_transition(
+        self,
+        job_id: str,
+        to: JobState,
+        *,
+        fence: int,
+        now: float,
+        expect: Sequence[JobState] | None = None,
+        detail: str | None = None,
+        **fields: Any,
+    ) -> JobRecord: ...
+
+    def fenced_update(self, job_id: str, *, fence: int, now: float, **fields: Any) -> None: ...
+
+    def requeue_silent_hosts(self, *, timeout_s: float, now: float) -> list[str]: ...
+
+    def audit(self, job_id: str) -> list[dict[str, Any]]: ...
+
+
 def open_ledger(settings: Settings, *, readonly: bool = False) -> LedgerBackend:
     """The ledger ``settings.ledger_url`` names (SQLite in ``state_dir`` when unset).
 
@@ -135,4 +199,9 @@ def open_ledger(settings: Settings, *, readonly: bool = False) -> LedgerBackend:
             " install gpuspool with the postgres extra: pip install 'gpuspool[postgres]'",
             "ledger_url",
         ) from exc
-    return PgLedger(settings.ledger_location, host_name=settings.host_name, readonly=readonly)
+    return PgLedger(
+        settings.ledger_location,
+        host_name=settings.host_name,
+        readonly=readonly,
+        io_timeout_s=max(1.0, settings.host_timeout_s / 4),
+    )

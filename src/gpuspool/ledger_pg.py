@@ -25,7 +25,7 @@ from psycopg.rows import dict_row, tuple_row
 
 from gpuspool.config import redact_url
 from gpuspool.fairshare import Run
-from gpuspool.ledger import JobRecord, LedgerError, Waiting
+from gpuspool.ledger import FencedOut, JobRecord, LedgerError, Waiting
 from gpuspool.models import RUNNABLE_STATES, TERMINAL_STATES, JobSpec, JobState
 
 #: Each entry moves the schema from version ``i`` to ``i + 1``; never edit a released one, add.
@@ -110,6 +110,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX jobs_submitter ON jobs(submitter_uid);
     """,
+    # 4: the job key ``hosts`` (allow-list of host names), for placement.
+    """
+    ALTER TABLE jobs ADD COLUMN hosts_json TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -142,10 +146,6 @@ _TRANSITION_FIELDS = frozenset(
     }
 )
 _UPDATE_FIELDS = frozenset({"reason", "progress", "peak_gib", "cancel_requested", "need_gib"})
-
-
-class FencedOut(LedgerError):
-    """A write carried a fencing token that is no longer the job's: another attempt owns it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +199,8 @@ def _record(row: dict[str, Any]) -> JobRecord:
         spool_file=row["spool_file"],
         cancel_requested=bool(row["cancel_requested"]),
         updated_at=row["updated_at"],
+        host=row.get("host"),
+        fence=int(row.get("fence") or 0),
     )
 
 
@@ -225,10 +227,16 @@ class PgLedger:
     jobs it claims, and in ``hosts`` by ``heartbeat``.
     """
 
-    def __init__(self, url: str, *, host_name: str, readonly: bool = False) -> None:
+    def __init__(
+        self, url: str, *, host_name: str, readonly: bool = False, io_timeout_s: float = 10.0
+    ) -> None:
         self.url = url
         self.host_name = host_name
         self.readonly = readonly
+        #: The longest a connect or an unanswered write to the server may block a call: a
+        #: partitioned host must notice within a fraction of ``host_timeout_s`` (TCP alone
+        #: retransmits for minutes).
+        self.io_timeout_s = io_timeout_s
         self._state_writes = 0
         self._conn = self._connect()
         if readonly:
@@ -240,8 +248,12 @@ class PgLedger:
         options = "-c default_transaction_read_only=on" if self.readonly else ""
         try:
             return psycopg.connect(
-                self.url, autocommit=True, row_factory=dict_row, connect_timeout=10,
-                options=options, application_name=f"gpuspool@{self.host_name}",
+                self.url, autocommit=True, row_factory=dict_row, options=options,
+                application_name=f"gpuspool@{self.host_name}",
+                connect_timeout=max(2, round(self.io_timeout_s)),
+                tcp_user_timeout=round(self.io_timeout_s * 1000), keepalives=1,
+                keepalives_idle=max(1, round(self.io_timeout_s / 2)), keepalives_interval=1,
+                keepalives_count=3,
             )  # fmt: skip
         except psycopg.Error as exc:
             raise LedgerError(
@@ -387,7 +399,8 @@ class PgLedger:
         with self._db.cursor(row_factory=tuple_row) as cur:
             rows = cur.execute(
                 "SELECT id, state, priority, seq, threshold_gib, not_before, gpus_json,"
-                " submitter_uid FROM jobs WHERE state = ANY(%s) ORDER BY priority DESC, seq",
+                " submitter_uid, hosts_json FROM jobs WHERE state = ANY(%s)"
+                " ORDER BY priority DESC, seq",
                 (list(_WAITING),),
             ).fetchall()
         return [
@@ -400,6 +413,7 @@ class PgLedger:
                 r[5],
                 None if r[6] is None else tuple(json.loads(r[6])),
                 int(r[7]),
+                None if r[8] is None else tuple(json.loads(r[8])),
             )
             for r in rows
         ]
@@ -438,7 +452,7 @@ class PgLedger:
         cols = (
             "id, name, state, gpu_uuid, priority, need_gib, threshold_gib, attempts, reason,"
             " exit_class, submitted_at, started_at, finished_at, peak_gib, submitter_uid, input,"
-            " output, progress_json, log_path, seq, updated_at"
+            " output, progress_json, log_path, seq, updated_at, host"
         )
         who = "" if submitter_uid is None else " AND submitter_uid = %s"
         whom: tuple[int, ...] = () if submitter_uid is None else (submitter_uid,)
@@ -493,7 +507,7 @@ class PgLedger:
     def transitions_after(self, after_seq: int) -> list[dict[str, Any]]:
         """Transitions newer than ``after_seq``, oldest first (metrics count them once)."""
         return self._db.execute(
-            f"SELECT {_TRANSITION_COLS} FROM transitions WHERE seq > %s ORDER BY seq",
+            f"SELECT {_TRANSITION_COLS}, host FROM transitions WHERE seq > %s ORDER BY seq",
             (after_seq,),
         ).fetchall()
 
@@ -586,8 +600,8 @@ class PgLedger:
         with self._tx() as db:
             row = db.execute(
                 "INSERT INTO jobs(id, name, spec_json, input, output, gpus_json, submitter_uid,"
-                " submitted_at, priority, state, need_gib, threshold_gib, spool_file, updated_at)"
-                " VALUES(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " submitted_at, priority, state, need_gib, threshold_gib, spool_file, updated_at,"
+                " hosts_json) VALUES(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (id) DO NOTHING RETURNING id",
                 (
                     job_id,
@@ -604,6 +618,7 @@ class PgLedger:
                     threshold_gib,
                     spool_file,
                     now,
+                    None if spec.hosts is None else json.dumps(spec.hosts),
                 ),
             ).fetchone()
             if row is None:
@@ -728,7 +743,20 @@ class PgLedger:
         with self._tx() as db:
             db.execute("DELETE FROM gpu_history WHERE at < %s", (older_than,))
 
-    # -- several hosts: heartbeats, claims, fencing (not yet used by the daemon) ---------------
+    # -- several hosts: heartbeats, claims, fencing --------------------------------------------
+
+    @staticmethod
+    def is_connection_error(exc: BaseException) -> bool:
+        """Whether ``exc`` says the database went away (not that a statement was wrong)."""
+        return isinstance(exc, psycopg.OperationalError)
+
+    def ping(self) -> bool:
+        """Whether the database answers now (a broken connection is replaced first)."""
+        try:
+            self._db.execute("SELECT 1").fetchone()
+        except (psycopg.Error, LedgerError):
+            return False
+        return True
 
     def heartbeat(self, *, gpus: Any, version: str, draining: bool) -> None:
         """Record that this host is alive, with its GPU snapshot (any JSON value), its gpuspool
@@ -831,6 +859,21 @@ class PgLedger:
         return self._move(
             job_id, to, now=now, expect=expect, detail=detail, fields=fields, fence=fence
         )
+
+    def fenced_update(self, job_id: str, *, fence: int, now: float, **fields: Any) -> None:
+        """``update`` (progress, peak), but only while attempt ``fence`` on this host still owns
+        the running job; otherwise ``FencedOut`` and nothing changes."""
+        _check_fields(fields, _UPDATE_FIELDS)
+        cols = _column_values(fields)
+        sets = ", ".join(f"{k} = %s" for k in cols)
+        with self._tx() as db:
+            row = db.execute(
+                f"UPDATE jobs SET {sets}, updated_at = %s WHERE id = %s AND state = 'running'"
+                " AND host = %s AND fence = %s RETURNING id",
+                (*cols.values(), now, job_id, self.host_name, fence),
+            ).fetchone()
+        if row is None:
+            raise FencedOut(f"job {job_id} attempt {fence} on {self.host_name} is fenced out")
 
     def owns(self, job_id: str, fence: int) -> bool:
         """Whether attempt ``fence`` on this host still owns the running job (checked before a

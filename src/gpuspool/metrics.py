@@ -177,6 +177,13 @@ class _SnapshotCollector(Collector):
             )
             last.add_metric([], snap.last_tick)
             yield last
+        host = _gauge(
+            "gpuspool_host_info",
+            "This daemon's host_name (its GPUs, jobs and counters are this host's).",
+            ["host"],
+        )
+        host.add_metric([self.hostname], 1.0)
+        yield host
         draining = _gauge("gpuspool_draining", "1 while no new jobs start (gpuspool drain).")
         draining.add_metric([], 1.0 if snap.draining else 0.0)
         yield draining
@@ -282,7 +289,7 @@ class DaemonMetrics:
                 if not g["healthy"]:
                     errors.inc()
             self._count_transitions(daemon)
-            running = daemon.ledger.jobs([JobState.RUNNING])
+            running = daemon.running_jobs()  # this host's only, on a shared ledger
             self._snapshot.snapshot = _Snapshot(
                 gpus=gpus,
                 states=daemon.ledger.counts(),
@@ -297,8 +304,11 @@ class DaemonMetrics:
 
     def _count_transitions(self, daemon: Daemon) -> None:
         rows = daemon.ledger.transitions_after(self._seq)
+        own = daemon.settings.host_name
         for row in rows:
             self._seq = max(self._seq, int(row["seq"]))
+            if row.get("host") not in (None, own):  # a shared ledger: another host's counts
+                continue
             to, frm = row["to_state"], row["from_state"]
             if to == JobState.RUNNING.value and frm != JobState.RUNNING.value:
                 self.started.inc()

@@ -69,6 +69,9 @@ GpuRef = (
     Annotated[StrictStr, Field(min_length=1, max_length=128)] | Annotated[StrictInt, Field(ge=0)]
 )
 
+#: A host's name, as ``host_name`` in the configuration allows it.
+HostName = Annotated[StrictStr, Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9._-]+$")]
+
 
 class JobSpec(BaseModel):
     """A job file dropped into ``<spool_dir>/incoming/`` (TOML or JSON). Unknown keys are errors."""
@@ -84,6 +87,9 @@ class JobSpec(BaseModel):
         None, description='GiB free needed to start; "auto" = computed need; default: config'
     )
     gpus: list[GpuRef] | None = Field(None, max_length=64, description="Allow-list: UUID/index")
+    hosts: list[HostName] | None = Field(
+        None, min_length=1, max_length=64, description="Allow-list of host names (shared ledger)"
+    )
     batch_seconds: float | None = Field(None, gt=0, le=86400, description="Padded-s budget")
     on_bad_line: Literal["fail", "skip"] = "fail"
     dtype: Literal["fp32", "bf16"] = "fp32"

@@ -3,7 +3,8 @@
 The root daemon reads one thing a submitter controls, the job file. Whether the input can be
 read, the output folder written and the output is absent, whether a tokenizer path exists, and
 how long the longest clip is (audio headers, for the memory need) are all answered by this
-short-lived process, ``python -I -m gpuspool.scan``, started by :class:`ScanProcess`:
+short-lived process, ``gpuspool.scan`` under ``python -I`` (:func:`scanner_argv`), started by
+:class:`ScanProcess`:
 
 1. it reads its request (a JSON document the daemon wrote to an anonymous file) from stdin,
 2. imports what it needs, lowers its resource limits (``RLIMIT_AS``, ``RLIMIT_CPU``,
@@ -440,6 +441,17 @@ def _anonymous_file() -> int:
         return os.dup(tempfile.TemporaryFile().fileno())
 
 
+def scanner_argv() -> list[str]:
+    """``python -I`` running ``gpuspool.scan`` from the daemon's own import path: isolated mode
+    ignores ``PYTHON*`` variables and the current folder, so the scanner imports exactly the
+    code the daemon runs, whether it is installed in a venv or found through ``PYTHONPATH``."""
+    bootstrap = (
+        "import sys; sys.path[:] = sys.argv[1:]; sys.argv[1:] = [];"
+        " from gpuspool.scan import main; raise SystemExit(main())"
+    )
+    return [sys.executable, "-I", "-c", bootstrap, *(p for p in sys.path if p)]
+
+
 class ScanProcess:
     """One running scanner, for a batch of jobs of one user; polled, never waited on."""
 
@@ -469,7 +481,7 @@ class ScanProcess:
             os.write(stdin, json.dumps(request).encode())
             os.lseek(stdin, 0, os.SEEK_SET)
             self.proc = subprocess.Popen(
-                argv or [sys.executable, "-I", "-m", "gpuspool.scan"],
+                argv or scanner_argv(),
                 stdin=stdin,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

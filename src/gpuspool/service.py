@@ -231,7 +231,9 @@ class Service:
         from gpuspool.metrics import DaemonMetrics, MetricsServer, parse_loopback
 
         parse_loopback(s.metrics_address)  # refuse a non-loopback address before binding
-        metrics = DaemonMetrics(start_after_seq=start_after_seq, dcgm_names=s.metrics_dcgm_names)
+        metrics = DaemonMetrics(
+            start_after_seq=start_after_seq, dcgm_names=s.metrics_dcgm_names, hostname=s.host_name
+        )
         server = MetricsServer(metrics, s.metrics_address)
         self.log.info("metrics_serving", url=server.url)
         return metrics, server
@@ -266,6 +268,8 @@ class Service:
                 daemon.tick(now)
             except Exception:
                 self.log.exception("tick_failed")
+                return
+            if daemon.ledger_unreachable:  # logged once by the daemon; nothing to publish
                 return
             if self.metrics is not None:
                 try:

@@ -25,7 +25,7 @@ from rich.text import Text
 from gpuspool import logs
 from gpuspool.fairshare import share_table, usage_by_user, usage_horizon
 from gpuspool.ledger import JobRecord
-from gpuspool.ledger_api import LedgerBackend
+from gpuspool.ledger_api import ClusterLedger, LedgerBackend
 from gpuspool.models import TERMINAL_STATES, JobState
 from gpuspool.placement import stable_count
 from gpuspool.spool import Spool
@@ -97,7 +97,12 @@ def _number(value: object) -> float | None:
 
 
 def gpus_snapshot(ledger: LedgerBackend) -> dict[str, Any]:
-    """The daemon's last ``gpus`` snapshot: ``{"at": time or None, "gpus": [...]}``."""
+    """The daemon's last ``gpus`` snapshot: ``{"at": time or None, "gpus": [...]}``.
+
+    On a shared ledger, every host's GPUs from its last heartbeat, each with its ``host``, and
+    ``hosts``: each host's name, heartbeat age, version and draining flag."""
+    if isinstance(ledger, ClusterLedger):
+        return _cluster_snapshot(ledger)
     raw = ledger.get_meta("gpus")
     return json.loads(raw) if raw else {"at": None, "gpus": []}
 
@@ -126,6 +131,31 @@ def submitters_data(ledger: LedgerBackend, now: float, half_life_s: float) -> li
     for row in share_table(usage, running, waiting):
         rows.append({"user": user_name_of(int(row["uid"])), **row})
     return rows
+
+
+def _cluster_snapshot(ledger: ClusterLedger) -> dict[str, Any]:
+    now = time.time()
+    hosts = list(ledger.hosts())
+    gpus = [
+        {**g, "host": h.name}
+        for h in hosts
+        if isinstance(h.gpus, list)
+        for g in h.gpus
+        if isinstance(g, dict)
+    ]
+    return {
+        "at": now - min(h.age_s for h in hosts) if hosts else None,
+        "gpus": gpus,
+        "hosts": [
+            {
+                "name": h.name,
+                "age_s": round(h.age_s, 1),
+                "version": h.version,
+                "draining": h.draining,
+            }
+            for h in hosts
+        ],
+    }
 
 
 def status_data(
@@ -324,6 +354,8 @@ def _job_cells(job: dict[str, Any]) -> dict[str, Any]:
     if job["gpu_uuid"] and (running or job["state"] in TERMINAL_VALUES):
         short = safe(job["gpu_uuid"])[:12]
         gpu = f"{job['gpu_index']} {short}" if job["gpu_index"] is not None else short
+        if job.get("host"):  # a shared ledger: which host runs it
+            gpu = f"{safe(job['host'])}: {gpu}"
     if job["state"] in ("running", "done"):
         note = "" if running else f"in {_duration(job['elapsed_s'])}"
     else:
@@ -445,9 +477,10 @@ def gpus_data(
     A process is ours when it is a running job's worker or in its process group (the worker
     starts its own session, so everything it spawns shares the group).
     """
-    by_pid = {j.pid: j for j in running if j.pid is not None}
     gpus = []
     for g in snap["gpus"]:
+        here = [j for j in running if g.get("host") is None or j.host == g["host"]]
+        by_pid = {j.pid: j for j in here if j.pid is not None}
         available = g["free_mib"] / 1024.0 - g.get("reserved_gib", 0.0)
         stable = stable_count(g.get("history", []), threshold_gib)
         procs = []
@@ -485,6 +518,11 @@ def _gpus_head(data: dict[str, Any], now: float) -> Text:
     return head
 
 
+def _gpu_index(g: dict[str, Any]) -> str:
+    """A GPU's index; ``host:index`` on a shared ledger, where every host has a GPU 0."""
+    return f"{safe(g['host'])}:{safe(g['index'])}" if g.get("host") else safe(g["index"])
+
+
 def _proc_label(p: dict[str, Any]) -> str:
     used = p.get("used_mib")
     size = f"{used / 1024:.1f} GiB" if isinstance(used, (int, float)) else "? GiB"
@@ -515,7 +553,7 @@ def gpus_view(data: dict[str, Any], now: float, *, width: int | None = None) -> 
     k = data["stable_polls_needed"]
     rows: list[list[RenderableType]] = []
     for g in data["gpus"]:
-        index, uuid, name = Text(safe(g["index"])), Text(safe(g["uuid"])), plain(g["name"])
+        index, uuid, name = Text(_gpu_index(g)), Text(safe(g["uuid"])), plain(g["name"])
         if not g["healthy"]:
             err = Text(f"ERROR {safe(g.get('error'))}", "bold red")
             rows.append([index, uuid, name, err, "", Text(""), Text("no", "red"), Text(""),
@@ -552,7 +590,7 @@ def gpus_lines(data: dict[str, Any], now: float) -> list[str]:
         "# index\tuuid\tfree_gib\ttotal_gib\treserved_gib\tfits\tstable\tname\tprocesses",
     ]
     for g in data["gpus"]:
-        head = [safe(g["index"]), safe(g["uuid"])]
+        head = [_gpu_index(g), safe(g["uuid"])]
         if not g["healthy"]:
             fields = [*head, "-", "-", "-", "no", "-", safe(g["name"]),
                       f"ERROR {safe(g.get('error'))}"]  # fmt: skip

@@ -79,9 +79,20 @@ def daemon_config(workdir: Path, **extra: Any) -> dict[str, Any]:
     return values
 
 
-def read_ledger(path: Path) -> tuple[dict[str, JobRecord], dict[str, list[dict[str, Any]]]]:
+def open_reader(path: Path, url: str | None = None) -> Any:
+    """The daemon's ledger, read-only: the SQLite file at ``path``, or the PostgreSQL ``url``."""
+    if url is None:
+        return Ledger(path, readonly=True)
+    from gpuspool.ledger_pg import PgLedger
+
+    return PgLedger(url, host_name="crashkill-reader", readonly=True)
+
+
+def read_ledger(
+    path: Path, url: str | None = None
+) -> tuple[dict[str, JobRecord], dict[str, list[dict[str, Any]]]]:
     """Every job in the ledger by id, and each job's transitions, oldest first."""
-    ledger = Ledger(path, readonly=True)
+    ledger = open_reader(path, url)
     try:
         jobs = {j.id: j for j in ledger.jobs()}
         trail: dict[str, list[dict[str, Any]]] = {}
@@ -257,8 +268,11 @@ class CrashKill:
         real_cycles: frozenset[int] = frozenset(),
         plan: list[tuple[str, str | None]] | None = None,
         log: Any = None,
+        ledger_url: str | None = None,
     ) -> None:
         self.workdir = workdir
+        #: A PostgreSQL ledger's URL; None: the SQLite file in the state folder.
+        self.ledger_url = ledger_url
         self.rng = random.Random(seed)
         #: Which live worker to kill depends on timing: its own RNG keeps ``rng``'s plan fixed.
         self.victim_rng = random.Random(seed + 1)
@@ -388,7 +402,8 @@ class CrashKill:
             for i in range(4)
         ]
         write_gpu_file(self.workdir / "gpus.json", gpus)
-        write_config(self.config, daemon_config(self.workdir))
+        extra = {} if self.ledger_url is None else {"ledger_url": self.ledger_url}
+        write_config(self.config, daemon_config(self.workdir, **extra))
 
     def run(self) -> Report:
         t0 = time.monotonic()
@@ -462,9 +477,9 @@ class CrashKill:
             self.report.problems.append(f"daemon's clean stop exited {code}")
 
     def _all_terminal(self, ids: set[str]) -> bool:
-        if not self.ledger_path.exists():
+        if self.ledger_url is None and not self.ledger_path.exists():
             return False
-        ledger = Ledger(self.ledger_path, readonly=True)
+        ledger = open_reader(self.ledger_path, self.ledger_url)
         try:
             states = {j.id: j.state for j in ledger.jobs()}
         finally:
@@ -488,7 +503,7 @@ class CrashKill:
         r = self.report
         r.jobs = len(self.jobs)
         r.invalid_files = len(self.invalid)
-        records, transitions = read_ledger(self.ledger_path)
+        records, transitions = read_ledger(self.ledger_path, self.ledger_url)
         accepted = {p.name.split(".")[0] for p in self.spool.accepted.iterdir()}
         starts: Counter[str] = Counter()
         for line in self.daemon_log.read_bytes().splitlines():

@@ -52,8 +52,15 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def install(point: str) -> None:
+def install(point: str, *, shared: bool = False) -> None:
+    """Wrap the method of ``point``; ``shared``: on a PostgreSQL ledger, where the same steps
+    are ``PgLedger.add`` and (for a running job's end) ``PgLedger.fenced_transition``."""
     cls, name, when, pred = KILL_POINTS[point]
+    if shared and cls is ledger.Ledger:
+        from gpuspool.ledger_pg import PgLedger
+
+        cls = PgLedger
+        name = "fenced_transition" if name == "transition" else name
     original = getattr(cls, name)
 
     @functools.wraps(original)
@@ -71,7 +78,11 @@ def install(point: str) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1 and argv[1]:
-        install(argv[1])
+        import tomllib
+
+        with open(argv[0], "rb") as f:
+            url = str(tomllib.load(f).get("ledger_url") or "")
+        install(argv[1], shared=url.startswith("postgresql"))
     from gpuspool.cli import main as cli_main
 
     return cli_main(["--config", argv[0], "daemon"])

@@ -57,3 +57,26 @@ def test_config_error_is_a_plain_message(tmp_path: Path) -> None:
     assert message.startswith(f"{cfg}: min_free_gib: ") and "(got 'auto')" in message
     assert "per-job" in message
     assert "\n" not in message and "pydantic" not in message and "type=" not in message
+
+
+def test_host_timeout_must_span_a_few_polls(tmp_path: Path) -> None:
+    """A host silent for one slow tick must not be taken for dead: host_timeout_s is at least
+    three poll intervals, and the error names the setting and the poll interval."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("poll_interval_s = 5\nhost_timeout_s = 10\n")
+    with pytest.raises(ConfigError, match=r"host_timeout_s.*15 s with poll_interval_s = 5"):
+        load_settings(cfg)
+    cfg.write_text("poll_interval_s = 5\nhost_timeout_s = 15\n")
+    assert load_settings(cfg).host_timeout_s == 15.0
+
+
+def test_job_hosts_key_takes_host_names_only() -> None:
+    from pydantic import ValidationError
+
+    from gpuspool.models import JobSpec
+
+    base = {"input": "/d/in.jsonl", "output": "/d/out.jsonl", "tokenizer": "t"}
+    assert JobSpec.model_validate({**base, "hosts": ["gpu-1", "gpu.2"]}).hosts == ["gpu-1", "gpu.2"]
+    for bad in (["a b"], [], ["x\n"], "gpu-1", [1]):
+        with pytest.raises(ValidationError, match="hosts"):
+            JobSpec.model_validate({**base, "hosts": bad})
