@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import STUB_WORKER, gpu_entry, wait_until
 from tests.integration.conftest import TEST_USER, LiveDaemon, wait_state
-from tests.reliability.test_attacks_ops import (
+from tests.reliability.submitters import (
     SECOND_USER,
     SYSTEM_PYTHON,
     Submitter,
