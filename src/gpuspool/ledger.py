@@ -158,7 +158,10 @@ class LedgerUnusable(Exception):
     (it would reject every new job). The message is one line naming the file."""
 
 
-def _row_to_record(row: sqlite3.Row) -> JobRecord:
+def record_from_row(row: Any) -> JobRecord:
+    """A ``jobs`` row of either backend (``sqlite3.Row`` or a psycopg dict row) as a record;
+    ``host`` and ``fence`` exist on the shared ledger only."""
+    keys = row.keys()
     return JobRecord(
         id=row["id"],
         name=row["name"],
@@ -187,6 +190,8 @@ def _row_to_record(row: sqlite3.Row) -> JobRecord:
         spool_file=row["spool_file"],
         cancel_requested=bool(row["cancel_requested"]),
         updated_at=row["updated_at"],
+        host=row["host"] if "host" in keys else None,
+        fence=int(row["fence"] or 0) if "fence" in keys else 0,
     )
 
 
@@ -292,7 +297,7 @@ class Ledger:
 
     def get(self, job_id: str) -> JobRecord | None:
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return _row_to_record(row) if row else None
+        return record_from_row(row) if row else None
 
     def find(self, prefix: str) -> JobRecord:
         """The job whose id (or name) is ``prefix`` or starts with it; errors if none or several."""
@@ -305,9 +310,9 @@ class Ledger:
         if len(rows) > 1:
             exact = [r for r in rows if r["id"] == prefix]
             if len(exact) == 1:
-                return _row_to_record(exact[0])
+                return record_from_row(exact[0])
             raise LedgerError(f"{prefix!r} matches {len(rows)} jobs; give more of the id")
-        return _row_to_record(rows[0])
+        return record_from_row(rows[0])
 
     def jobs(self, states: Sequence[JobState] | None = None) -> list[JobRecord]:
         if states is None:
@@ -318,7 +323,7 @@ class Ledger:
                 f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY seq",
                 [s.value for s in states],
             ).fetchall()
-        return [_row_to_record(r) for r in rows]
+        return [record_from_row(r) for r in rows]
 
     def waiting(self) -> list[Waiting]:
         """Jobs not running and not finished, with only what placement needs, by priority."""
@@ -603,7 +608,7 @@ class Ledger:
             if current != to:
                 _record_transition(db, job_id, now, current.value, to.value, detail)
             new = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return _row_to_record(new)
+        return record_from_row(new)
 
     def update(self, job_id: str, *, now: float, **fields: Any) -> None:
         """Set non-state fields (progress, reason, peak) without a transition row."""
@@ -646,7 +651,7 @@ class Ledger:
                     db, job_id, now, state.value, JobState.CANCELLED.value, "cancelled by user"
                 )
             new = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return _row_to_record(new)
+        return record_from_row(new)
 
     def record_gpu_history(
         self, now: float, rows: Sequence[tuple[str, float | None, float]]

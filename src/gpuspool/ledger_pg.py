@@ -25,7 +25,7 @@ from psycopg.rows import dict_row, tuple_row
 
 from gpuspool.config import redact_url
 from gpuspool.fairshare import Run
-from gpuspool.ledger import FencedOut, JobRecord, LedgerError, Waiting
+from gpuspool.ledger import FencedOut, JobRecord, LedgerError, Waiting, record_from_row
 from gpuspool.models import RUNNABLE_STATES, TERMINAL_STATES, JobSpec, JobState
 
 #: Each entry moves the schema from version ``i`` to ``i + 1``; never edit a released one, add.
@@ -168,40 +168,6 @@ class Claim:
     job: JobRecord
     host: str
     fence: int
-
-
-def _record(row: dict[str, Any]) -> JobRecord:
-    return JobRecord(
-        id=row["id"],
-        name=row["name"],
-        spec_json=row["spec_json"],
-        input=row["input"],
-        output=row["output"],
-        submitter_uid=row["submitter_uid"],
-        submitted_at=row["submitted_at"],
-        seq=row["seq"],
-        priority=row["priority"],
-        state=JobState(row["state"]),
-        need_gib=row["need_gib"],
-        threshold_gib=row["threshold_gib"],
-        gpu_uuid=row["gpu_uuid"],
-        pid=row["pid"],
-        pid_start=row["pid_start"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        attempts=row["attempts"],
-        not_before=row["not_before"],
-        reason=row["reason"],
-        exit_class=row["exit_class"],
-        progress=json.loads(row["progress_json"]) if row["progress_json"] else {},
-        peak_gib=row["peak_gib"],
-        log_path=row["log_path"],
-        spool_file=row["spool_file"],
-        cancel_requested=bool(row["cancel_requested"]),
-        updated_at=row["updated_at"],
-        host=row.get("host"),
-        fence=int(row.get("fence") or 0),
-    )
 
 
 def _column_values(fields: dict[str, Any]) -> dict[str, Any]:
@@ -366,7 +332,7 @@ class PgLedger:
 
     def get(self, job_id: str) -> JobRecord | None:
         row = self._db.execute("SELECT * FROM jobs WHERE id = %s", (job_id,)).fetchone()
-        return _record(row) if row else None
+        return record_from_row(row) if row else None
 
     def find(self, prefix: str) -> JobRecord:
         """The job whose id (or name) is ``prefix`` or starts with it; errors if none or several."""
@@ -380,9 +346,9 @@ class PgLedger:
         if len(rows) > 1:
             exact = [r for r in rows if r["id"] == prefix]
             if len(exact) == 1:
-                return _record(exact[0])
+                return record_from_row(exact[0])
             raise LedgerError(f"{prefix!r} matches {len(rows)} jobs; give more of the id")
-        return _record(rows[0])
+        return record_from_row(rows[0])
 
     def jobs(self, states: Sequence[JobState] | None = None) -> list[JobRecord]:
         if states is None:
@@ -392,7 +358,7 @@ class PgLedger:
                 "SELECT * FROM jobs WHERE state = ANY(%s) ORDER BY seq",
                 ([s.value for s in states],),
             ).fetchall()
-        return [_record(r) for r in rows]
+        return [record_from_row(r) for r in rows]
 
     def waiting(self) -> list[Waiting]:
         """Jobs not running and not finished, with only what placement needs, by priority."""
@@ -683,7 +649,7 @@ class PgLedger:
             self._bump(db)
             if current != to:
                 self._transition_row(db, job_id, now, current.value, to.value, detail, row["fence"])
-        return _record(new)
+        return record_from_row(new)
 
     def update(self, job_id: str, *, now: float, **fields: Any) -> None:
         """Set non-state fields (progress, reason, peak) without a transition row."""
@@ -725,7 +691,7 @@ class PgLedger:
                     row["fence"],
                 )  # fmt: skip
         assert new is not None
-        return _record(new)
+        return record_from_row(new)
 
     def record_gpu_history(
         self, now: float, rows: Sequence[tuple[str, float | None, float]]
@@ -793,7 +759,7 @@ class PgLedger:
         self._transition_row(
             db, row["id"], now, from_state, JobState.RUNNING.value, detail, row["fence"]
         )
-        return Claim(_record(row), self.host_name, int(row["fence"]))
+        return Claim(record_from_row(row), self.host_name, int(row["fence"]))
 
     def claim(self, job_id: str, *, now: float, detail: str | None = None, **fields: Any) -> Claim:
         """Start ``job_id`` on this host, if it is still runnable: one conditional update that
