@@ -503,7 +503,7 @@ def status(
             time.time(),
             all_jobs=all_jobs,
             max_waiting=limit,
-            fair_share_half_life_s=s.fair_share_half_life_s if as_json else None,
+            fair_share_half_life_s=None if piped and not as_json else s.fair_share_half_life_s,
         )
 
     def render() -> RenderableType:

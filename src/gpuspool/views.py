@@ -404,6 +404,18 @@ STATUS_COLUMNS = [
 ]
 
 
+def shares_line(submitters: list[dict[str, Any]]) -> str:
+    """``shares: alice 62% (2 running, 5 waiting) · bob 38% (...)``: each submitter's share of
+    the recent GPU usage that fair share orders by (escaped: user names are the system's, but
+    a uid without a name shows as a number)."""
+    parts = [
+        f"{safe(str(row.get('user')))} {100.0 * float(row.get('share') or 0.0):.0f}%"
+        f" ({row.get('running', 0)} running, {row.get('waiting', 0)} waiting)"
+        for row in submitters
+    ]
+    return "shares: " + " · ".join(parts)
+
+
 def status_view(
     data: dict[str, Any],
     *,
@@ -416,7 +428,9 @@ def status_view(
     ``width``: the terminal's width; columns are left out until the table fits, never the id
     or the state (None: every column).
     """
-    head = _status_head(data, poll_interval_s)
+    head: RenderableType = _status_head(data, poll_interval_s)
+    if data.get("submitters"):
+        head = Group(head, Text(shares_line(data["submitters"]), "dim"))
     if not data["jobs"]:
         return Group(head, Text("no jobs", "dim"))
     jobs, hidden = _listed_jobs(data, max_waiting)

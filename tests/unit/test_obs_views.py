@@ -109,3 +109,24 @@ def test_log_lines_cut_a_long_line_and_keep_the_rest_across_chunks() -> None:
         "15 more bytes of this line cut]"
     )
     assert lines.rest() == []
+
+
+def test_root_status_table_shows_each_submitters_share() -> None:
+    """The fair-share line names each submitter's share of recent GPU use and their jobs."""
+    from rich.console import Console
+
+    from gpuspool.views import status_view
+
+    counts = dict.fromkeys(("running", "queued", "interrupted", "deferred", "held", "done",
+                            "failed"), 0)  # fmt: skip
+    data = {"at": 0.0, "draining": False, "last_tick": None, "counts": counts, "jobs": [],
+            "submitters": [{"user": "alice", "uid": 1001, "usage_gpu_s": 620.0, "share": 0.62,
+                            "running": 2, "waiting": 5},
+                           {"user": "\x1b[31mbob", "uid": 1002, "usage_gpu_s": 380.0,
+                            "share": 0.38, "running": 0, "waiting": 1}]}  # fmt: skip
+    console = Console(width=120, record=True)
+    console.print(status_view(data))
+    text = console.export_text()
+    assert (
+        "shares: alice 62% (2 running, 5 waiting) · \\x1b[31mbob 38% (0 running, 1 waiting)" in text
+    )
