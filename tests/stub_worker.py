@@ -106,6 +106,7 @@ def main() -> int:
         "--dtype",
     ):
         ap.add_argument(flag)
+    ap.add_argument("--no-resume", action="store_true")
     args = ap.parse_args()
     mode = os.environ.get("STUB_MODE", "ok")
     if mode == "probe":

@@ -344,6 +344,9 @@ def submit(
     on_bad_line: Annotated[str | None, typer.Option(help="fail or skip")] = None,
     dtype: Annotated[str | None, typer.Option(help="fp32 or bf16")] = None,
     timeout_s: Annotated[float | None, typer.Option(help="Stop the job after this long")] = None,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Discard a partial output an earlier job left")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON")] = False,
 ) -> None:
     """Submit a job (from a job file, flags, or both: flags win) into the spool.
@@ -369,6 +372,7 @@ def submit(
         "on_bad_line": on_bad_line,
         "dtype": dtype,
         "timeout_s": timeout_s,
+        "restart": True if restart else None,
     }
     if gpus is not None:
         flags["gpus"] = [int(g) if g.isdigit() else g for g in gpus.split(",") if g]
@@ -399,10 +403,10 @@ def submit(
             " may start on a GPU without room for it and fail out of memory"
         )
     partial = spec.output.with_name(spec.output.name + ".partial")  # the worker's OUT.partial
-    if partial.exists():
+    if partial.exists() and not spec.restart:
         warnings.append(
             f"{partial} is left from an earlier run: the job resumes from it if it was written"
-            " with the same arguments, and fails otherwise (remove it to start over)"
+            " with the same arguments, and fails otherwise (submit --restart to start over)"
         )
     largest = _largest_gpu_gib(s)
     if largest is not None and max(need, threshold) > largest:

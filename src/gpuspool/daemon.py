@@ -852,6 +852,9 @@ class Daemon:
             spec.on_bad_line,
             "--dtype",
             spec.dtype,
+            # restart = true: an earlier job's partial output is discarded at the first start
+            # only; an interrupted or retried run of this job resumes its own.
+            *(["--no-resume"] if spec.restart and job.started_at is None else []),
             *self.settings.worker_extra_args,
         ]
 

@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     StrictStr,
     field_validator,
@@ -95,6 +96,9 @@ class JobSpec(BaseModel):
     dtype: Literal["fp32", "bf16"] = "fp32"
     timeout_s: float | None = Field(None, gt=0, description="Kill the job after this long")
     max_attempts: StrictInt | None = Field(None, ge=1, le=100)
+    #: Discard a partial output an earlier job left at this output, at this job's first start
+    #: (its own later starts resume as usual).
+    restart: StrictBool = False
 
     @field_validator("input", "output", mode="before")
     @classmethod

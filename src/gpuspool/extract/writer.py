@@ -114,7 +114,7 @@ class OrderedWriter:
         if ck is not None and ck.fingerprint != fingerprint:
             raise ResumeMismatch(
                 f"{self.partial} was written by a run with other arguments or another input; "
-                "pass --no-resume to start over"
+                "pass --no-resume to start over (a job: restart = true, or submit --restart)"
             )
         if ck is None or ck.complete:
             ck = Checkpoint(fingerprint=fingerprint)
