@@ -72,7 +72,7 @@ class Settings(BaseSettings):
         300.0, gt=0, description="How often accepted/ is checked for jobs the ledger lacks"
     )
     scan_concurrency: int = Field(4, ge=1, le=64, description="Scanner processes at once")
-    scan_batch: int = Field(16, ge=1, le=256, description="Jobs of one user per scanner")
+    scan_batch: int = Field(128, ge=1, le=256, description="Jobs of one user per scanner")
     scan_timeout_s: float = Field(60.0, gt=0, le=3600, description="Wall-clock limit of a scan")
     scan_max_lines: int = Field(200_000, ge=1, description="Input lines a scan reads at most")
     scan_max_bytes: int = Field(256 << 20, ge=1, description="Input bytes a scan reads at most")

@@ -29,6 +29,7 @@ from gpuspool.config import Settings
 from gpuspool.daemon import Daemon, TickReport
 from gpuspool.gpus import FileProbe, write_gpu_file
 from gpuspool.ledger import Ledger
+from gpuspool.models import JobSpec
 from gpuspool.runner import ProcessRunner
 from gpuspool.spool import Spool
 
@@ -123,9 +124,10 @@ def mutated_spec(draw: st.DrawFn, inputs: tuple[str, ...]) -> tuple[dict[str, An
             spec.pop(draw(st.sampled_from(["input", "output", "tokenizer"])), None)
             expect = INVALID
         elif how == "unknown":
-            spec[draw(st.text(min_size=1, max_size=12).filter(lambda k: k not in spec))] = draw(
-                _json_value
+            unknown = st.text(min_size=1, max_size=12).filter(
+                lambda k: k not in spec and k not in JobSpec.model_fields  # a real key is known
             )
+            spec[draw(unknown)] = draw(_json_value)
             expect = INVALID
         elif how == "confuse":
             key = draw(st.sampled_from(sorted(spec)))
