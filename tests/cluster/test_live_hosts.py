@@ -123,6 +123,9 @@ def test_a_killed_hosts_jobs_finish_on_the_others(cluster_factory: Any) -> None:
     c = cluster_factory(["a", "b", "c"], gpus=2, mode="slow")
     jobs = [c.submit("abc"[i % 3], f"j{i}") for i in range(12)]
     c.start()
+    # Every job in the shared ledger first: a file still in a's own spool would wait for a (each
+    # host takes in its own spool), and this test is about a's running jobs moving on.
+    wait_until(lambda: all(c.ledger.get(j) is not None for j in jobs), timeout=60, step=0.05)
     wait_until(lambda: len(c.workers("a")) == 2, timeout=30, step=0.05)
     victims = {j.id for j in c.ledger.jobs() if j.host == "a" and j.state.value == "running"}
     c.hosts["a"].kill9()
