@@ -98,7 +98,7 @@ def _open_regular(path: str, what: str, user: str) -> int:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        raise _Bad(f"{what} {path} is not a file ({_kind(mode)})")
+        raise _Bad(f"{what} {path} is not a file ({file_kind(mode)})")
     return fd
 
 
@@ -111,13 +111,15 @@ def _visible(path: str) -> bool:
     return True
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, in words (the spool's refusals use it too)."""
     for test, label in (
         (stat.S_ISDIR, "a directory"),
         (stat.S_ISFIFO, "a FIFO"),
         (stat.S_ISSOCK, "a socket"),
         (stat.S_ISCHR, "a character device"),
         (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
     ):
         if test(mode):
             return label

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gpuspool.models import JobSpec
+from gpuspool.scan import file_kind
 
 SUFFIXES = (b".toml", b".json")
 #: Folders a job file is read from: new submissions, and accepted ones requeued after their
@@ -176,7 +177,7 @@ class Spool:
                 if stat.S_ISLNK(mode):
                     return Refusal(name, "is a symbolic link (links are never followed)")
                 if not stat.S_ISREG(mode):  # e.g. a socket, which cannot be opened at all
-                    return Refusal(name, f"not a regular file ({_kind(mode)})")
+                    return Refusal(name, f"not a regular file ({file_kind(mode)})")
                 return Refusal(name, f"cannot open: {exc.strerror}")
             try:
                 got = self._read_fd(name, fd, suffix.decode())
@@ -191,7 +192,7 @@ class Spool:
     def _read_fd(self, name: bytes, fd: int, suffix: str) -> RawJob | Refusal:
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode):
-            return Refusal(name, f"not a regular file ({_kind(before.st_mode)})")
+            return Refusal(name, f"not a regular file ({file_kind(before.st_mode)})")
         if before.st_nlink != 1:
             return Refusal(name, f"has {before.st_nlink} hard links (must have exactly one)")
         if before.st_size > self.max_bytes:
@@ -396,20 +397,6 @@ def job_id_for(name: bytes, st: os.stat_result, content: bytes) -> str:
         digest.update(part)
         digest.update(b"\x00")
     return digest.hexdigest()[:12]
-
-
-def _kind(mode: int) -> str:
-    for test, label in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISLNK, "a symbolic link"),
-    ):
-        if test(mode):
-            return label
-    return "not a regular file"
 
 
 def _write_synced(path: Path, content: bytes) -> None:
