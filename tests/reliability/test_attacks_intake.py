@@ -322,12 +322,11 @@ def test_row8_a_2gib_input_without_newline_is_read_bounded(
 # -- row 10 ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk() -> Iterator[Path]:
-    """A 4 MiB tmpfs: a state folder whose disk can be filled for real."""
-    mnt = Path(tempfile.mkdtemp(prefix="gpuspool-full-"))
+def _tmpfs(size: str, prefix: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted on a new folder, unmounted and removed afterwards."""
+    mnt = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(mnt)],
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mnt)],
                        check=True, capture_output=True)  # fmt: skip
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"cannot mount a tmpfs here: {exc}")
@@ -336,6 +335,12 @@ def small_disk() -> Iterator[Path]:
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
         shutil.rmtree(mnt, ignore_errors=True)
+
+
+@pytest.fixture
+def small_disk() -> Iterator[Path]:
+    """A 4 MiB tmpfs: a state folder whose disk can be filled for real."""
+    yield from _tmpfs("4m", "gpuspool-full-")
 
 
 def _fill(disk: Path) -> Path:
@@ -418,17 +423,7 @@ def test_row11_100000_junk_files_keep_ticks_short_and_others_served(
 @pytest.fixture
 def spool_disk() -> Iterator[Path]:
     """A tmpfs for the spool, which the test can remount read-only."""
-    mnt = Path(tempfile.mkdtemp(prefix="gpuspool-ro-"))
-    try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(mnt)],
-                       check=True, capture_output=True)  # fmt: skip
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-        shutil.rmtree(mnt, ignore_errors=True)
+    yield from _tmpfs("16m", "gpuspool-ro-")
 
 
 def test_row15_read_only_spool_logs_once_and_rejects_nothing(
