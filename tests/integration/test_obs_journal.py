@@ -63,20 +63,25 @@ def test_no_prefix_when_stdout_is_not_the_journal_stream(live: LiveDaemon) -> No
     assert lines and all(json.loads(line)["event"] for line in lines)
 
 
-def test_bad_config_is_one_json_error_line(tmp_path: Path) -> None:
-    """A config error at start-up: exit 2 and one ``<3>`` JSON line naming the file and field."""
-    config = tmp_path / "gpuspool.toml"
-    config.write_text('min_free_gib = "auto"\n')
-    out = tmp_path / "stdout"
-    env = journal_env(out)
+def _daemon_on_journal(config: Path, out: Path) -> tuple[int, Path]:
+    """``gpuspool daemon`` with its stdout on a file systemd would name in JOURNAL_STREAM: its
+    exit code and that file."""
     with open(out, "ab") as f:
         rc = subprocess.run(
             [sys.executable, "-m", "gpuspool.cli", "--config", str(config), "daemon"],
             stdout=f,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=journal_env(out),
             timeout=60,
         ).returncode
+    return rc, out
+
+
+def test_bad_config_is_one_json_error_line(tmp_path: Path) -> None:
+    """A config error at start-up: exit 2 and one ``<3>`` JSON line naming the file and field."""
+    config = tmp_path / "gpuspool.toml"
+    config.write_text('min_free_gib = "auto"\n')
+    rc, out = _daemon_on_journal(config, tmp_path / "stdout")
     assert rc == 2
     [(prio, event)] = prefixed(out.read_bytes())
     assert prio == 3
@@ -117,16 +122,7 @@ def test_start_up_failure_is_one_json_error_line(tmp_path: Path) -> None:
         f'spool_dir = "{blocker / "spool"}"\nstate_dir = "{tmp_path / "state"}"\n'
         f'gpu_source = "file:{gpus}"\nlog_format = "json"\n'
     )
-    out = tmp_path / "stdout"
-    env = journal_env(out)
-    with open(out, "ab") as f:
-        rc = subprocess.run(
-            [sys.executable, "-m", "gpuspool.cli", "--config", str(config), "daemon"],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env=env,
-            timeout=60,
-        ).returncode
+    rc, out = _daemon_on_journal(config, tmp_path / "stdout")
     assert rc == 1
     [(prio, event)] = prefixed(out.read_bytes())
     assert prio == 3 and event["event"] == "daemon_failed"
