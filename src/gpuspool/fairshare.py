@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 #: Runs that ended this many half-lives ago weigh under 1/1000 of their length: not loaded.
 HORIZON_HALF_LIVES = 10.0
@@ -186,3 +186,11 @@ def clamp_priority(
     return 0, (
         f"priority {priority} lowered to 0: {who} is not in priority_users or priority_groups"
     )
+
+
+def runs_from_rows(ended: Iterable[Any], live: Iterable[Any]) -> list[Run]:
+    """Runs from a ledger's rows, either backend: ``ended`` rows are (job id, uid, start, end)
+    (a row without a start is skipped), ``live`` rows (job id, uid, start) of running jobs."""
+    runs = [Run(str(r[0]), int(r[1]), float(r[2]), float(r[3])) for r in ended if r[2] is not None]
+    runs.extend(Run(str(r[0]), int(r[1]), float(r[2]), None) for r in live)
+    return runs

@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from gpuspool.fairshare import Run
+from gpuspool.fairshare import Run, runs_from_rows
 from gpuspool.models import RUNNABLE_STATES, TERMINAL_STATES, JobSpec, JobState
 
 SCHEMA_VERSION = 1
@@ -364,11 +364,7 @@ class Ledger:
             " WHERE state = ? AND started_at IS NOT NULL",
             (running,),
         ).fetchall()
-        runs = [
-            Run(str(r[0]), int(r[1]), float(r[2]), float(r[3])) for r in ended if r[2] is not None
-        ]
-        runs.extend(Run(str(r[0]), int(r[1]), float(r[2]), None) for r in live)
-        return runs
+        return runs_from_rows(ended, live)
 
     def status_rows(
         self,

@@ -24,7 +24,7 @@ import psycopg
 from psycopg.rows import dict_row, tuple_row
 
 from gpuspool.config import redact_url
-from gpuspool.fairshare import Run
+from gpuspool.fairshare import Run, runs_from_rows
 from gpuspool.ledger import FencedOut, JobRecord, LedgerError, Waiting, record_from_row
 from gpuspool.models import RUNNABLE_STATES, TERMINAL_STATES, JobSpec, JobState
 
@@ -400,11 +400,7 @@ class PgLedger:
                 " WHERE state = %s AND started_at IS NOT NULL",
                 (running,),
             ).fetchall()
-        runs = [
-            Run(str(r[0]), int(r[1]), float(r[2]), float(r[3])) for r in ended if r[2] is not None
-        ]
-        runs.extend(Run(str(r[0]), int(r[1]), float(r[2]), None) for r in live)
-        return runs
+        return runs_from_rows(ended, live)
 
     def status_rows(
         self,
