@@ -290,18 +290,16 @@ def _job_processes(uids: Mapping[str, int]) -> Iterator[tuple[psutil.Process, st
     """Every live process that carries ``GPUSPOOL_JOB_ID`` of a job in ``uids``, with that job
     id, if its real uid is the job's. Job ids are public (everyone's status shows them) and
     anyone may put one in their environment: a process of another user is never the job's."""
+    wanted = set(uids.values())
     for proc in psutil.process_iter(["pid", "create_time", "uids"]):
+        owner = proc.info["uids"]
+        if owner is None or owner.real not in wanted:
+            continue  # no job's user: its environment is not read at all
         try:
             job_id = proc.environ().get(JOB_ID_ENV)
         except (psutil.Error, OSError):
             continue
-        owner = proc.info["uids"]
-        if (
-            job_id is not None
-            and job_id in uids
-            and owner is not None
-            and owner.real == uids[job_id]
-        ):
+        if job_id is not None and job_id in uids and owner.real == uids[job_id]:
             yield proc, job_id
 
 
