@@ -1,4 +1,4 @@
-"""The daemon's logic: ``tick(now)`` = intake → reap → probe → place → launch.
+"""The daemon's logic: ``tick(now)`` = collect scans → reap → probe → place → launch → intake.
 
 No real clock and no ``os.environ`` here: ``now`` comes from the caller (the scheduler, or a test
 with fake time) and the process environment is handed in. The service loop around it (signals,
@@ -258,7 +258,8 @@ class Daemon:
             # First, before anything else: a host that was frozen or cut off stops the workers
             # of the jobs another host has taken over since.
             self._drop_lost(self.running_jobs())
-        self.intake(now, report)
+        self._largest_gpu()
+        self.intake_stage.collect(now, report)
         self.reap(now, report)
         result = self.probe.poll()
         self._observe(result, now, report)
@@ -266,6 +267,9 @@ class Daemon:
             self._heartbeat(now)
         if not self.stopping:
             self._place_and_launch(now, report)
+        # New files last: a flood of them takes up to ``intake_max_ms``, and nothing a
+        # submitter drops in the spool may come between a GPU reading and the start it allows.
+        self.intake_stage.take(now, report)
         self.ledger.set_meta("gpus", json.dumps({"at": now, "gpus": self.describe_gpus()}))
 
     # -- several hosts -------------------------------------------------------------------------
@@ -408,13 +412,17 @@ class Daemon:
     # -- intake ------------------------------------------------------------------------------------
 
     def intake(self, now: float, report: TickReport) -> None:
-        """The intake stage (``intake.py``): never waits on a scan, bounded per tick."""
+        """The whole intake stage (``intake.py``) at once: never waits on a scan, bounded."""
+        self._largest_gpu()
+        self.intake_stage.run(now, report)
+
+    def _largest_gpu(self) -> None:
+        """Tell intake the largest GPU seen, which caps a job's estimated need."""
         totals = [g.total_gib for g in self.observer.gpus]
         if totals:
             largest = max(totals)
             known = self.intake_stage.largest_gpu_gib
             self.intake_stage.largest_gpu_gib = largest if known is None else max(known, largest)
-        self.intake_stage.run(now, report)
 
     # -- running jobs ------------------------------------------------------------------------------
 

@@ -117,7 +117,16 @@ class Intake:
 
     def run(self, now: float, report: Report) -> None:
         """One tick's intake: collect finished scans, find lost jobs, take new files."""
+        self.collect(now, report)
+        self.take(now, report)
+
+    def collect(self, now: float, report: Report) -> None:
+        """The cheap half, before placement: finished scans become queued jobs."""
         self._collect(now, report)
+
+    def take(self, now: float, report: Report) -> None:
+        """The half a flood of files can make long (up to ``intake_max_ms``), after placement:
+        find lost jobs, read and hand new files to scanners, prune ``rejected/``."""
         if now >= self._next_lost_check or self._lost_todo:
             self._find_lost(now)
         self._take(now, report)

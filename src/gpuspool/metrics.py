@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
 #: Job waits and runs last seconds to days.
 TIME_BUCKETS_S = (1, 10, 30, 60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 172800)
+#: A tick takes milliseconds; one near ``poll_interval_s`` or above is worth seeing.
+TICK_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 #: ``UUID`` as dcgm-exporter spells it, so series join with its; ``model_name`` in snake case
 #: (promtool's rule; only the DCGM-named copies keep dcgm-exporter's ``modelName``).
 GPU_LABELS = ("gpu", "UUID", "model_name")
@@ -268,6 +270,12 @@ class DaemonMetrics:
             buckets=TIME_BUCKETS_S,
             registry=r,
         )
+        self.tick = Histogram(
+            "gpuspool_tick_duration_seconds",
+            "Seconds each tick took (intake, reaping, polling the GPUs, placing, launching).",
+            buckets=TICK_BUCKETS_S,
+            registry=r,
+        )
         # Every known label value from zero, so rate() and absent() work before the first event.
         self.probe_errors.labels("")
         for outcome in FINISH_OUTCOMES:
@@ -277,9 +285,12 @@ class DaemonMetrics:
         self._seq = start_after_seq
         self._lock = threading.Lock()
 
-    def observe(self, daemon: Daemon) -> None:
-        """Take the gauges' values from the daemon and count the ledger's new transitions."""
+    def observe(self, daemon: Daemon, tick_s: float | None = None) -> None:
+        """Take the gauges' values from the daemon and count the ledger's new transitions;
+        ``tick_s`` is how long the tick just finished took."""
         with self._lock:
+            if tick_s is not None:
+                self.tick.observe(tick_s)
             report = daemon.last_report
             if report.probe_error:
                 self.probe_errors.labels("").inc()

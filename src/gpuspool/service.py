@@ -190,6 +190,8 @@ class Service:
         self.scheduler: TickScheduler | None = None
         self.observer: Any = None
         self.status = ""  # written by the tick, read by the main thread
+        self._slow_ticks = 0  # ticks over the poll interval since the last ``tick_slow`` line
+        self._slow_logged_at = float("-inf")
         self._lock_fd: int | None = None
         self._published = 0.0
         self.publisher = SnapshotPublisher(settings.status_snapshot_path)
@@ -264,19 +266,38 @@ class Service:
             if daemon.stopping or self.flags.stop:  # SIGTERM: start nothing more, even before
                 return  # the main thread gets to stop the scheduler
             now = time.time()
+            began = time.monotonic()
             try:
                 daemon.tick(now)
             except Exception:
                 self.log.exception("tick_failed")
                 return
+            took = time.monotonic() - began
+            self._slow_tick(took, now)
             if daemon.ledger_unreachable:  # logged once by the daemon; nothing to publish
                 return
             if self.metrics is not None:
                 try:
-                    self.metrics.observe(daemon)
+                    self.metrics.observe(daemon, tick_s=took)
                 except Exception:
                     self.log.exception("metrics_observe_failed")
             self._publish(daemon, now)
+
+    def _slow_tick(self, took: float, now: float) -> None:
+        """Warn (at most once a minute) when a tick took longer than the poll interval: starts
+        are then late by that much, and the cause (a slow ledger, a flood) is worth a look."""
+        assert self.daemon is not None
+        interval = self.daemon.settings.poll_interval_s
+        if took <= interval:
+            return
+        self._slow_ticks += 1
+        if now - self._slow_logged_at >= 60.0:
+            took_s = round(took, 3)
+            self.log.warning(
+                "tick_slow", seconds=took_s, poll_interval_s=interval, ticks=self._slow_ticks
+            )
+            self._slow_logged_at = now
+            self._slow_ticks = 0
 
     def _publish(self, daemon: Daemon, now: float) -> None:
         """At most once a second: systemd's ``STATUS=`` line (sent by the main thread) and the

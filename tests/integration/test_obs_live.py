@@ -224,6 +224,9 @@ def test_metrics_after_the_run_count_it_once(recorded: Recorded) -> None:
     assert value(s, "gpuspool_job_wait_seconds_sum") >= 1.0  # it waited for memory
     assert value(s, "gpuspool_job_duration_seconds_count", outcome="done") == 1
     assert value(s, "gpuspool_jobs", state="running") == 0
+    ticks = value(s, "gpuspool_tick_duration_seconds_count")
+    assert ticks is not None and ticks >= 3  # every tick is timed, and ticks are short here
+    assert value(s, "gpuspool_tick_duration_seconds_bucket", le="0.5") >= 0.9 * ticks
     assert value(s, "gpuspool_job_lines_done", job_id=recorded.job, name="job",
                  UUID="GPU-sim-0") is None  # fmt: skip
 
