@@ -16,7 +16,7 @@ from typing import Any
 
 from gpuspool import __version__, logs
 from gpuspool.config import Settings
-from gpuspool.exitcodes import ExitCode
+from gpuspool.exitcodes import ExitClass, ExitCode
 from gpuspool.fairshare import UsageTracker, UserLimits, UserState
 from gpuspool.gpus import GpuProbe, ProbeResult
 from gpuspool.intake import Intake
@@ -24,9 +24,11 @@ from gpuspool.ledger import FencedOut, JobRecord, LedgerError, Waiting
 from gpuspool.ledger_api import ClusterLedger, LedgerBackend
 from gpuspool.models import RUNNABLE_STATES, JobState
 from gpuspool.observe import GpuObserver
-from gpuspool.outcome import ExitFacts, Outcome, StopReason, decide, exit_code
+from gpuspool.outcome import NO_INPUT_PREFIX, ExitFacts, Outcome, StopReason, decide, exit_code
 from gpuspool.placement import Candidate, GpuView, place
 from gpuspool.protocol import (
+    FENCE_ENV,
+    HOST_ENV,
     ErrorEvent,
     ProgressEvent,
     StartEvent,
@@ -136,6 +138,8 @@ class Daemon:
         #: What the GPUs showed at the last polls, and the running jobs' reservations.
         self.observer = GpuObserver(settings.stable_polls)
         self._reasons: dict[str, str] = {}
+        #: Shared ledger: waiting jobs whose input this host did not find (left to the others).
+        self._no_input_here: set[str] = set()
         self._running: dict[str, _Running] = {}
         self._now = 0.0  # the time of the tick in progress, for events written to job logs
         self._waiting_cache: tuple[tuple[int, int], list[Waiting], list[Candidate]] | None = None
@@ -552,12 +556,37 @@ class Daemon:
             if code == ExitCode.OUTPUT_EXISTS:
                 earlier = output and not partial and self._run_before(job)
                 facts = replace(facts, finished_by_earlier_run=earlier)
+        if code == ExitCode.NO_INPUT and self.cluster is not None:
+            facts = self._no_input_facts(job, facts)
         outcome = decide(facts)
+        if outcome.exit_class == ExitClass.NO_INPUT and not outcome.final:
+            self._no_input_here.add(job.id)
         self._apply(job, outcome, state, now)
         if outcome.final:
             self.runner.remove_scratch(self.scratch_path(job.id))
         if report is not None:
             report.finished.append((job.id, outcome.exit_class))
+
+    def _no_input_facts(self, job: JobRecord, facts: ExitFacts) -> ExitFacts:
+        """Shared ledger, the worker did not find the input here: which hosts did not find it
+        before (the audit trail) and which live hosts may still try (their heartbeats)."""
+        assert self.cluster is not None
+        before = frozenset(
+            str(t["host"])
+            for t in self.cluster.audit(job.id)
+            if str(t.get("detail") or "").startswith(NO_INPUT_PREFIX) and t.get("host")
+        )
+        allowed = job.spec.hosts if job.spec.hosts else None
+        live = frozenset(
+            h.name
+            for h in self.cluster.hosts()
+            if h.age_s <= self.settings.host_timeout_s
+            and not h.draining
+            and (allowed is None or h.name in allowed)
+        )
+        return replace(
+            facts, host=self.cluster.host_name, no_input_hosts=before, eligible_hosts=live
+        )
 
     def _job_uids(self, jobs: list[JobRecord]) -> dict[str, int]:
         """Job id → the uid its processes run as, for the jobs whose user still exists."""
@@ -737,6 +766,7 @@ class Daemon:
             self._reasons_stale = True
         if self._waiting_cache is None or self._waiting_cache[0] != version:
             rows = self.ledger.waiting()
+            self._no_input_here &= {w.id for w in rows}
             candidates = [
                 Candidate(w.id, w.threshold_gib, w.priority, w.seq, w.gpus, w.submitter_uid)
                 for w in rows
@@ -773,14 +803,20 @@ class Daemon:
         return users
 
     def _host_allowed(self, w: Waiting) -> bool:
-        """Whether the job's ``hosts`` allow-list (if any) names this host."""
+        """Whether the job's ``hosts`` allow-list (if any) names this host, and this host has
+        not already failed to find the job's input."""
+        if w.id in self._no_input_here:
+            return False
         return w.hosts is None or self.cluster is None or self.cluster.host_name in w.hosts
 
     def _place_and_launch(self, now: float, report: TickReport) -> None:
         rows, all_candidates = self._waiting()
         reasons: dict[str, str] = {}
         for w in rows:
-            if not self._host_allowed(w) and w.hosts is not None:
+            if w.id in self._no_input_here:
+                host = self.cluster.host_name if self.cluster is not None else "this host"
+                reasons[w.id] = f"{NO_INPUT_PREFIX}{host}: waits for another host"
+            elif not self._host_allowed(w) and w.hosts is not None:
                 reasons[w.id] = f"runs only on hosts {', '.join(w.hosts)}"
         backing_off = {w.id for w in rows if w.not_before is not None and w.not_before > now}
         blocked = None
@@ -937,6 +973,9 @@ class Daemon:
             claimed = self._claim(job, gpu_uuid, log_path, now)
         except LedgerError as exc:
             return str(exc)
+        if self.cluster is not None:  # the worker checks the fence too, before every write
+            attempt = {FENCE_ENV: str(claimed.fence), HOST_ENV: self.cluster.host_name}
+            launch = replace(launch, env={**launch.env, **attempt})
         try:
             started = self.runner.start(launch)
         except Exception as exc:

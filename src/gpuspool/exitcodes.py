@@ -20,8 +20,17 @@ class ExitCode(IntEnum):
     USAGE = 64
     #: Bad input data (a bad line under --on-bad-line fail, unreadable input). Not retryable.
     DATA_ERROR = 65
+    #: The input (or the output's folder) is not there on this host. On one host a failure like
+    #: bad data; on a shared ledger most likely a host without the shared filesystem mounted.
+    NO_INPUT = 66
     #: The output exists and overwriting was not asked for. Not retryable.
     OUTPUT_EXISTS = 73
+    #: Shared ledger: the output's owner file stayed locked past the bounded wait (a frozen
+    #: stale worker holds it). Retryable, with backoff.
+    OUTPUT_LOCKED = 74
+    #: Shared ledger: a newer attempt (another host) owns the output; this worker wrote nothing
+    #: more. Filed as a retryable failure, so a job that keeps losing its own output ends.
+    FENCED_OUT = 77
     #: The worker cannot run as configured: the tokenizer cannot load, a module is missing.
     #: Not retryable: a rerun would fail the same way (fix the job or the install, then retry).
     CONFIG = 78
@@ -42,6 +51,9 @@ class ExitClass:
     USAGE = "usage"
     CONFIG = "config"
     TIMEOUT = "timeout"
+    NO_INPUT = "no_input"
+    OUTPUT_LOCKED = "output_locked"
+    FENCED_OUT = "fenced_out"
 
 
 def classify(returncode: int | None) -> str:
@@ -52,6 +64,9 @@ def classify(returncode: int | None) -> str:
         ExitCode.OK: ExitClass.DONE,
         ExitCode.OOM: ExitClass.OOM,
         ExitCode.DATA_ERROR: ExitClass.DATA_ERROR,
+        ExitCode.NO_INPUT: ExitClass.NO_INPUT,
+        ExitCode.OUTPUT_LOCKED: ExitClass.OUTPUT_LOCKED,
+        ExitCode.FENCED_OUT: ExitClass.FENCED_OUT,
         ExitCode.OUTPUT_EXISTS: ExitClass.USAGE,
         ExitCode.USAGE: ExitClass.USAGE,
         ExitCode.CONFIG: ExitClass.CONFIG,

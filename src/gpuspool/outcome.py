@@ -15,6 +15,10 @@ from gpuspool.exitcodes import ExitClass, ExitCode, classify
 from gpuspool.models import JobState
 from gpuspool.protocol import ErrorEvent, SummaryEvent
 
+#: How the reason of an attempt that did not find the job's input on its host begins (then the
+#: host's name): the daemons recognise such attempts in the audit trail by it.
+NO_INPUT_PREFIX = "input not visible on host "
+
 
 class StopReason(StrEnum):
     """Why the daemon stopped a job's process (None when the process ended by itself)."""
@@ -44,6 +48,12 @@ class ExitFacts:
     #: A complete output with no partial left, after an earlier run of this job: see
     #: ``Daemon._finished_by_earlier_run``. Only consulted for "output exists" (73).
     finished_by_earlier_run: bool = False
+    #: Shared ledger: this host's name (None on one host).
+    host: str | None = None
+    #: Shared ledger, exit 66: the hosts whose earlier attempts did not find the job's input.
+    no_input_hosts: frozenset[str] = frozenset()
+    #: Shared ledger, exit 66: the live, not draining hosts the job may run on (this one too).
+    eligible_hosts: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,11 +117,51 @@ def decide(facts: ExitFacts) -> Outcome:
             JobState.INTERRUPTED, f"interrupted: {why}; resumes", cls, "job_interrupted",
             peak_gib=peak,
         )  # fmt: skip
+    if cls == ExitClass.NO_INPUT:
+        return _no_input(facts, error or "input not found", peak)
+    if cls == ExitClass.FENCED_OUT:
+        # Normally never filed: the ledger's fence refuses the stale host's write. Filed only if
+        # the ledger still names this attempt (the owner file was edited): counted, so it ends.
+        detail = error or "a newer attempt owns the output"
+        return _retry_or_fail(facts, f"output owned by another attempt: {detail}", cls, peak)
+    if cls == ExitClass.OUTPUT_LOCKED:
+        return _retry_or_fail(facts, f"output locked: {error}" if error else "output locked",
+                              cls, peak)  # fmt: skip
     if cls in (ExitClass.OOM, ExitClass.CRASH):
         label = "CUDA out of memory" if cls == ExitClass.OOM else "worker crashed"
         return _retry_or_fail(facts, f"{label}: {error}" if error else label, cls, peak)
     detail = error or f"worker exited with {cls} (code {exit_code(facts)})"
     return Outcome(JobState.FAILED, detail, cls, "job_failed", peak_gib=peak)
+
+
+def _no_input(facts: ExitFacts, detail: str, peak: float | None) -> Outcome:
+    """The worker did not find the job's input (or its output folder) on this host (exit 66).
+
+    On one host the input is gone: the job fails. On a shared ledger the host that took the job
+    in saw it, so this host most likely lacks the shared filesystem: the job goes back to the
+    queue for the other hosts (not counted as an attempt; this host does not take it again),
+    and fails once every live host that may run it has not found it, or this host meets it a
+    second time (after a restart). So it never bounces for ever, nor eats the queue of a
+    misconfigured host."""
+    cls = ExitClass.NO_INPUT
+    if facts.host is None:
+        return Outcome(JobState.FAILED, detail, cls, "job_failed", peak_gib=peak)
+    tried = facts.no_input_hosts | {facts.host}
+    head = f"{NO_INPUT_PREFIX}{facts.host}: {detail}"
+    if facts.host in facts.no_input_hosts or facts.eligible_hosts <= tried:
+        seen = ", ".join(sorted(tried))
+        reason = f"{head}; no other host that may run it is left to try ({seen} did not find it)"
+        return Outcome(JobState.FAILED, reason, cls, "job_failed", peak_gib=peak)
+    delay = facts.retry_backoff_s
+    return Outcome(
+        JobState.DEFERRED,
+        f"{head}; waits for another host",
+        cls,
+        "job_retry_scheduled",
+        not_before=facts.now + delay,
+        retry_in_s=delay,
+        peak_gib=peak,
+    )
 
 
 def _retry_or_fail(facts: ExitFacts, detail: str, cls: str, peak: float | None) -> Outcome:

@@ -14,8 +14,9 @@ What a valid event carries is bounded by the models below (numbers bounded and f
 capped, unknown fields dropped), so nothing a worker writes can crash or stall the daemon, its
 start-up or the CLI that shows the stored progress.
 
-The output-file names (:func:`partial_path`) live here too, so the daemon imports nothing from
-``gpuspool.extract``.
+The output-file names (:func:`partial_path`, :func:`owner_path`) and the attempt's identity
+handed to the worker on a shared ledger (:data:`FENCE_ENV`, :data:`HOST_ENV`) live here too, so
+the daemon imports nothing from ``gpuspool.extract``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ from gpuspool.logs import iso_timestamp
 
 #: Environment variable naming the file descriptor a worker writes its events to.
 EVENTS_FD_ENV = "GPUSPOOL_EVENTS_FD"
+#: On a shared ledger only: the fencing token of the job's attempt (``PgLedger.claim``), and
+#: the host that claimed it. The worker keeps them in the owner file beside ``OUT.partial``
+#: (:func:`owner_path`) and writes nothing once a newer attempt owns the output.
+FENCE_ENV = "GPUSPOOL_FENCE"
+HOST_ENV = "GPUSPOOL_HOST"
 #: Longest event line (bytes, newline included) the daemon reads; longer lines are ignored.
 MAX_EVENT_BYTES = 8192
 #: Longest string value kept from an event (longer ones are cut by the writer, refused on read).
@@ -199,3 +205,9 @@ def events_fd_from_env(environ: Mapping[str, str]) -> int | None:
 def partial_path(out: str | os.PathLike[str]) -> Path:
     """Where the finished prefix of ``out`` lives until the run completes (``OUT.partial``)."""
     return Path(str(out) + ".partial")
+
+
+def owner_path(out: str | os.PathLike[str]) -> Path:
+    """Which attempt owns ``out`` (``OUT.partial.owner``; see ``gpuspool.extract.owner``). Only
+    the job's own workers, as its user, open it: never the daemon."""
+    return Path(str(out) + ".partial.owner")

@@ -65,6 +65,31 @@ TABLE: list[tuple[str, ExitFacts, JobState, str, str, int | None, float | None]]
      "interrupted", "cancelled by user", None, None),
     ("cancel requested, it finished anyway", facts(cancel_requested=True, summary=SUMMARY),
      JobState.CANCELLED, "done", "cancelled by user", None, None),
+    # Shared ledger: the worker found a newer attempt in the output's owner file (77). The
+    # ledger's fence normally refuses the filing; if it does not, the attempt counts, so a job
+    # that keeps losing its own output (its owner file edited) ends.
+    ("fenced out", facts(returncode=77, error=error(77, "fenced out: attempt 5 on b")),
+     JobState.DEFERRED, "fenced_out",
+     "output owned by another attempt: fenced out: attempt 5 on b; retry 2 of 3", 1, NOW + 10),
+    ("fenced out, last attempt", facts(returncode=77, attempts=2), JobState.FAILED, "fenced_out",
+     "(attempt 3 of 3; giving up)", 3, None),
+    ("owner file locked", facts(returncode=74, error=error(74, "stayed locked for over 60 s")),
+     JobState.DEFERRED, "output_locked", "output locked: stayed locked for over 60 s; retry 2",
+     1, NOW + 10),
+    # Exit 66: the input is not on this host. One host: failed. Shared ledger: left to the other
+    # hosts (not an attempt), failed once no live host that may run it is left to try.
+    ("no input, one host", facts(returncode=66, error=error(66, "input /d/in.jsonl not found")),
+     JobState.FAILED, "no_input", "input /d/in.jsonl not found", None, None),
+    ("no input, other hosts left", facts(returncode=66, error=error(66, "input x not found"),
+     host="a", eligible_hosts=frozenset({"a", "b"})), JobState.DEFERRED, "no_input",
+     "input not visible on host a: input x not found; waits for another host", None, NOW + 10),
+    ("no input on every live host", facts(returncode=66, host="b", no_input_hosts=frozenset({"a"}),
+     eligible_hosts=frozenset({"a", "b"})), JobState.FAILED, "no_input",
+     "input not visible on host b: input not found; no other host that may run it is left to "
+     "try (a, b did not find it)", None, None),
+    ("no input, the same host again", facts(returncode=66, host="a",
+     no_input_hosts=frozenset({"a"}), eligible_hosts=frozenset({"a", "b", "c"})),
+     JobState.FAILED, "no_input", "left to try (a did not find it)", None, None),
 ]  # fmt: skip
 
 

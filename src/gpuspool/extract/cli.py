@@ -23,7 +23,9 @@ progress events on stdout. See docs/extract.md.
 
 EPILOG = """\
 exit codes: 0 done; 1 crash; 64 usage; 65 bad data (a bad line under --on-bad-line fail);
-73 output exists; 75 CUDA out of memory (checkpointed, retryable); 78 config (the tokenizer
+66 input not found on this host (shared ledger); 73 output exists; 74 output locked by a
+stale worker (shared ledger, retryable); 75 CUDA out of memory (checkpointed, retryable);
+77 fenced out: a newer attempt owns the output (shared ledger); 78 config (the tokenizer
 cannot be loaded, a module is missing); 143 interrupted by SIGTERM/SIGINT (checkpointed,
 resumable).
 """
@@ -106,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode audio in worker processes (default) or threads",
     )
     ap.add_argument("--cpu-threads", type=_positive_int, default=None, help="torch CPU threads")
+    ap.add_argument(
+        "--fence-lock-wait-s",
+        type=_positive_float,
+        default=60.0,
+        help="shared ledger: longest wait for the output's owner-file lock (default 60)",
+    )
     return ap
 
 

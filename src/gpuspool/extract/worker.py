@@ -43,8 +43,9 @@ from gpuspool.extract.headers import (
     iter_lines,
     scan_input,
 )
+from gpuspool.extract.owner import Attempt, Fenced, LockTimeout, OwnerFile
 from gpuspool.extract.plan import pack
-from gpuspool.extract.writer import Entry, OrderedWriter, ResumeMismatch, finish_completed
+from gpuspool.extract.writer import Entry, Guard, OrderedWriter, ResumeMismatch, finish_completed
 
 
 @dataclass
@@ -68,6 +69,8 @@ class Options:
     tf32: bool = False
     loader_mode: Literal["process", "thread"] = "process"
     cpu_threads: int | None = None
+    #: Shared ledger: the longest wait for the owner file's lock (see ``extract/owner.py``).
+    fence_lock_wait_s: float = 60.0
 
     @property
     def report_path(self) -> Path:
@@ -283,6 +286,8 @@ class Run:
         self.t_device_wait = 0.0
         self.signals = _Signals()
         self._last_progress = 0.0
+        #: On a shared ledger, the owner file this attempt checks before every write.
+        self.owner: OwnerFile | None = None
 
     # -- entry ---------------------------------------------------------------------------------
     def execute(self) -> int:
@@ -293,6 +298,12 @@ class Run:
         except WorkerExit as exc:
             self._error(exc.code, exc.reason, exc.line)
             return int(exc.code)
+        except Fenced as exc:  # another attempt owns the output: nothing more was written
+            self._error(ExitCode.FENCED_OUT, str(exc))
+            return int(ExitCode.FENCED_OUT)
+        except LockTimeout as exc:
+            self._error(ExitCode.OUTPUT_LOCKED, str(exc))
+            return int(ExitCode.OUTPUT_LOCKED)
         except Exception as exc:
             if type(exc).__name__ == "OutOfMemoryError":
                 self._error(ExitCode.OOM, f"CUDA out of memory: {_first_line(exc)}")
@@ -305,6 +316,8 @@ class Run:
         finally:
             if self.writer is not None:
                 self.writer.close()
+            if self.owner is not None:
+                self.owner.close()
             self.signals.restore()
 
     def _error(self, code: ExitCode, reason: str, line: int | None = None) -> None:
@@ -322,7 +335,9 @@ class Run:
         o = self.opts
         if o.batch_seconds <= 0:
             raise WorkerExit(ExitCode.USAGE, "--batch-seconds must be > 0")
-        done = None if o.overwrite else finish_completed(o.output, o.report_path)
+        guard = self._take_output()
+        with guard():
+            done = None if o.overwrite else finish_completed(o.output, o.report_path)
         if done is not None:
             # A finished run died before the end of its clean-up; that is now done.
             self.events.emit(
@@ -353,7 +368,9 @@ class Run:
             b = scan.bad[0]
             raise WorkerExit(ExitCode.DATA_ERROR, f"line {b.line}: {b.reason}", b.line)
         try:
-            self.writer = OrderedWriter(o.output, o.report_path, _fingerprint(o), o.resume)
+            self.writer = OrderedWriter(
+                o.output, o.report_path, _fingerprint(o), o.resume, guard=guard
+            )
         except ResumeMismatch as exc:
             raise WorkerExit(ExitCode.USAGE, str(exc)) from exc
         w = self.writer
@@ -368,9 +385,44 @@ class Run:
         finally:
             self._stop_pipeline()
         self._check_writes(final=True)
-        self.writer.finish()
+        self.writer.finish(after=self.owner.remove if self.owner is not None else None)
         self._summary()
         return int(ExitCode.OK)
+
+    def _take_output(self) -> Guard:
+        """On a shared ledger (the daemon announced this attempt), check that the job's paths
+        are there on this host, then make this attempt the output's owner; the guard every
+        write of the output goes through. Elsewhere, a guard that does nothing."""
+        try:
+            attempt = Attempt.from_env(os.environ)
+        except ValueError as exc:
+            raise WorkerExit(ExitCode.USAGE, str(exc)) from exc
+        if attempt is None:
+            return contextlib.nullcontext
+        self._check_visible(attempt.host)
+        self.owner = OwnerFile(self.opts.output, attempt, self.opts.fence_lock_wait_s)
+        try:
+            self.owner.take()
+        except OSError as exc:
+            raise WorkerExit(
+                ExitCode.CRASH, f"cannot open the owner file {self.owner.path}: {exc.strerror}"
+            ) from exc
+        return self.owner.guard
+
+    def _check_visible(self, host: str) -> None:
+        """The intake scanner saw the input and the output's folder on the host that took the
+        job in; a host that does not see them lacks the shared filesystem (docs/cluster.md)."""
+        o = self.opts
+        for what, path, ok in (
+            ("input", o.input, o.input.is_file()),
+            ("output folder", o.output.parent, o.output.parent.is_dir()),
+        ):
+            if not ok:
+                raise WorkerExit(
+                    ExitCode.NO_INPUT,
+                    f"{what} {path} not found on host {host} (or not readable there): every "
+                    "host must mount the shared filesystem at the same paths (docs/cluster.md)",
+                )
 
     def _load_and_consume(self, scan: InputScan) -> None:
         o = self.opts

@@ -16,12 +16,20 @@ the checkpoint never points past data on disk. On resume each file is cut back t
 checkpoint's length: bytes written after the last checkpoint are dropped, never duplicated.
 When everything is written the checkpoint is marked complete, OUT.partial is renamed to OUT,
 and the side files are removed.
+
+On a shared ledger each of those writes (the cut back on resume included) happens inside the
+``guard`` the worker hands in: the owner file's lock, taken after checking that this attempt
+still owns the output (``gpuspool.extract.owner``). A write and its checkpoint are therefore
+one step as far as another attempt is concerned: it sees all of it or none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +39,8 @@ from gpuspool.protocol import partial_path
 CKPT_VERSION = 1
 
 Kind = Literal["out", "skip", "blank"]
+#: Wraps every write of the output's files (see the module docstring).
+Guard = Callable[[], AbstractContextManager[None]]
 
 
 def _ckpt_path(out: Path) -> Path:
@@ -101,8 +111,16 @@ def _open_at(path: Path, size: int) -> Any:
 class OrderedWriter:
     """Accepts finished lines in any order; writes them in input order with checkpoints."""
 
-    def __init__(self, out: Path, report: Path, fingerprint: dict[str, Any], resume: bool = True):
+    def __init__(
+        self,
+        out: Path,
+        report: Path,
+        fingerprint: dict[str, Any],
+        resume: bool = True,
+        guard: Guard = contextlib.nullcontext,
+    ):
         self.out = out
+        self.guard = guard
         self.report = report
         self.partial = partial_path(out)
         self.ckpt_path = _ckpt_path(out)
@@ -125,10 +143,11 @@ class OrderedWriter:
         self.report.parent.mkdir(parents=True, exist_ok=True)
         if self.resumed:
             self._load_pending()
-        self._f_out = _open_at(self.partial, ck.partial_bytes)
-        self._f_rep = _open_at(self.report_partial, ck.report_bytes)
-        self._f_pend = _open_at(self.pending_path, ck.pending_bytes)
-        self._write_ckpt()
+        with guard():
+            self._f_out = _open_at(self.partial, ck.partial_bytes)
+            self._f_rep = _open_at(self.report_partial, ck.report_bytes)
+            self._f_pend = _open_at(self.pending_path, ck.pending_bytes)
+            self._write_ckpt()
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -151,6 +170,10 @@ class OrderedWriter:
         new = [e for e in entries if e.line >= self.ck.next_line and e.line not in self.ready]
         if not new:
             return
+        with self.guard():
+            self._add(new)
+
+    def _add(self, new: list[Entry]) -> None:
         for e in new:
             self.ready[e.line] = e
         out_chunks: list[str] = []
@@ -204,15 +227,19 @@ class OrderedWriter:
             self.ck.pending_bytes = self._f_pend.tell()
         self._write_ckpt()
 
-    def finish(self) -> None:
-        """Rename the partial file to OUT (and the report, if any line was skipped)."""
+    def finish(self, after: Callable[[], None] | None = None) -> None:
+        """Rename the partial file to OUT (and the report, if any line was skipped); then, still
+        inside the guard, ``after`` (the worker removes the owner file there)."""
         if self.ready:
             raise RuntimeError(f"cannot finish: lines {sorted(self.ready)[:5]}... not written")
-        self.ck.complete = True
-        self._write_ckpt()
-        for f in (self._f_out, self._f_rep, self._f_pend):
-            f.close()
-        _complete_files(self.out, self.report, self.ck)
+        with self.guard():
+            self.ck.complete = True
+            self._write_ckpt()
+            for f in (self._f_out, self._f_rep, self._f_pend):
+                f.close()
+            _complete_files(self.out, self.report, self.ck)
+            if after is not None:
+                after()
 
     def close(self) -> None:
         """Close the files, leaving the partial state for a later resume."""
