@@ -138,8 +138,9 @@ class Daemon:
         #: What the GPUs showed at the last polls, and the running jobs' reservations.
         self.observer = GpuObserver(settings.stable_polls)
         self._reasons: dict[str, str] = {}
-        #: Shared ledger: waiting jobs whose input this host did not find (left to the others).
-        self._no_input_here: set[str] = set()
+        #: Shared ledger: waiting jobs whose input this host did not find (left to the others),
+        #: with the reason that said so (kept as their waiting reason here).
+        self._no_input_here: dict[str, str] = {}
         self._running: dict[str, _Running] = {}
         self._now = 0.0  # the time of the tick in progress, for events written to job logs
         self._waiting_cache: tuple[tuple[int, int], list[Waiting], list[Candidate]] | None = None
@@ -560,7 +561,7 @@ class Daemon:
             facts = self._no_input_facts(job, facts)
         outcome = decide(facts)
         if outcome.exit_class == ExitClass.NO_INPUT and not outcome.final:
-            self._no_input_here.add(job.id)
+            self._no_input_here[job.id] = outcome.reason
         self._apply(job, outcome, state, now)
         if outcome.final:
             self.runner.remove_scratch(self.scratch_path(job.id))
@@ -766,7 +767,8 @@ class Daemon:
             self._reasons_stale = True
         if self._waiting_cache is None or self._waiting_cache[0] != version:
             rows = self.ledger.waiting()
-            self._no_input_here &= {w.id for w in rows}
+            ids = {w.id for w in rows}
+            self._no_input_here = {k: v for k, v in self._no_input_here.items() if k in ids}
             candidates = [
                 Candidate(w.id, w.threshold_gib, w.priority, w.seq, w.gpus, w.submitter_uid)
                 for w in rows
@@ -814,8 +816,7 @@ class Daemon:
         reasons: dict[str, str] = {}
         for w in rows:
             if w.id in self._no_input_here:
-                host = self.cluster.host_name if self.cluster is not None else "this host"
-                reasons[w.id] = f"{NO_INPUT_PREFIX}{host}: waits for another host"
+                reasons[w.id] = self._no_input_here[w.id]
             elif not self._host_allowed(w) and w.hosts is not None:
                 reasons[w.id] = f"runs only on hosts {', '.join(w.hosts)}"
         backing_off = {w.id for w in rows if w.not_before is not None and w.not_before > now}
