@@ -24,6 +24,7 @@ import pytest
 from tests.extract.conftest import SRC, run_extract
 
 from gpuspool.exitcodes import ExitCode
+from gpuspool.extract.owner import JOB_ID_ENV
 from gpuspool.extract.synth import synth_dataset
 from gpuspool.protocol import FENCE_ENV, HOST_ENV, owner_path, parse_event, partial_path
 
@@ -54,7 +55,7 @@ def _start(args: list[Any], fence: int, host: str) -> subprocess.Popen[str]:
     its environment."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
-    env[FENCE_ENV], env[HOST_ENV] = str(fence), host
+    env[FENCE_ENV], env[HOST_ENV], env[JOB_ID_ENV] = str(fence), host, "job-1"
     return subprocess.Popen(
         [sys.executable, "-m", "gpuspool.extract", *[str(a) for a in args]],
         stdout=subprocess.PIPE,

@@ -14,15 +14,24 @@ from pathlib import Path
 
 import pytest
 
-from gpuspool.extract.owner import Attempt, Fenced, LockTimeout, OwnerFile, read_owner
+from gpuspool.extract.owner import (
+    JOB_ID_ENV,
+    Attempt,
+    Fenced,
+    LockTimeout,
+    OwnerFile,
+    read_owner,
+)
 from gpuspool.extract.writer import Entry, OrderedWriter
 from gpuspool.protocol import FENCE_ENV, HOST_ENV, owner_path
 
 FP = {"input": "x"}
 
 
-def _owner(out: Path, fence: int, host: str = "a", wait_s: float = 2.0) -> OwnerFile:
-    owner = OwnerFile(out, Attempt(fence, host), wait_s)
+def _owner(
+    out: Path, fence: int, host: str = "a", wait_s: float = 2.0, job: str = "j1"
+) -> OwnerFile:
+    owner = OwnerFile(out, Attempt(job, fence, host), wait_s)
     owner.take()
     return owner
 
@@ -30,7 +39,7 @@ def _owner(out: Path, fence: int, host: str = "a", wait_s: float = 2.0) -> Owner
 def test_take_records_the_attempt_and_the_guard_lets_it_write(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     owner = _owner(out, 3)
-    assert read_owner(owner_path(out).read_bytes()) == Attempt(3, "a")
+    assert read_owner(owner_path(out).read_bytes()) == Attempt("j1", 3, "a")
     with owner.guard():
         pass
     owner.close()
@@ -48,7 +57,7 @@ def test_a_newer_attempt_fences_the_older_out_for_good(tmp_path: Path) -> None:
     ):
         ran.append(1)
     assert not ran  # the body never runs
-    owner_path(out).write_text(json.dumps({"fence": 3, "host": "a"}))  # too late: sticky
+    owner_path(out).write_text(json.dumps({"job": "j1", "fence": 3, "host": "a"}))  # too late
     with pytest.raises(Fenced), old.guard():
         pass
     old.close()
@@ -60,13 +69,41 @@ def test_an_older_attempt_cannot_take_the_output_back(tmp_path: Path) -> None:
     new = _owner(out, 9, "b")
     with pytest.raises(Fenced, match="names attempt 9 on b"):
         _owner(out, 8, "a")
-    assert read_owner(owner_path(out).read_bytes()) == Attempt(9, "b")  # untouched
+    assert read_owner(owner_path(out).read_bytes()) == Attempt("j1", 9, "b")  # untouched
     with new.guard():
         pass
     new.close()
 
 
-@pytest.mark.parametrize("content", [b"", b"{", b"[]", b'{"fence": "9", "host": "b"}', b"\xff"])
+def test_another_jobs_leftover_is_taken_over(tmp_path: Path) -> None:
+    """Tokens count a job's attempts: a failed earlier job's file (intake lets no two live jobs
+    share an output) never fences a new job out, whatever its token."""
+    out = tmp_path / "out.jsonl"
+    _owner(out, 40, "b", job="old").close()
+    new = _owner(out, 1, "a", job="new")
+    assert read_owner(owner_path(out).read_bytes()) == Attempt("new", 1, "a")
+    with new.guard():
+        pass
+    new.close()
+
+
+def test_the_job_id_variable_is_the_runners() -> None:
+    from gpuspool import runner
+
+    assert runner.JOB_ID_ENV == JOB_ID_ENV
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"{",
+        b"[]",
+        b'{"job": "j1", "fence": "9", "host": "b"}',
+        b'{"fence": 9, "host": "b"}',
+        b"\xff",
+    ],
+)
 def test_a_spoilt_owner_file_is_taken_over_but_fences_its_holder(
     tmp_path: Path, content: bytes
 ) -> None:
@@ -92,7 +129,7 @@ def test_a_removed_or_replaced_owner_file_fences(tmp_path: Path) -> None:
         pass
     replaced = _owner(out, 2)
     owner_path(out).unlink()
-    owner_path(out).write_text(json.dumps({"fence": 2, "host": "a"}))  # same text, new file
+    owner_path(out).write_text(json.dumps({"job": "j1", "fence": 2, "host": "a"}))  # a new file
     with pytest.raises(Fenced, match="removed or replaced"), replaced.guard():
         pass
     gone.close()
@@ -138,7 +175,7 @@ def test_a_lock_held_too_long_is_waited_for_only_so_long(tmp_path: Path) -> None
     finally:
         holder.kill()
         holder.wait()
-    assert read_owner(owner_path(out).read_bytes()) == Attempt(1, "a")
+    assert read_owner(owner_path(out).read_bytes()) == Attempt("j1", 1, "a")
     with running.guard():  # the holder is gone: its lock with it
         pass
     running.close()
@@ -158,7 +195,7 @@ def test_a_take_over_waits_for_a_writer_that_holds_the_lock(tmp_path: Path) -> N
         release.cancel()
         holder.kill()
         holder.wait()
-    assert read_owner(owner_path(out).read_bytes()) == Attempt(5, "a")
+    assert read_owner(owner_path(out).read_bytes()) == Attempt("j1", 5, "a")
 
 
 def test_a_fenced_writer_writes_nothing(tmp_path: Path) -> None:
@@ -193,8 +230,8 @@ def test_a_fenced_writer_writes_nothing(tmp_path: Path) -> None:
     ("env", "expected"),
     [
         ({}, None),
-        ({FENCE_ENV: "12", HOST_ENV: "gpu-1"}, Attempt(12, "gpu-1")),
-        ({FENCE_ENV: "12"}, Attempt(12, "unnamed host")),
+        ({FENCE_ENV: "12", HOST_ENV: "gpu-1", JOB_ID_ENV: "j1"}, Attempt("j1", 12, "gpu-1")),
+        ({FENCE_ENV: "12"}, Attempt("", 12, "unnamed host")),
     ],
 )
 def test_the_attempt_from_the_environment(env: dict[str, str], expected: Attempt | None) -> None:

@@ -7,8 +7,10 @@ refuses the stale daemon's writes, but the worker has no database connection. So
 hands each worker its attempt's identity (``GPUSPOOL_FENCE``, the claim's fencing token, and
 ``GPUSPOOL_HOST``; see :mod:`gpuspool.protocol`), and the worker keeps ``OUT.partial.owner``:
 
-- at start, under the file's lock, it writes its token there, unless the file already names a
-  newer one (tokens only grow: each claim of the job takes the next);
+- at start, under the file's lock, it writes its job id and token there, unless the file
+  already names a newer attempt of the same job (tokens only grow: each claim of a job takes
+  the next). A file naming another job is a finished or abandoned job's leftover (intake lets
+  no two live jobs share an output), and is taken over;
 - before every write to the output's files (append, checkpoint, cutting back on resume, the
   final rename), under the same lock, it checks that the file still names its own token; while
   it holds the lock nobody else takes over, so the check and the write are one step.
@@ -29,6 +31,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -40,6 +43,9 @@ from gpuspool.protocol import FENCE_ENV, HOST_ENV, owner_path
 MAX_OWNER_BYTES = 4096
 #: Pause between tries of a lock another process holds.
 _LOCK_POLL_S = 0.02
+#: The job's id, which the daemon puts in every job's environment (``runner.JOB_ID_ENV``; not
+#: imported from there: the worker imports nothing of the daemon's process handling).
+JOB_ID_ENV = "GPUSPOOL_JOB_ID"
 
 
 class Fenced(Exception):
@@ -52,8 +58,9 @@ class LockTimeout(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
-    """This worker's attempt: the claim's fencing token and the host that claimed it."""
+    """This worker's attempt: its job, the claim's fencing token and the host that claimed it."""
 
+    job: str
     fence: int
     host: str
 
@@ -66,7 +73,8 @@ class Attempt:
             return None
         if not raw.isdigit() or len(raw) > 18:
             raise ValueError(f"{FENCE_ENV} must be a fencing token (a whole number), not {raw!r}")
-        return cls(int(raw), environ.get(HOST_ENV, "")[:253] or "unnamed host")
+        host = environ.get(HOST_ENV, "")[:253] or "unnamed host"
+        return cls(environ.get(JOB_ID_ENV, "")[:64], int(raw), host)
 
     def describe(self) -> str:
         return f"attempt {self.fence} on {self.host}"
@@ -80,10 +88,12 @@ def read_owner(data: bytes) -> Attempt | None:
         return None
     if not isinstance(raw, dict):
         return None
-    fence, host = raw.get("fence"), raw.get("host")
+    job, fence, host = raw.get("job"), raw.get("fence"), raw.get("host")
     if type(fence) is not int or fence < 0 or not isinstance(host, str):
         return None
-    return Attempt(fence, host[:253])
+    if not isinstance(job, str):
+        return None
+    return Attempt(job[:64], fence, host[:253])
 
 
 class OwnerFile:
@@ -102,13 +112,16 @@ class OwnerFile:
 
         Nothing of the output is touched here; the caller cuts its files back to the checkpoint
         (resume) under :meth:`guard`, after this."""
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         self._fd = os.open(self.path, flags, 0o644)
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(self.path))
         with self._locked():
             current = self._read()
-            if current is not None and current.fence > self.attempt.fence:
+            mine = self.attempt
+            if current is not None and current.job == mine.job and current.fence > mine.fence:
                 self._lose(current)
-            record = {"fence": self.attempt.fence, "host": self.attempt.host, "pid": os.getpid()}
+            record = {"job": mine.job, "fence": mine.fence, "host": mine.host, "pid": os.getpid()}
             data = (json.dumps(record) + "\n").encode()
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, data, 0)
