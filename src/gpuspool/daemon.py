@@ -577,7 +577,10 @@ class Daemon:
             for t in self.cluster.audit(job.id)
             if str(t.get("detail") or "").startswith(NO_INPUT_PREFIX) and t.get("host")
         )
-        allowed = job.spec.hosts if job.spec.hosts else None
+        try:
+            allowed = job.spec.hosts or None
+        except ValueError:  # a row written by an older version that this one's schema refuses
+            allowed = None
         live = frozenset(
             h.name
             for h in self.cluster.hosts()
