@@ -570,7 +570,8 @@ class Daemon:
 
     def _no_input_facts(self, job: JobRecord, facts: ExitFacts) -> ExitFacts:
         """Shared ledger, the worker did not find the input here: which hosts did not find it
-        before (the audit trail) and which live hosts may still try (their heartbeats)."""
+        before (the audit trail) and which live hosts may still try (their heartbeats; a
+        draining host counts: it takes jobs again once resumed)."""
         assert self.cluster is not None
         before = frozenset(
             str(t["host"])
@@ -584,9 +585,7 @@ class Daemon:
         live = frozenset(
             h.name
             for h in self.cluster.hosts()
-            if h.age_s <= self.settings.host_timeout_s
-            and not h.draining
-            and (allowed is None or h.name in allowed)
+            if h.age_s <= self.settings.host_timeout_s and (allowed is None or h.name in allowed)
         )
         return replace(
             facts, host=self.cluster.host_name, no_input_hosts=before, eligible_hosts=live

@@ -52,7 +52,7 @@ class ExitFacts:
     host: str | None = None
     #: Shared ledger, exit 66: the hosts whose earlier attempts did not find the job's input.
     no_input_hosts: frozenset[str] = frozenset()
-    #: Shared ledger, exit 66: the live, not draining hosts the job may run on (this one too).
+    #: Shared ledger, exit 66: the live hosts the job may run on (this one too).
     eligible_hosts: frozenset[str] = frozenset()
 
 
