@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from gpuspool import privileges
 from gpuspool.config import Settings
 from gpuspool.estimate import job_threshold_gib, need_gib
-from gpuspool.ledger_api import LedgerBackend
+from gpuspool.ledger_api import LedgerBackend, OutputClaimed
 from gpuspool.models import JobSpec
 from gpuspool.scan import ScanJob, ScanLimits, ScanProcess, ScanResult
 from gpuspool.spool import Folder, RawJob, Refusal, Spool, display_name, validate_spec
@@ -194,13 +194,6 @@ class Intake:
 
     def _accept(self, item: _Item, result: ScanResult, now: float, report: Report) -> None:
         host, spec, raw = self.host, item.spec, item.raw
-        # Checked again here, where the job is recorded: another job with the same output may
-        # have been scanned at the same time (one batch, or two owners' batches).
-        other = host.ledger.output_claimed(str(spec.output))
-        if other is not None:
-            self._reject(item.key, f"output: {spec.output} is already the output of job {other}",
-                         now, report)  # fmt: skip
-            return
         budget = spec.batch_seconds or host.settings.default_batch_seconds
         estimated = need_gib(result.longest_s, budget, spec.dtype)
         need = estimated
@@ -208,16 +201,22 @@ class Intake:
             need = round(self.largest_gpu_gib, 2)  # never reserve more than a whole GPU
         threshold = job_threshold_gib(spec, host.settings.min_free_gib, need)
         spec, priority_note = privileges.job_priority(spec, raw.submitter_uid, host.settings)
-        added = host.ledger.add(
-            job_id=raw.job_id,
-            spec=spec,
-            submitter_uid=raw.submitter_uid,
-            need_gib=need,
-            threshold_gib=threshold,
-            spool_file=None,
-            now=now,
-            note=priority_note,
-        )
+        try:
+            added = host.ledger.add(
+                job_id=raw.job_id,
+                spec=spec,
+                submitter_uid=raw.submitter_uid,
+                need_gib=need,
+                threshold_gib=threshold,
+                spool_file=None,
+                now=now,
+                note=priority_note,
+            )
+        except OutputClaimed as exc:
+            # Checked where the job is recorded, atomically: another job with this output may
+            # have been scanned at the same time (one batch, two owners', or another host's).
+            self._reject(item.key, str(exc), now, report)
+            return
         dest = host.spool.accept(raw) if item.key[0] == "incoming" else None
         self._lost.discard(item.name)
         self._settled(item.key)

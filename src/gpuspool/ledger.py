@@ -153,6 +153,14 @@ class FencedOut(LedgerError):
     (raised by the shared ledger only; defined here so the daemon need not import its driver)."""
 
 
+class OutputClaimed(LedgerError):
+    """``add``: another unfinished job already writes this output (its id is ``other``)."""
+
+    def __init__(self, output: str, other: str) -> None:
+        super().__init__(f"output: {output} is already the output of job {other}")
+        self.other = other
+
+
 class LedgerUnusable(Exception):
     """The ledger cannot be opened, or fails its integrity check: the daemon must not run on it
     (it would reject every new job). The message is one line naming the file."""
@@ -422,7 +430,11 @@ class Ledger:
 
     def output_claimed(self, output: str) -> str | None:
         """The id of an unfinished job that writes ``output``, if any."""
-        row = self._db.execute(
+        return self._output_owner(self._db, output)
+
+    @staticmethod
+    def _output_owner(db: sqlite3.Connection, output: str) -> str | None:
+        row = db.execute(
             "SELECT id FROM jobs WHERE output = ? AND state NOT IN (?, ?, ?) LIMIT 1",
             (output, *(s.value for s in TERMINAL_STATES)),
         ).fetchone()
@@ -520,13 +532,17 @@ class Ledger:
         now: float,
         note: str | None = None,
     ) -> bool:
-        """Insert a queued job; False (and no change) if ``job_id`` is already there.
+        """Insert a queued job; False (and no change) if ``job_id`` is already there;
+        ``OutputClaimed`` (and no change) if another unfinished job writes the same output.
 
         ``note`` (e.g. a lowered priority) is added to the "submitted" transition's detail."""
         self._bump()
         with self._tx() as db:
             if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone():
                 return False
+            other = self._output_owner(db, str(spec.output))
+            if other is not None:
+                raise OutputClaimed(str(spec.output), other)
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
             db.execute(
                 "INSERT INTO jobs(id, name, spec_json, input, output, gpus_json, submitter_uid,"

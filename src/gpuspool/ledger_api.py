@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from gpuspool.config import ConfigError, Settings
 from gpuspool.fairshare import Run
-from gpuspool.ledger import FencedOut, JobRecord, Ledger, LedgerError, Waiting
+from gpuspool.ledger import FencedOut, JobRecord, Ledger, LedgerError, OutputClaimed, Waiting
 from gpuspool.models import JobSpec, JobState
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "JobRecord",
     "LedgerBackend",
     "LedgerError",
+    "OutputClaimed",
     "Waiting",
     "open_ledger",
 ]
@@ -102,7 +103,10 @@ class LedgerBackend(Protocol):
         spool_file: str | None,
         now: float,
         note: str | None = None,
-    ) -> bool: ...
+    ) -> bool:
+        """Insert a queued job: False if ``job_id`` is there already; ``OutputClaimed`` if an
+        unfinished job writes the same output (checked atomically with the insert)."""
+        ...
 
     def transition(
         self,

@@ -25,7 +25,14 @@ from psycopg.rows import dict_row, tuple_row
 
 from gpuspool.config import redact_url
 from gpuspool.fairshare import Run, runs_from_rows
-from gpuspool.ledger import FencedOut, JobRecord, LedgerError, Waiting, record_from_row
+from gpuspool.ledger import (
+    FencedOut,
+    JobRecord,
+    LedgerError,
+    OutputClaimed,
+    Waiting,
+    record_from_row,
+)
 from gpuspool.models import RUNNABLE_STATES, TERMINAL_STATES, JobSpec, JobState
 
 #: Each entry moves the schema from version ``i`` to ``i + 1``; never edit a released one, add.
@@ -118,6 +125,9 @@ MIGRATIONS: tuple[str, ...] = (
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
+#: The first half of the two-number advisory locks that serialise adding jobs with one output
+#: (the second is the output's hash; two-number keys never meet the one-number migration lock).
+_OUTPUT_LOCK = 0x6F7574
 #: Any number, the same in every daemon: the advisory lock that serialises migrations.
 _MIGRATION_LOCK = 0x67707370  # "gpsp"
 
@@ -446,7 +456,11 @@ class PgLedger:
 
     def output_claimed(self, output: str) -> str | None:
         """The id of an unfinished job that writes ``output``, if any."""
-        row = self._db.execute(
+        return self._output_owner(self._db, output)
+
+    @staticmethod
+    def _output_owner(db: Any, output: str) -> str | None:
+        row = db.execute(
             "SELECT id FROM jobs WHERE output = %s AND NOT (state = ANY(%s)) LIMIT 1",
             (output, list(_TERMINAL)),
         ).fetchone()
@@ -556,10 +570,22 @@ class PgLedger:
         now: float,
         note: str | None = None,
     ) -> bool:
-        """Insert a queued job; False (and no change) if ``job_id`` is already there.
+        """Insert a queued job; False (and no change) if ``job_id`` is already there;
+        ``OutputClaimed`` (and no change) if another unfinished job writes the same output.
+
+        Two hosts may accept jobs with one output in the same instant: the check and the insert
+        run under a transaction-scoped advisory lock on the output, so the second waits for the
+        first to commit and then sees its row.
 
         ``note`` (e.g. a lowered priority) is added to the "submitted" transition's detail."""
+        output = str(spec.output)
         with self._tx() as db:
+            db.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_OUTPUT_LOCK, output))
+            if db.execute("SELECT 1 FROM jobs WHERE id = %s", (job_id,)).fetchone():
+                return False
+            other = self._output_owner(db, output)
+            if other is not None:
+                raise OutputClaimed(output, other)
             row = db.execute(
                 "INSERT INTO jobs(id, name, spec_json, input, output, gpus_json, submitter_uid,"
                 " submitted_at, priority, state, need_gib, threshold_gib, spool_file, updated_at,"

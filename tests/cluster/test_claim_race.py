@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from tests.pgserver import require_driver
 
 require_driver()
 
+from gpuspool.ledger import OutputClaimed
 from gpuspool.ledger_pg import PgLedger
 from gpuspool.models import JobSpec
 
@@ -20,20 +22,55 @@ REPO = Path(__file__).parents[2]
 JOBS = 1000
 
 
+def _spec(tmp_path: Path, output: str) -> JobSpec:
+    data = {"input": str(tmp_path / "in.jsonl"), "output": str(tmp_path / output)}
+    return JobSpec.model_validate({**data, "tokenizer": "tok"})
+
+
+def test_hosts_accepting_jobs_with_one_output_at_once_record_one(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Four hosts' intakes add, at the same instant, four jobs writing one output, for 40
+    outputs: each output is recorded for exactly one job, and the others are refused."""
+    hosts = 4
+    ledgers = [PgLedger(pg_url, host_name=f"intake-{h}") for h in range(hosts)]
+    start = threading.Barrier(hosts)
+    won: list[list[str]] = [[] for _ in range(hosts)]
+    refused: list[list[str]] = [[] for _ in range(hosts)]
+
+    def intake(h: int) -> None:
+        for n in range(40):
+            start.wait(timeout=60)
+            job_id = f"out{n}-host{h}"
+            try:
+                ledgers[h].add(job_id=job_id, spec=_spec(tmp_path, f"same-{n}.jsonl"),
+                               submitter_uid=1000 + h, need_gib=1.0, threshold_gib=1.0,
+                               spool_file=None, now=float(n))  # fmt: skip
+                won[h].append(job_id)
+            except OutputClaimed as exc:
+                assert exc.other.startswith(f"out{n}-"), exc
+                refused[h].append(job_id)
+
+    threads = [threading.Thread(target=intake, args=(h,)) for h in range(hosts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    winners = Counter(job_id.split("-")[0] for w in won for job_id in w)
+    assert len(winners) == 40 and set(winners.values()) == {1}, winners.most_common(3)
+    assert sum(len(r) for r in refused) == 40 * (hosts - 1)
+    assert ledgers[0].counts() == {"queued": 40}
+    for ledger in ledgers:
+        ledger.close()
+
+
 def test_racing_hosts_claim_each_of_1000_jobs_once(pg_url: str, tmp_path: Path) -> None:
     """Six processes (three claim the next job with SKIP LOCKED, three fight over every id with
     the conditional claim) drain 1,000 jobs: each is claimed and finished exactly once."""
     ledger = PgLedger(pg_url, host_name="submitter")
-    spec = JobSpec.model_validate(
-        {
-            "input": str(tmp_path / "in.jsonl"),
-            "output": str(tmp_path / "o.jsonl"),
-            "tokenizer": "tok",
-        }
-    )
     for i in range(JOBS):
-        ledger.add(job_id=f"job-{i:04d}", spec=spec, submitter_uid=1000, need_gib=1.0,
-                   threshold_gib=1.0, spool_file=None, now=float(i))  # fmt: skip
+        ledger.add(job_id=f"job-{i:04d}", spec=_spec(tmp_path, f"o{i}.jsonl"), submitter_uid=1000,
+                   need_gib=1.0, threshold_gib=1.0, spool_file=None, now=float(i))  # fmt: skip
     go = tmp_path / "go"
     racers = [("next", f"host-n{i}") for i in range(3)] + [("ids", f"host-i{i}") for i in range(3)]
     procs = [

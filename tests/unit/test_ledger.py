@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuspool.ledger import Ledger, LedgerError
+from gpuspool.ledger import Ledger, LedgerError, OutputClaimed
 from gpuspool.ledger_api import LedgerBackend
 from gpuspool.models import JobSpec, JobState
 
@@ -46,8 +46,31 @@ def spec(tmp_path: Path, **kw: object) -> JobSpec:
 
 
 def add(ledger: LedgerBackend, tmp_path: Path, job_id: str = "j1", now: float = 1.0) -> bool:
-    return ledger.add(job_id=job_id, spec=spec(tmp_path), submitter_uid=1000, need_gib=2.0,
+    """A job of its own output (two unfinished jobs never share one)."""
+    job = spec(tmp_path, output=str(tmp_path / f"{job_id}.jsonl"))
+    return ledger.add(job_id=job_id, spec=job, submitter_uid=1000, need_gib=2.0,
                       threshold_gib=100.0, spool_file=None, now=now)  # fmt: skip
+
+
+def test_an_output_is_claimed_by_one_unfinished_job(
+    open_ledger: OpenLedger, tmp_path: Path
+) -> None:
+    """A second job writing an unfinished job's output is refused and adds nothing; once the
+    first has finished, the output may be written again."""
+    ledger = open_ledger()
+    out = str(tmp_path / "out.jsonl")
+    assert ledger.add(job_id="a", spec=spec(tmp_path), submitter_uid=1000, need_gib=2.0,
+                      threshold_gib=10.0, spool_file=None, now=1.0)  # fmt: skip
+    with pytest.raises(OutputClaimed, match="already the output of job a") as caught:
+        ledger.add(job_id="b", spec=spec(tmp_path), submitter_uid=1001, need_gib=2.0,
+                   threshold_gib=10.0, spool_file=None, now=2.0)  # fmt: skip
+    assert caught.value.other == "a" and ledger.get("b") is None
+    assert [t["job_id"] for t in ledger.transitions()] == ["a"]
+    assert ledger.output_claimed(out) == "a"
+    ledger.transition("a", JobState.DONE, now=3.0, finished_at=3.0, exit_class="done")
+    assert ledger.output_claimed(out) is None
+    assert ledger.add(job_id="b", spec=spec(tmp_path), submitter_uid=1001, need_gib=2.0,
+                      threshold_gib=10.0, spool_file=None, now=4.0)  # fmt: skip
 
 
 def test_add_is_idempotent(open_ledger: OpenLedger, tmp_path: Path) -> None:
@@ -102,7 +125,8 @@ def test_placement_reads_agree(open_ledger: OpenLedger, tmp_path: Path) -> None:
     """waiting() orders by priority then submission; status rows, counts and reasons follow."""
     ledger = open_ledger()
     for i, prio in enumerate([0, 5, 0, 5]):
-        ledger.add(job_id=f"j{i}", spec=spec(tmp_path, priority=prio, gpus=[0, "GPU-x"]),
+        job = spec(tmp_path, priority=prio, gpus=[0, "GPU-x"], output=str(tmp_path / f"{i}.out"))
+        ledger.add(job_id=f"j{i}", spec=job,
                    submitter_uid=1000, need_gib=2.0, threshold_gib=10.0 + i, spool_file=None,
                    now=1.0 + i)  # fmt: skip
     ledger.transition("j2", JobState.RUNNING, now=9.0, gpu_uuid="GPU-x", pid=7, attempts=1)
@@ -118,7 +142,8 @@ def test_placement_reads_agree(open_ledger: OpenLedger, tmp_path: Path) -> None:
     assert [r["id"] for r in rows] == ["j0", "j1", "j2"]
     assert rows[2]["gpu_uuid"] == "GPU-x" and rows[0]["exit_class"] == "done"
     assert [r["id"] for r in ledger.status_rows(finished_limit=0)] == ["j1", "j2", "j3"]
-    assert ledger.output_claimed(str(tmp_path / "out.jsonl")) in {"j1", "j2", "j3"}
+    assert ledger.output_claimed(str(tmp_path / "1.out")) == "j1"
+    assert ledger.output_claimed(str(tmp_path / "0.out")) is None  # j0 is done
     with pytest.raises(LedgerError, match="matches 4 jobs"):
         ledger.find("j")
     with pytest.raises(ValueError, match="unknown job fields"):
