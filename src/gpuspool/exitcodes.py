@@ -42,6 +42,8 @@ class ExitClass:
     USAGE = "usage"
     CONFIG = "config"
     TIMEOUT = "timeout"
+    #: Stopped to give the GPU to another user's process (never a process's own exit code).
+    YIELDED = "yielded"
 
 
 def classify(returncode: int | None) -> str:
