@@ -252,7 +252,7 @@ def _place_one(
     if job.avoid and fitting and all(g.uuid in job.avoid for g in fitting):
         g = fitting[0]
         where = f"GPU {g.snapshot.index} ({_short(g.uuid)})"
-        return f"{where}: yielded there; waits for its owner's cool-down", False
+        return f"{where}: cool-down after a yield there", False
     fitting = [g for g in fitting if g.uuid not in job.avoid]
     if fitting:
         best = min(fitting, key=lambda g: (g.available_gib or 0.0, g.snapshot.index))

@@ -9,6 +9,7 @@ from typing import Any
 
 from structlog.testing import capture_logs
 
+from gpuspool.logs import iso_timestamp
 from gpuspool.runner_fake import FakeRunner
 from tests.conftest import Harness, fake_runner, gpu_entry
 
@@ -244,3 +245,33 @@ def test_cooldown_survives_a_restart(tmp_path: Path) -> None:
     for _ in range(3):
         h.tick()
     assert h.state(job) == "running"
+
+
+def test_status_metrics_and_plot_show_the_yield(tmp_path: Path) -> None:
+    """status says "yielded to pid N (user U) on GPU X at T"; the yields counter and the run
+    duration by outcome count it; the plot marks the run's end as yielded."""
+    from gpuspool.metrics import DaemonMetrics
+    from gpuspool.plot import plot_data
+    from gpuspool.views import status_data, status_lines
+
+    h = harness(tmp_path)
+    metrics = DaemonMetrics()
+    job, pid = running_job(h)
+    metrics.observe(h.daemon)
+    yield_once(h, job, pid)
+    metrics.observe(h.daemon)
+    assert metrics.registry.get_sample_value("gpuspool_jobs_yielded_total") == 1
+    assert (
+        metrics.registry.get_sample_value(
+            "gpuspool_job_duration_seconds_count", {"outcome": "yielded"}
+        )
+        == 1
+    )
+    data = status_data(h.daemon.ledger, h.now)
+    (row,) = data["jobs"]
+    assert row["yields"] == 1 and row["last_yield"]["pid"] == FOREIGN
+    (line,) = [x for x in status_lines(data) if x.startswith(job)]
+    at = iso_timestamp(row["last_yield"]["at"])
+    assert f"yielded to pid {FOREIGN} (user ann) on GPU 0 (GPU-sim-0) at {at}" in line
+    lane = plot_data(h.daemon.ledger, since=0.0, until=h.now, threshold_gib=20.0).jobs[0]
+    assert [s.outcome for s in lane.segments if s.kind == "run"] == ["yielded"]
