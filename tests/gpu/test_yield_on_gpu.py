@@ -12,8 +12,8 @@ from the newcomer's CUDA context appearing to our worker's memory being released
 On the GPU machine: ``pytest -m gpu -s tests/gpu/test_yield_on_gpu.py`` (about 2–3 minutes on
 an H200). Skipped, with the reason, without NVML/CUDA or on a GPU smaller than 100 GiB plus
 room for the job. The released tokenizer config is read from ``$CONFIG_DIR`` (as the bench
-scripts do) when it has a ``config.json``; otherwise the config class's defaults, which are the
-released dimensions, are used.
+scripts do) when it has a ``config.json``; otherwise the config class's defaults (the released
+encoder's dimensions: a Mimi encoder of 512 wide, 8 layers, 32 codebooks of 2048) are used.
 """
 
 from __future__ import annotations
@@ -112,6 +112,9 @@ def full_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
         config_dir = tmp_path_factory.mktemp("config")
         defaults = Qwen3TTSTokenizerV2Config().to_dict()
+        # The decoder's class has no default for it (the released config sets it); the decoder
+        # never goes to the GPU, so its value changes nothing the test measures.
+        defaults["decoder_config"].setdefault("codebook_dim", 512)
         (config_dir / "config.json").write_text(json.dumps(defaults, default=str))
     return build_full_tokenizer(tmp_path_factory.mktemp("tok") / "full", config_dir)
 

@@ -275,3 +275,22 @@ def test_status_metrics_and_plot_show_the_yield(tmp_path: Path) -> None:
     assert f"yielded to pid {FOREIGN} (user ann) on GPU 0 (GPU-sim-0) at {at}" in line
     lane = plot_data(h.daemon.ledger, since=0.0, until=h.now, threshold_gib=20.0).jobs[0]
     assert [s.outcome for s in lane.segments if s.kind == "run"] == ["yielded"]
+
+
+def test_submit_no_yield_writes_the_key(tmp_path: Path, capsys: Any) -> None:
+    """``submit --no-yield`` puts ``yield = false`` in the job, which the daemon keeps."""
+    import json
+
+    from gpuspool.cli import main
+
+    h = harness(tmp_path)
+    cfg = tmp_path / "gpuspool.toml"
+    cfg.write_text(f'spool_dir = "{h.settings.spool_dir}"\nstate_dir = "{h.settings.state_dir}"\n'
+                   f'gpu_source = "file:{h.gpu_file}"\n')  # fmt: skip
+    args = ["submit", "-i", str(h.data / "in.jsonl"), "-o", str(h.data / "o.jsonl"),
+            "--tokenizer", "Qwen/tiny", "--no-yield", "--json"]  # fmt: skip
+    code = main(["--config", str(cfg), *args])
+    assert code == 0
+    job = json.loads(capsys.readouterr().out)["job_id"]
+    h.tick()
+    assert h.job(job).spec.yield_ is False
