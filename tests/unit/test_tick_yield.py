@@ -294,3 +294,20 @@ def test_submit_no_yield_writes_the_key(tmp_path: Path, capsys: Any) -> None:
     job = json.loads(capsys.readouterr().out)["job_id"]
     h.tick()
     assert h.job(job).spec.yield_ is False
+
+
+def test_the_reported_peak_decides_whose_memory_it_is(tmp_path: Path) -> None:
+    """free < N counts against others only if our job, at its footprint, would leave N: with
+    the estimated need it could be ours; once the worker reports a small peak, it is not."""
+    h = harness(tmp_path, yield_on_foreign_process=False, yield_when_free_below_gib=70.0)
+    job = h.start("sleep", min_free_gib=20.0, batch_seconds=600.0)  # need ≈ 14 GiB
+    pid = h.job(job).pid
+    assert 80 - h.job(job).need_gib < 70
+    h.set_gpus([gpu0(pid, FOREIGN, free=60.0)])
+    for _ in range(5):
+        h.tick()
+    assert h.state(job) == "running"
+    runner(h).process(pid).emit("progress", lines_done=2, lines_total=4, gpu_peak_gib=1.0)
+    for _ in range(4):
+        h.tick()
+    assert h.state(job) == "queued" and h.job(job).yields == 1
