@@ -100,7 +100,8 @@ def _budget_s(hold_gib: float) -> float:
 
 @pytest.fixture(scope="module")
 def full_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The released architecture with random weights (about 682 MB), built once."""
+    """The released encoder with random weights, built once (682 MB from the released config;
+    about 1 GB from the class defaults, whose decoder is larger: it stays on the CPU)."""
     pytest.importorskip("qwen_tts")
     from gpuspool.extract.tiny import build_full_tokenizer
 
