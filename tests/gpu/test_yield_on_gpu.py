@@ -51,7 +51,7 @@ STEP_S = 0.1
 OVERLAP_GIB = 10.0
 #: How long the newcomer keeps its memory once it has it all.
 HOLD_S = 2.0
-POLL_S = 0.25
+POLL_S = 0.1
 STABLE_POLLS = 2
 COOLDOWN_S = 3.0
 GIB = 1 << 30
@@ -82,13 +82,14 @@ print(json.dumps({{"event": "done", "appeared": appeared, "got_all_at": got,
 """
 
 
-def _total_gib() -> float:
+def _first_gpu() -> tuple[str, float]:
+    """The UUID and total GiB of the GPU the test uses (the first one)."""
     probe = NvmlProbe()
     try:
         gpus = probe.poll().gpus
     finally:
         probe.close()
-    return gpus[0].total_gib if gpus else 0.0
+    return (gpus[0].uuid, gpus[0].total_gib) if gpus else ("", 0.0)
 
 
 def _budget_s(hold_gib: float) -> float:
@@ -142,10 +143,11 @@ def _worker_argv(inp: Path, out: Path, tokenizer: Path, budget_s: float) -> list
 
 
 class GpuWatch:
-    """Polls NVML every 20 ms on a thread: when each pid was last seen on the GPU, and how
-    much memory it used."""
+    """Polls NVML every 20 ms on a thread: which pids held memory on the test's GPU at each
+    poll, and how much."""
 
     def __init__(self) -> None:
+        self.uuid = _first_gpu()[0]
         self.seen: list[tuple[float, dict[int, float]]] = []
         self._stop = threading.Event()
         self._probe = NvmlProbe()
@@ -155,8 +157,9 @@ class GpuWatch:
     def _run(self) -> None:
         while not self._stop.is_set():
             gpus = self._probe.poll().gpus
-            if gpus and gpus[0].healthy:  # a failed poll says nothing about who is there
-                used = {p.pid: (p.used_mib or 0.0) / 1024.0 for p in gpus[0].processes}
+            gpu = next((g for g in gpus if g.uuid == self.uuid), None)
+            if gpu is not None and gpu.healthy:  # a failed poll says nothing about who is there
+                used = {p.pid: (p.used_mib or 0.0) / 1024.0 for p in gpu.processes}
                 self.seen.append((time.time(), used))
             time.sleep(0.02)
 
@@ -187,7 +190,8 @@ def _job_env() -> dict[str, str]:
 def test_job_yields_and_the_owner_gets_its_memory(
     tmp_path: Path, full_tokenizer: Path, long_input: Path, gpu_watch: GpuWatch
 ) -> None:
-    total = _total_gib()
+    uuid, total = _first_gpu()
+    on_it = {**os.environ, "CUDA_VISIBLE_DEVICES": uuid, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
     hold = total - TARGET_GIB + OVERLAP_GIB
     if hold < 8.0 or hold > total - 8.0:
         pytest.skip(f"needs a GPU of at least {TARGET_GIB + OVERLAP_GIB + 8:.0f} GiB; "
@@ -195,7 +199,7 @@ def test_job_yields_and_the_owner_gets_its_memory(
     budget = _budget_s(hold)
     reference = tmp_path / "reference.jsonl"
     subprocess.run(_worker_argv(long_input, reference, full_tokenizer, budget), check=True,
-                   capture_output=True, timeout=600)  # fmt: skip
+                   capture_output=True, timeout=600, env=on_it)  # fmt: skip
 
     live = LiveDaemon(
         tmp_path, gpu_source="nvml", worker_device="cuda", poll_interval_s=POLL_S,
@@ -205,12 +209,14 @@ def test_job_yields_and_the_owner_gets_its_memory(
     live.start()
     newcomer: subprocess.Popen[str] | None = None
     try:
-        job = live.submit(long_input, full_tokenizer, min_free_gib="auto", batch_seconds=budget)
+        job = live.submit(long_input, full_tokenizer, min_free_gib="auto", batch_seconds=budget,
+                          gpus=[uuid])  # fmt: skip
         wait_state(live, job, {"running"}, timeout=120)
         pid = wait_until(lambda: live.job(job).pid, timeout=30)
         pipes: dict[str, Any] = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE,
                                  "stderr": subprocess.PIPE}  # fmt: skip
-        newcomer = subprocess.Popen([sys.executable, "-c", NEWCOMER], text=True, **pipes)
+        newcomer = subprocess.Popen([sys.executable, "-c", NEWCOMER], text=True, env=on_it,
+                                    **pipes)  # fmt: skip
         assert newcomer.stdin is not None and newcomer.stdout is not None
         assert json.loads(newcomer.stdout.readline() or "{}").get("event") == "ready"
         # The job has done a batch, so it holds its batch memory (the caching allocator keeps
@@ -251,7 +257,9 @@ def test_job_yields_and_the_owner_gets_its_memory(
         log = live.tmp / "state" / "logs" / f"{job}.log"
         assert state == "done", (live.job(job), log.read_text()[-4000:] if log.exists() else "")
         assert (live.tmp / "job.jsonl").read_bytes() == reference.read_bytes()
-        assert live.job(job).gpu_uuid == yielded.last_yield["gpu_uuid"]  # after the cool-down
+        assert (
+            live.job(job).gpu_uuid == uuid == yielded.last_yield["gpu_uuid"]
+        )  # after the cool-down
     finally:
         if newcomer is not None and newcomer.poll() is None:
             newcomer.kill()
