@@ -841,7 +841,8 @@ class Daemon:
         self._yield_limit_noted.add(job.id)
         limit = self.settings.max_yields
         reason = (
-            f"running on {job.gpu_uuid}; yielded {job.yields} times (max_yields {limit}):"
+            f"running on {job.gpu_uuid}; yielded {job.yields} time{'' if job.yields == 1 else 's'}"
+            f" (max_yields {limit}):"
             f" no longer yields, though {yield_words(who, with_time=False)} wants the GPU"
         )
         self._job_event(

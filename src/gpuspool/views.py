@@ -383,7 +383,7 @@ def _job_cells(job: dict[str, Any]) -> dict[str, Any]:
         if job.get("host"):  # a shared ledger: which host runs it
             gpu = f"{safe(job['host'])}: {gpu}"
     if job["state"] in ("running", "done"):
-        note = "" if running else f"in {_duration(job['elapsed_s'])}"
+        note = _running_note(job.get("reason")) if running else f"in {_duration(job['elapsed_s'])}"
     else:
         note = safe(job["reason"] or "")
     yielded = job.get("yielded")
@@ -402,6 +402,14 @@ def _job_cells(job: dict[str, Any]) -> dict[str, Any]:
         "peak": f"{peak:.1f} GiB" if isinstance(peak, (int, float)) else "",
         "note": note,
     }
+
+
+def _running_note(reason: object) -> str:
+    """What a running job's reason says beyond "running on GPU" (e.g. that it no longer
+    yields: ``max_yields``), escaped; empty for the plain one."""
+    if not isinstance(reason, str) or not reason.startswith("running on ") or "; " not in reason:
+        return ""
+    return safe(reason.split("; ", 1)[1])
 
 
 def _listed_jobs(data: dict[str, Any], max_waiting: int | None) -> tuple[list[dict[str, Any]], int]:

@@ -192,6 +192,10 @@ def test_max_yields_then_it_keeps_running_and_says_so(tmp_path: Path) -> None:
     limits = [e for e in logs if e["event"] == "job_yield_limit_reached"]
     assert len(limits) == 1 and limits[0]["max_yields"] == 1
     assert "no longer yields" in h.job(job).reason and f"pid {FOREIGN + 1}" in h.job(job).reason
+    from gpuspool.views import status_data, status_lines
+
+    (line,) = [x for x in status_lines(status_data(h.daemon.ledger, h.now)) if x.startswith(job)]
+    assert "yielded 1 time (max_yields 1): no longer yields" in line
 
 
 def test_free_memory_kept_low_by_others(tmp_path: Path) -> None:
