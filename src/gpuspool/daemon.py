@@ -50,6 +50,9 @@ MAX_EVENTS_FILE = 16 << 20
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Per tick, waiting-reason changes logged one by one; the rest are summed up in one event.
 MAX_WAITING_EVENTS = 50
+#: How long a job process stays "ours" after it was filed as gone: NVML may still list it for a
+#: poll while its context is torn down, and it must not look like another user's newcomer.
+RECENT_PID_S = 10.0
 #: Shared ledger unreachable: the first retry after this many seconds, doubling up to the most.
 OUTAGE_BACKOFF_S = 1.0
 OUTAGE_BACKOFF_MAX_S = 30.0
@@ -148,6 +151,8 @@ class Daemon:
         #: Polite scavenging: others' processes on our GPUs, and the GPUs yielded jobs skip.
         self.yield_watch = YieldWatch()
         self._yield_limit_noted: set[str] = set()
+        #: Pids of job processes filed as gone, and when (see ``RECENT_PID_S``).
+        self._recent_pids: dict[int, tuple[str, float]] = {}
         self._reasons: dict[str, str] = {}
         self._running: dict[str, _Running] = {}
         self._now = 0.0  # the time of the tick in progress, for events written to job logs
@@ -553,6 +558,8 @@ class Daemon:
     ) -> None:
         """File a job whose process is gone: gather the facts, :func:`decide`, apply."""
         state = self._running.pop(job.id, _Running())
+        if state.pid is not None:
+            self._recent_pids[state.pid] = (job.id, now)
         uid = self._job_uid(job)
         strays = self.runner.kill_leftovers(job.id, uid) if uid is not None else []
         if strays:
@@ -784,7 +791,13 @@ class Daemon:
         """Stop the running jobs whose GPU had another user's process on it (or had its free
         memory kept under ``yield_when_free_below_gib`` by others) for ``stable_polls`` polls."""
         running = {j.id: j for j in self.running_jobs() if j.gpu_uuid is not None}
-        roots = {s.pid: job_id for job_id, s in self._running.items() if s.pid is not None}
+        self._recent_pids = {
+            pid: (job_id, at)
+            for pid, (job_id, at) in self._recent_pids.items()
+            if now - at < RECENT_PID_S
+        }
+        roots = {pid: job_id for pid, (job_id, _) in self._recent_pids.items()}
+        roots.update({s.pid: job_id for job_id, s in self._running.items() if s.pid is not None})
         on_gpus = {p.pid for g in result.gpus for p in g.processes}
         ours = self.runner.belonging(on_gpus, roots) if on_gpus and roots else {}
         used: dict[str, float] = {}

@@ -315,3 +315,26 @@ def test_the_reported_peak_decides_whose_memory_it_is(tmp_path: Path) -> None:
     for _ in range(4):
         h.tick()
     assert h.state(job) == "queued" and h.job(job).yields == 1
+
+
+def test_a_finished_jobs_process_still_listed_is_ours_for_a_while(tmp_path: Path) -> None:
+    """NVML may list a worker for a poll or two after it is gone: another job of ours on that
+    GPU does not take it for a newcomer (for RECENT_PID_S; a pid listed longer is a stranger's)."""
+    from gpuspool.daemon import RECENT_PID_S
+
+    h = harness(tmp_path)
+    h.env["STUB_MODE"] = "sleep"
+    h.set_gpus([gpu_entry(0, 60)])
+    a, b = h.submit("a"), h.submit("b")
+    for _ in range(8):
+        h.tick()
+    pa, pb = h.job(a).pid, h.job(b).pid
+    assert pa and pb and h.state(a) == h.state(b) == "running"
+    h.set_gpus([gpu0(pb, pa)])
+    runner(h).process(pa).exit(143)
+    for _ in range(int(RECENT_PID_S) - 1):
+        h.tick()
+    assert h.state(b) == "running" and h.job(b).yields == 0
+    for _ in range(5):
+        h.tick()
+    assert h.job(b).yields == 1  # listed for longer than any teardown: not ours any more
