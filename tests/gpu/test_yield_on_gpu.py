@@ -234,24 +234,23 @@ def test_job_yields_and_the_owner_gets_its_memory(
         first = json.loads(newcomer.stdout.readline() or "{}")
         assert first.get("event") == "appeared", newcomer.stderr.read() if newcomer.stderr else ""
         out, err = newcomer.communicate(timeout=120)
-        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
         assert newcomer.returncode == 0, err[-3000:]
-        assert result["oom"] is None and result["held_gib"] >= TARGET_GIB, result
-
+        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
         released = gpu_watch.gone_after(pid, first["at"])
-        assert released is not None
-        seconds = released - first["at"]
-        yielded = live.job(job)
-        assert yielded.yields == 1 and yielded.attempts == 0, yielded
-        assert yielded.last_yield["pid"] == newcomer.pid
-        line = (f"yield on {total:.0f} GiB GPU: job held {gpu_watch_peak(gpu_watch, pid):.1f} GiB;"
-                f" newcomer appeared -> our memory released in {seconds:.2f} s (poll"
-                f" {POLL_S} s x {STABLE_POLLS}); newcomer got {result['held_gib']} GiB"
-                f" ({STEP_GIB} GiB / {STEP_S} s) without OOM")  # fmt: skip
+        seconds = None if released is None else round(released - first["at"], 2)
+        line = (f"yield on a {total:.0f} GiB GPU: job held {gpu_watch_peak(gpu_watch, pid):.1f}"
+                f" GiB; newcomer appeared -> our memory released in {seconds} s (poll {POLL_S} s"
+                f" x {STABLE_POLLS}); newcomer asked {TARGET_GIB} GiB ({STEP_GIB} GiB / {STEP_S}"
+                f" s), got {result['held_gib']} GiB, out of memory: {result['oom']}")  # fmt: skip
         print("\n" + line)
         if os.environ.get("GPUSPOOL_YIELD_RESULT"):
             with open(os.environ["GPUSPOOL_YIELD_RESULT"], "a", encoding="utf-8") as f:
                 f.write(line + "\n")
+        assert result["oom"] is None and result["held_gib"] >= TARGET_GIB, result
+        assert seconds is not None
+        yielded = live.job(job)
+        assert yielded.yields == 1 and yielded.attempts == 0, yielded
+        assert yielded.last_yield["pid"] == newcomer.pid
 
         state = wait_state(live, job, {"done", "failed"}, timeout=300)
         log = live.tmp / "state" / "logs" / f"{job}.log"
