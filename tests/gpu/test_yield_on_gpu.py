@@ -128,8 +128,9 @@ def long_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from gpuspool.extract.synth import synth_dataset
 
     folder = tmp_path_factory.mktemp("long")
-    once = synth_dataset(folder, 48, min_s=20.0, max_s=30.0, seed=3, formats=[".wav"],
-                         sample_rates=[24000], stereo_fraction=0.0)  # fmt: skip
+    once = synth_dataset(folder, 48, min_s=20.0, max_s=30.0, seed=3, formats=["wav"],
+                         sample_rates=[24000], stereo_fraction=0.0,
+                         workers=min(8, os.cpu_count() or 1))  # fmt: skip
     lines = once.read_text().splitlines()
     repeated = folder / "repeated.jsonl"
     repeated.write_text("".join(f"{line}\n" for _ in range(40) for line in lines))
