@@ -123,8 +123,9 @@ def full_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def long_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """About 13 hours of audio from 48 clips of 20–30 s read 40 times each: enough batches
-    that the job is still running when the newcomer comes (24 kHz mono WAV: cheap to load)."""
+    """About 8 hours of audio from 48 clips of 20–30 s read 25 times each: a dozen batches, so
+    the job is far from done when the newcomer comes, yet a whole run takes about 15 s of GPU
+    time (24 kHz mono WAV: cheap to load)."""
     from gpuspool.extract.synth import synth_dataset
 
     folder = tmp_path_factory.mktemp("long")
@@ -133,7 +134,7 @@ def long_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
                          workers=min(8, os.cpu_count() or 1))  # fmt: skip
     lines = once.read_text().splitlines()
     repeated = folder / "repeated.jsonl"
-    repeated.write_text("".join(f"{line}\n" for _ in range(40) for line in lines))
+    repeated.write_text("".join(f"{line}\n" for _ in range(25) for line in lines))
     return repeated
 
 
