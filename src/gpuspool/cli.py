@@ -347,6 +347,12 @@ def submit(
     restart: Annotated[
         bool, typer.Option("--restart", help="Discard a partial output an earlier job left")
     ] = False,
+    no_yield: Annotated[
+        bool,
+        typer.Option(
+            "--no-yield", help="Keep running when another user's process comes to the GPU"
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON")] = False,
 ) -> None:
     """Submit a job (from a job file, flags, or both: flags win) into the spool.
@@ -373,6 +379,7 @@ def submit(
         "dtype": dtype,
         "timeout_s": timeout_s,
         "restart": True if restart else None,
+        "yield": False if no_yield else None,
     }
     if gpus is not None:
         flags["gpus"] = [int(g) if g.isdigit() else g for g in gpus.split(",") if g]

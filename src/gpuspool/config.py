@@ -122,6 +122,21 @@ class Settings(BaseSettings):
     priority_groups: list[str] = Field(
         default_factory=list, description="Groups whose members may set a priority above 0"
     )
+    yield_on_foreign_process: bool = Field(
+        False, description="Stop a job when a process gpuspool did not start appears on its GPU"
+    )
+    yield_when_free_below_gib: float = Field(
+        0.0,
+        ge=0,
+        description="Stop a job when others' processes keep its GPU's free memory under this"
+        " (GiB; 0 = off)",
+    )
+    yield_cooldown_s: float = Field(
+        300.0, ge=0, description="A job that yielded skips that GPU until it was this long free"
+    )
+    max_yields: int = Field(
+        3, ge=0, description="Yields of one job, after which it keeps running (and says so)"
+    )
     metrics_user_labels: bool = Field(
         True, description="Per-user running/waiting job counts in metrics (a user label)"
     )
@@ -222,6 +237,11 @@ class Settings(BaseSettings):
         """What ``status``/``gpus`` show, published by the daemon for users who cannot open
         the ledger (readable by the spool's group, like the drop folder)."""
         return self.spool_dir / "status" / "status.json"
+
+    @property
+    def yielding(self) -> bool:
+        """Whether a job may be asked to step aside for another user's process on its GPU."""
+        return self.yield_on_foreign_process or self.yield_when_free_below_gib > 0
 
     @property
     def ledger_location(self) -> str:

@@ -39,6 +39,7 @@ from gpuspool.protocol import (
 )
 from gpuspool.runner import JOB_ID_ENV, Exit, Launch, Runner
 from gpuspool.spool import Spool
+from gpuspool.yielding import OurJob, Policy, Trigger, YieldWatch, yield_words
 
 #: Longest stretch of a job's events file read in one tick; a flooding worker is skipped ahead.
 MAX_EVENTS_READ = 1 << 20
@@ -51,6 +52,9 @@ MAX_EVENTS_FILE = 16 << 20
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Per tick, waiting-reason changes logged one by one; the rest are summed up in one event.
 MAX_WAITING_EVENTS = 50
+#: How long a job process stays "ours" after it was filed as gone: NVML may still list it for a
+#: poll while its context is torn down, and it must not look like another user's newcomer.
+RECENT_PID_S = 10.0
 #: Shared ledger unreachable: the first retry after this many seconds, doubling up to the most.
 OUTAGE_BACKOFF_S = 1.0
 OUTAGE_BACKOFF_MAX_S = 30.0
@@ -75,6 +79,15 @@ class _Running:
     pid_start: float | None = None
     #: Shared ledger: the fencing token of the attempt this host runs.
     fence: int | None = None
+    #: Whom it is yielding to (pid, user, gpu_uuid, gpu_index, at, why), when ``stop`` is
+    #: YIELDED: recorded in the ledger once the process is gone.
+    yield_to: dict[str, Any] | None = None
+
+    @property
+    def peak_gib(self) -> float | None:
+        """The GPU memory peak its worker reported so far (None before the first report)."""
+        progress = self.last_progress
+        return progress.gpu_peak_gib if isinstance(progress, ProgressEvent) else None
 
     def take(self, event: WorkerEvent) -> None:
         """Remember the latest event of each kind the daemon acts on."""
@@ -137,6 +150,11 @@ class Daemon:
         self._self_fenced = False
         #: What the GPUs showed at the last polls, and the running jobs' reservations.
         self.observer = GpuObserver(settings.stable_polls)
+        #: Polite scavenging: others' processes on our GPUs, and the GPUs yielded jobs skip.
+        self.yield_watch = YieldWatch()
+        self._yield_limit_noted: set[str] = set()
+        #: Pids of job processes filed as gone, and when (see ``RECENT_PID_S``).
+        self._recent_pids: dict[int, tuple[str, float]] = {}
         self._reasons: dict[str, str] = {}
         #: Shared ledger: waiting jobs whose input this host did not find (left to the others),
         #: with the reason that said so (kept as their waiting reason here).
@@ -182,6 +200,11 @@ class Daemon:
                 continue
             self._read_events(job, now, tail=True)
             self._finish(job, Exit(None), now)
+        for job in self.ledger.jobs(sorted(RUNNABLE_STATES)):
+            # The cool-down of a job that yielded before a restart starts again from its yield.
+            last = job.last_yield or {}
+            if isinstance(last.get("gpu_uuid"), str) and isinstance(last.get("at"), int | float):
+                self.yield_watch.yielded(job.id, last["gpu_uuid"], float(last["at"]))
 
     def _kill_stale_workers(
         self, owned: list[JobRecord], processes: Mapping[str, tuple[int, float]]
@@ -268,6 +291,8 @@ class Daemon:
         self.reap(now, report)
         result = self.probe.poll()
         self._observe(result, now, report)
+        if self.settings.yielding and not self.stopping:
+            self._watch_yields(result, now)
         if self.cluster is not None:
             self._heartbeat(now)
         if not self.stopping:
@@ -474,7 +499,9 @@ class Daemon:
             own = None
         return own or self.settings.job_timeout_s
 
-    def _stop(self, job: JobRecord, state: _Running, why: StopReason, now: float) -> None:
+    def _stop(
+        self, job: JobRecord, state: _Running, why: StopReason, now: float, detail: str = ""
+    ) -> None:
         """SIGTERM the job's group now, SIGKILL after ``stop_grace_s`` (in ``reap``)."""
         assert job.pid is not None
         state.stop = why
@@ -483,6 +510,8 @@ class Daemon:
         reason = why.value
         if why == StopReason.TIMED_OUT and state.timeout_s is not None:
             reason = f"timed out after {state.timeout_s:.0f} s"
+        if detail:
+            reason = f"{reason}: {detail}"
         self._job_event(job, "job_stopping", reason=reason)
 
     def events_path(self, job_id: str) -> Path:
@@ -534,6 +563,8 @@ class Daemon:
     ) -> None:
         """File a job whose process is gone: gather the facts, :func:`decide`, apply."""
         state = self._running.pop(job.id, _Running())
+        if state.pid is not None:
+            self._recent_pids[state.pid] = (job.id, now)
         uid = self._job_uid(job)
         strays = self.runner.kill_leftovers(job.id, uid) if uid is not None else []
         if strays:
@@ -549,6 +580,7 @@ class Daemon:
             stop=state.stop,
             timeout_s=state.timeout_s,
             cancel_requested=job.cancel_requested,
+            yielded_to=yield_words(state.yield_to, with_time=False) if state.yield_to else None,
         )
         code = exit_code(facts)
         if code in (0, ExitCode.OUTPUT_EXISTS):
@@ -565,6 +597,8 @@ class Daemon:
         self._apply(job, outcome, state, now)
         if outcome.final:
             self.runner.remove_scratch(self.scratch_path(job.id))
+            self.yield_watch.forget(job.id)
+            self._yield_limit_noted.discard(job.id)
         if report is not None:
             report.finished.append((job.id, outcome.exit_class))
 
@@ -631,6 +665,9 @@ class Daemon:
             fields["attempts"] = outcome.attempts
         if outcome.not_before is not None:
             fields["not_before"] = outcome.not_before
+        if outcome.yielded and state.yield_to is not None:
+            fields["yields"] = job.yields + 1
+            fields["last_yield_json"] = json.dumps(state.yield_to)
         summary = state.summary.fields() if state.summary is not None else {}
         if outcome.state == JobState.DONE and summary:
             final = {**job.progress, **summary}
@@ -650,7 +687,23 @@ class Daemon:
             extra = {"reason": outcome.reason, "retry_in_s": outcome.retry_in_s}
         elif outcome.event == "job_interrupted":
             extra = {"reason": outcome.reason}
+        elif outcome.event == "job_yielded" and state.yield_to is not None:
+            extra = self._yielded(job, state.yield_to, now)
         self._job_event(job, outcome.event, **extra)
+
+    def _yielded(self, job: JobRecord, who: dict[str, Any], now: float) -> dict[str, Any]:
+        """Note a yield (the job skips that GPU for its cool-down); the ``job_yielded`` fields."""
+        self.yield_watch.yielded(job.id, who["gpu_uuid"], now)
+        return {
+            "reason": f"yielded to {yield_words(who, with_time=False)}",
+            "pid": who["pid"],
+            "user": who["user"],
+            "gpu_index": who["gpu_index"],
+            "why": who["why"],
+            "yields": job.yields + 1,
+            "stopped_in_s": round(now - float(who["at"]), 3),
+            "cooldown_s": self.settings.yield_cooldown_s,
+        }
 
     def _output_files(self, job: JobRecord) -> tuple[bool, bool]:
         """Whether the job's output and its partial file are regular files, as the job's user
@@ -741,7 +794,7 @@ class Daemon:
     def _observe(self, result: ProbeResult, now: float, report: TickReport) -> None:
         """Hand the poll to the observer; record GPU history in the ledger when it is due."""
         self.observer.stable_polls = self.settings.stable_polls
-        self.observer.observe(result, self.running_jobs())
+        self.observer.observe(result, [self._reserving(job) for job in self.running_jobs()])
         report.probe_error = result.error
         rows = self.observer.history_rows(now)
         if rows is not None:
@@ -749,6 +802,106 @@ class Daemon:
             if older is not None:
                 self.ledger.prune_gpu_history(older)
             self.ledger.record_gpu_history(now, rows)
+
+    def _reserving(self, job: JobRecord) -> JobRecord:
+        """The job as its reservation sees it: once its worker reported its peak, that figure
+        replaces the estimated need, so the rest of the card is offered to others."""
+        state = self._running.get(job.id)
+        peak = state.peak_gib if state is not None else None
+        return job if peak is None else replace(job, need_gib=peak)
+
+    # -- polite scavenging ------------------------------------------------------------------------
+
+    def _yield_policy(self) -> Policy:
+        s = self.settings
+        return Policy(
+            s.yield_on_foreign_process, s.yield_when_free_below_gib, s.stable_polls,
+            s.yield_cooldown_s,
+        )  # fmt: skip
+
+    def _watch_yields(self, result: ProbeResult, now: float) -> None:
+        """Stop the running jobs whose GPU had another user's process on it (or had its free
+        memory kept under ``yield_when_free_below_gib`` by others) for ``stable_polls`` polls."""
+        running = {j.id: j for j in self.running_jobs() if j.gpu_uuid is not None}
+        self._recent_pids = {
+            pid: (job_id, at)
+            for pid, (job_id, at) in self._recent_pids.items()
+            if now - at < RECENT_PID_S
+        }
+        roots = {pid: job_id for pid, (job_id, _) in self._recent_pids.items()}
+        roots.update({s.pid: job_id for job_id, s in self._running.items() if s.pid is not None})
+        on_gpus = {p.pid for g in result.gpus for p in g.processes}
+        ours = self.runner.belonging(on_gpus, roots) if on_gpus and roots else {}
+        used: dict[str, float] = {}
+        for gpu in result.gpus:
+            for proc in gpu.processes:
+                job_id = roots.get(ours.get(proc.pid, -1))
+                if job_id is not None:
+                    used[job_id] = used.get(job_id, 0.0) + (proc.used_mib or 0.0) / 1024.0
+        jobs = []
+        for job in running.values():
+            state = self._running.get(job.id)
+            peak = state.peak_gib if state is not None else None
+            footprint = max(job.need_gib if peak is None else peak, used.get(job.id, 0.0))
+            jobs.append(OurJob(job.id, job.gpu_uuid or "", footprint))
+        policy = self._yield_policy()
+        for trigger in self.yield_watch.observe(now, result.gpus, jobs, ours, policy):
+            job = running[trigger.job_id]
+            state = self._running.get(job.id)
+            if state is not None and state.stop is None and job.pid is not None:
+                self._maybe_yield(job, state, trigger, now)
+
+    def _maybe_yield(self, job: JobRecord, state: _Running, trigger: Trigger, now: float) -> None:
+        """Yield, unless the job opted out (``yield = false``) or used up ``max_yields``."""
+        try:
+            wants = job.spec.yield_
+        except ValueError:  # a row an older version wrote that this schema refuses
+            wants = True
+        if not wants:
+            return
+        who = self._yield_target(trigger, now)
+        if job.yields >= self.settings.max_yields:
+            self._yield_limit(job, who, now)
+            return
+        state.yield_to = who
+        self._stop(job, state, StopReason.YIELDED, now, detail=yield_words(who, with_time=False))
+
+    def _yield_target(self, trigger: Trigger, now: float) -> dict[str, Any]:
+        """Whom a job yields to: the process's pid and its user (by uid only: everything else
+        about a process is its own to forge), the GPU, the time and what fired."""
+        user = self.runner.user_of(trigger.pid) if trigger.pid is not None else None
+        return {
+            "pid": trigger.pid,
+            "user": user,
+            "gpu_uuid": trigger.gpu_uuid,
+            "gpu_index": trigger.gpu_index,
+            "at": now,
+            "why": trigger.why,
+        }
+
+    def _yield_limit(self, job: JobRecord, who: dict[str, Any], now: float) -> None:
+        """The job has yielded ``max_yields`` times: it keeps running, and says so once."""
+        if job.id in self._yield_limit_noted:
+            return
+        self._yield_limit_noted.add(job.id)
+        limit = self.settings.max_yields
+        reason = (
+            f"running on {job.gpu_uuid}; yielded {job.yields} time{'' if job.yields == 1 else 's'}"
+            f" (max_yields {limit}):"
+            f" no longer yields, though {yield_words(who, with_time=False)} wants the GPU"
+        )
+        self._job_event(
+            job, "job_yield_limit_reached", yields=job.yields, max_yields=limit,
+            pid=who["pid"], user=who["user"], reason=reason,
+        )  # fmt: skip
+        try:
+            self._update(job, now=now, reason=reason)
+        except FencedOut:
+            self._fenced_out(job.id)
+
+    def _cooling(self, now: float) -> dict[str, dict[str, float]]:
+        """Waiting job id → {GPU it yielded on: seconds of cool-down left}."""
+        return self.yield_watch.cooling(now, self.settings.yield_cooldown_s)
 
     def gpu_views(self) -> list[GpuView]:
         return self.observer.views()
@@ -839,6 +992,12 @@ class Daemon:
             if backing_off
             else all_candidates
         )
+        cooling = self._cooling(now)
+        if cooling and candidates:
+            candidates = [
+                c._replace(avoid=frozenset(cooling[c.job_id])) if c.job_id in cooling else c
+                for c in candidates
+            ]
         decision = place(
             candidates,
             self.gpu_views(),
@@ -992,6 +1151,7 @@ class Daemon:
             pid_start=started.pid_start,
             fence=claimed.fence if self.cluster is not None else None,
         )
+        self.yield_watch.started(job.id, gpu_uuid)
         try:
             self._write(claimed, now=now, pid=started.pid, pid_start=started.pid_start)
         except FencedOut:

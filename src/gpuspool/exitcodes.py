@@ -54,6 +54,8 @@ class ExitClass:
     NO_INPUT = "no_input"
     OUTPUT_LOCKED = "output_locked"
     FENCED_OUT = "fenced_out"
+    #: Stopped to give the GPU to another user's process (never a process's own exit code).
+    YIELDED = "yielded"
 
 
 def classify(returncode: int | None) -> str:

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 from gpuspool.fairshare import Run, runs_from_rows
 from gpuspool.models import RUNNABLE_STATES, TERMINAL_STATES, JobSpec, JobState
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -50,7 +50,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     log_path      TEXT,
     spool_file    TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    updated_at    REAL NOT NULL
+    updated_at    REAL NOT NULL,
+    yields        INTEGER NOT NULL DEFAULT 0,
+    last_yield_json TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_output ON jobs(output);
@@ -77,6 +79,13 @@ CREATE TABLE IF NOT EXISTS gpu_history (
 );
 CREATE INDEX IF NOT EXISTS gpu_history_at ON gpu_history(at);
 """
+
+#: Columns added to ``jobs`` after the first schema: (name, declaration), added to an older file
+#: at open (version 2: the yield count and the last yield).
+_ADDED_COLUMNS = (
+    ("yields", "INTEGER NOT NULL DEFAULT 0"),
+    ("last_yield_json", "TEXT"),
+)
 
 
 @lru_cache(maxsize=4096)
@@ -133,6 +142,10 @@ class JobRecord:
     #: The host running the current attempt and the attempt's fencing token (shared ledger only).
     host: str | None = None
     fence: int = 0
+    #: How often the job stepped aside for another user's process, and the last time: pid,
+    #: user, gpu_uuid, gpu_index, at (see ``yield_words``).
+    yields: int = 0
+    last_yield: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:
@@ -200,7 +213,20 @@ def record_from_row(row: Any) -> JobRecord:
         updated_at=row["updated_at"],
         host=row["host"] if "host" in keys else None,
         fence=int(row["fence"] or 0) if "fence" in keys else 0,
+        yields=int(row["yields"] or 0) if "yields" in keys else 0,
+        last_yield=_json_object(row["last_yield_json"]) if "last_yield_json" in keys else None,
     )
+
+
+def _json_object(raw: str | None) -> dict[str, Any] | None:
+    """A stored JSON object, or None (also for anything else: a view never fails on a row)."""
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _record_transition(
@@ -241,10 +267,20 @@ class Ledger:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
             with self._tx() as db:
+                self._add_columns(db)
                 db.execute(
-                    "INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?)",
+                    "INSERT INTO meta(key, value) VALUES('schema_version', ?)"
+                    " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                     (str(SCHEMA_VERSION),),
                 )
+
+    @staticmethod
+    def _add_columns(db: sqlite3.Connection) -> None:
+        """Bring a file made by an older version up to this schema (``_ADDED_COLUMNS``)."""
+        have = {r[1] for r in db.execute("PRAGMA table_info(jobs)").fetchall()}
+        for name, declaration in _ADDED_COLUMNS:
+            if name not in have:
+                db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
 
     def close(self) -> None:
         self._db.close()
@@ -390,7 +426,7 @@ class Ledger:
         cols = (
             "id, name, state, gpu_uuid, priority, need_gib, threshold_gib, attempts, reason,"
             " exit_class, submitted_at, started_at, finished_at, peak_gib, submitter_uid, input,"
-            " output, progress_json, log_path, seq, updated_at"
+            " output, progress_json, log_path, seq, updated_at, yields, last_yield_json"
         )
         terminal = [s.value for s in TERMINAL_STATES]
         limit = -1 if finished_limit is None else finished_limit
@@ -600,6 +636,8 @@ class Ledger:
             "log_path",
             "cancel_requested",
             "spool_file",
+            "yields",
+            "last_yield_json",
         }
         unknown = set(fields) - allowed
         if unknown:

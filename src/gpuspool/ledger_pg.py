@@ -121,6 +121,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN hosts_json TEXT;
     """,
+    # 5: polite scavenging: how often a job stepped aside for another user, and the last time.
+    """
+    ALTER TABLE jobs ADD COLUMN yields INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN last_yield_json TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -153,6 +158,8 @@ _TRANSITION_FIELDS = frozenset(
         "log_path",
         "cancel_requested",
         "spool_file",
+        "yields",
+        "last_yield_json",
     }
 )
 _UPDATE_FIELDS = frozenset({"reason", "progress", "peak_gib", "cancel_requested", "need_gib"})
@@ -424,7 +431,7 @@ class PgLedger:
         cols = (
             "id, name, state, gpu_uuid, priority, need_gib, threshold_gib, attempts, reason,"
             " exit_class, submitted_at, started_at, finished_at, peak_gib, submitter_uid, input,"
-            " output, progress_json, log_path, seq, updated_at, host"
+            " output, progress_json, log_path, seq, updated_at, host, yields, last_yield_json"
         )
         who = "" if submitter_uid is None else " AND submitter_uid = %s"
         whom: tuple[int, ...] = () if submitter_uid is None else (submitter_uid,)

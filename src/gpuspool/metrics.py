@@ -52,8 +52,10 @@ GPU_MEMORY = (("free", "free"), ("used", "used: total - free"), ("total", "total
 #: Final states, the ``outcome`` of ``gpuspool_jobs_finished_total``.
 FINISH_OUTCOMES = (JobState.DONE.value, JobState.FAILED.value, JobState.CANCELLED.value)
 #: How a run ended, the ``outcome`` of ``gpuspool_job_duration_seconds``.
-RUN_OUTCOMES = (*FINISH_OUTCOMES, "retry", JobState.INTERRUPTED.value)
+RUN_OUTCOMES = (*FINISH_OUTCOMES, "retry", JobState.INTERRUPTED.value, "yielded")
 JOB_LABELS = ("job_id", "name", "UUID")
+#: A run's ``outcome`` label by the state it ended in, where the two differ.
+_RUN_OUTCOME = {JobState.DEFERRED.value: "retry", JobState.QUEUED.value: "yielded"}
 
 
 class MetricsAddressError(ValueError):
@@ -257,6 +259,11 @@ class DaemonMetrics:
             "Runs stopped before finishing (daemon stop, crash); they resume.",
             registry=r,
         )
+        self.yielded = Counter(
+            "gpuspool_jobs_yielded",
+            "Runs stopped to give the GPU to another user's process; they wait again.",
+            registry=r,
+        )
         self.wait = Histogram(
             "gpuspool_job_wait_seconds",
             "Seconds from becoming runnable (submitted, requeued, deferred) to starting.",
@@ -265,7 +272,8 @@ class DaemonMetrics:
         )
         self.duration = Histogram(
             "gpuspool_job_duration_seconds",
-            "Seconds a run lasted, by how it ended (done, failed, cancelled, retry, interrupted).",
+            "Seconds a run lasted, by how it ended (done, failed, cancelled, retry, interrupted,"
+            " yielded).",
             ["outcome"],
             buckets=TIME_BUCKETS_S,
             registry=r,
@@ -329,7 +337,7 @@ class DaemonMetrics:
                 continue
             if frm == JobState.RUNNING.value and to != JobState.RUNNING.value:
                 began = _last_at(daemon, row, {JobState.RUNNING.value})
-                outcome = "retry" if to == JobState.DEFERRED.value else to
+                outcome = _RUN_OUTCOME.get(to, to)
                 if began is not None:
                     self.duration.labels(outcome).observe(max(0.0, row["at"] - began))
             if to in (JobState.DONE.value, JobState.FAILED.value, JobState.CANCELLED.value):
@@ -338,6 +346,8 @@ class DaemonMetrics:
                 self.retried.inc()
             elif to == JobState.INTERRUPTED.value:
                 self.interrupted.inc()
+            elif to == JobState.QUEUED.value and frm == JobState.RUNNING.value:
+                self.yielded.inc()  # only a yield sends a running job back to the queue
 
 
 def _user_counts(daemon: Daemon) -> list[tuple[str, int, int]]:

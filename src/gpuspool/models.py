@@ -77,7 +77,7 @@ HostName = Annotated[StrictStr, Field(min_length=1, max_length=253, pattern=r"^[
 class JobSpec(BaseModel):
     """A job file dropped into ``<spool_dir>/incoming/`` (TOML or JSON). Unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)
 
     input: Path = Field(description="Absolute path of the input JSONL (one object per line)")
     output: Path = Field(description="Absolute path of the output JSONL; must not exist yet")
@@ -99,6 +99,10 @@ class JobSpec(BaseModel):
     #: Discard a partial output an earlier job left at this output, at this job's first start
     #: (its own later starts resume as usual).
     restart: StrictBool = False
+
+    #: Step aside (stop, wait again) when another user's process comes to the job's GPU, if the
+    #: host's yield policy is on. ``yield = false`` in the job file opts out.
+    yield_: StrictBool = Field(True, alias="yield")
 
     @field_validator("input", "output", mode="before")
     @classmethod

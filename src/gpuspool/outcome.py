@@ -2,8 +2,9 @@
 
 ``decide(ExitFacts) -> Outcome`` holds every rule that turns an exit code, the worker's last
 events, why the daemon stopped the job and its attempts so far into done, failed, deferred (with
-backoff), interrupted or cancelled. No I/O and no clock, so the rules are tested as a table
-(tests/unit/test_outcome.py); the daemon gathers the facts and applies the outcome.
+backoff), interrupted, yielded (queued again, no attempt counted) or cancelled. No I/O and no
+clock, so the rules are tested as a table (tests/unit/test_outcome.py); the daemon gathers the
+facts and applies the outcome.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class StopReason(StrEnum):
     CANCELLED = "cancelled by user"
     TIMED_OUT = "timed out"
     DAEMON_STOPPING = "daemon stopping"
+    #: Another user's process came to the job's GPU (``yield_on_foreign_process``,
+    #: ``yield_when_free_below_gib``): the job steps aside and waits again.
+    YIELDED = "yielding the GPU to another user's process"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +49,9 @@ class ExitFacts:
     timeout_s: float | None = None
     cancel_requested: bool = False
     output_exists: bool = True
+    #: Whom the job yielded to, in words ("pid 4242 (user ann) on GPU 0"), when ``stop`` is
+    #: YIELDED.
+    yielded_to: str | None = None
     #: A complete output with no partial left, after an earlier run of this job: see
     #: ``Daemon._finished_by_earlier_run``. Only consulted for "output exists" (73).
     finished_by_earlier_run: bool = False
@@ -70,6 +77,8 @@ class Outcome:
     not_before: float | None = None
     retry_in_s: float | None = None
     peak_gib: float | None = None
+    #: The job stepped aside for another user's process: one more yield, no attempt counted.
+    yielded: bool = False
 
     @property
     def final(self) -> bool:
@@ -107,6 +116,12 @@ def decide(facts: ExitFacts) -> Outcome:
         return Outcome(JobState.CANCELLED, "cancelled by user", cls, "job_cancelled", peak_gib=peak)
     if cls == ExitClass.DONE:
         return Outcome(JobState.DONE, "done", cls, "job_finished", peak_gib=peak)
+    if facts.stop == StopReason.YIELDED and cls in _YIELD_CLASSES:
+        who = facts.yielded_to or "another user's process"
+        return Outcome(
+            JobState.QUEUED, f"yielded to {who}; waits again", ExitClass.YIELDED, "job_yielded",
+            peak_gib=peak, yielded=True,
+        )  # fmt: skip
     if facts.stop == StopReason.TIMED_OUT:
         limit = f" after {facts.timeout_s:.0f} s" if facts.timeout_s is not None else ""
         return _retry_or_fail(facts, f"timed out{limit}", ExitClass.TIMEOUT, peak)
@@ -162,6 +177,12 @@ def _no_input(facts: ExitFacts, detail: str, peak: float | None) -> Outcome:
         retry_in_s=delay,
         peak_gib=peak,
     )
+
+
+#: The exits a yield may end in: the checkpointed stop, the SIGKILL after the grace, and the
+#: out-of-memory or crash the newcomer's allocations can cause before the stop lands. A data or
+#: configuration error is the job's own and is filed as such.
+_YIELD_CLASSES = frozenset({ExitClass.INTERRUPTED, ExitClass.OOM, ExitClass.CRASH})
 
 
 def _retry_or_fail(facts: ExitFacts, detail: str, cls: str, peak: float | None) -> Outcome:

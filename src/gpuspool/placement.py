@@ -6,7 +6,8 @@ started on that GPU at this tick. Jobs are taken by priority (higher first); wit
 priority, with fair share on, from the submitter with the least decayed GPU usage
 (``fairshare``), then in submission order (plain FIFO when fair share is off). A job that cannot
 start does not stop a smaller one behind it from starting elsewhere. Per-submitter limits
-(running jobs, GPUs in use) hold a job back with a "user limit" reason.
+(running jobs, GPUs in use) hold a job back with a "user limit" reason. A job skips the GPUs
+it yielded on until their cool-down is over (``Candidate.avoid``).
 Among the GPUs that fit, the one with the least room is chosen (best fit), so large GPUs stay
 free for large jobs.
 """
@@ -55,6 +56,8 @@ class Candidate(NamedTuple):
     seq: int
     allowed_gpus: tuple[str | int, ...] | None = None
     submitter: int = 0
+    #: GPUs it must skip for now: it yielded there and their cool-down is not over.
+    avoid: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +180,7 @@ def place(
     impossible: set[str] = set()
     # Jobs with the same threshold, allow-list and GPU restriction get the same answer until a
     # start changes what is left, so a queue of thousands costs one evaluation per kind of job.
-    Key = tuple[float, tuple[str | int, ...] | None, frozenset[str] | None]
+    Key = tuple[float, tuple[str | int, ...] | None, frozenset[str] | None, frozenset[str]]
     memo: dict[Key, tuple[str, bool]] = {}
     limited = limits.max_running is not None or limits.max_gpus is not None
     only: frozenset[str] | None = None
@@ -189,7 +192,7 @@ def place(
                 reasons[job.job_id] = blocked
                 continue
             only = user.gpu_restriction(limits)
-        key = (job.threshold_gib, job.allowed_gpus, only)
+        key = (job.threshold_gib, job.allowed_gpus, only, job.avoid)
         known_answer = memo.get(key)
         if known_answer is not None:
             reasons[job.job_id] = known_answer[0]
@@ -246,6 +249,11 @@ def _place_one(
         and g.snapshot.healthy
         and stable_count(g.available_history, job.threshold_gib) >= stable_polls
     ]
+    if job.avoid and fitting and all(g.uuid in job.avoid for g in fitting):
+        g = fitting[0]
+        where = f"GPU {g.snapshot.index} ({_short(g.uuid)})"
+        return f"{where}: cool-down after a yield there", False
+    fitting = [g for g in fitting if g.uuid not in job.avoid]
     if fitting:
         best = min(fitting, key=lambda g: (g.available_gib or 0.0, g.snapshot.index))
         return Start(job.job_id, best.uuid, best.available_gib or 0.0)

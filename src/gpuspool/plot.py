@@ -16,6 +16,9 @@ from gpuspool.ledger_api import LedgerBackend
 from gpuspool.models import RUNNABLE_STATES, JobState
 
 _WAITING = {s.value for s in RUNNABLE_STATES} | {JobState.HELD.value}
+#: A run's outcome by the state it ended in, where the two differ (only a yield sends a running
+#: job back to ``queued``).
+_RUN_OUTCOME = {JobState.DEFERRED.value: "retry", JobState.QUEUED.value: "yielded"}
 
 
 @dataclass
@@ -85,7 +88,7 @@ def plot_data(
         if current is not None:
             current.end = at
             if current.kind == "run":
-                current.outcome = "retry" if to == JobState.DEFERRED.value else to
+                current.outcome = _RUN_OUTCOME.get(to, to)
         if to in _WAITING:
             seg = Segment("wait", at, None)
         elif to == JobState.RUNNING.value:
@@ -133,6 +136,7 @@ OUTCOME_MARK = {
     "cancelled": ("s", "#7f7f7f"),
     "interrupted": ("^", "#ffbf00"),
     "retry": ("v", "#ffbf00"),
+    "yielded": ("D", "#9467bd"),
 }
 
 

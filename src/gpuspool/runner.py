@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import signal
 import stat
 import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -112,6 +113,16 @@ class Runner(Protocol):
         """Remove a finished job's scratch folder (nothing if it is not there)."""
         ...
 
+    def belonging(self, pids: Iterable[int], roots: Iterable[int]) -> dict[int, int]:
+        """Which of ``pids`` (processes a GPU shows) are job processes: each one that is a root
+        (a job's pid), in a root's session or below a root, mapped to that root."""
+        ...
+
+    def user_of(self, pid: int) -> str | None:
+        """The name of the user ``pid`` runs as (its uid as a string when no account has it);
+        None when the process is gone."""
+        ...
+
 
 class ProcessRunner:
     """Owns the job processes this daemon started (and the ones it adopted)."""
@@ -187,6 +198,12 @@ class ProcessRunner:
 
     def remove_scratch(self, path: Path) -> None:
         remove_scratch(path)
+
+    def belonging(self, pids: Iterable[int], roots: Iterable[int]) -> dict[int, int]:
+        return belonging(pids, roots)
+
+    def user_of(self, pid: int) -> str | None:
+        return user_of(pid)
 
 
 def make_scratch(path: Path, owner: tuple[int, int] | None) -> None:
@@ -325,3 +342,44 @@ def kill_leftovers(job_id: str, uid: int) -> list[int]:
             continue
         killed.append(proc.info["pid"])
     return killed
+
+
+def belonging(pids: Iterable[int], roots: Iterable[int]) -> dict[int, int]:
+    """Which of ``pids`` belong to a job process in ``roots``: the root itself, a process in
+    its session (each job starts a session of its own, and a loader the worker forks stays in
+    it even when its parent is gone) or one of its descendants. Only the given pids are looked
+    at (the few a GPU shows), never the whole process table."""
+    jobs = set(roots)
+    found: dict[int, int] = {}
+    for pid in pids:
+        if pid in jobs:
+            found[pid] = pid
+            continue
+        try:
+            sid = os.getsid(pid)
+        except OSError:
+            sid = -1
+        if sid in jobs:
+            found[pid] = sid
+            continue
+        try:
+            ancestors = psutil.Process(pid).parents()
+        except psutil.Error:
+            continue
+        root = next((p.pid for p in ancestors if p.pid in jobs), None)
+        if root is not None:
+            found[pid] = root
+    return found
+
+
+def user_of(pid: int) -> str | None:
+    """The account name of the real uid ``pid`` runs as. Only the uid is read: a process
+    controls its name, arguments and environment, not its uid."""
+    try:
+        uid = psutil.Process(pid).uids().real
+    except psutil.Error:
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)

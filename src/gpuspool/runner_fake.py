@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,8 @@ class FakeProcess:
     #: Exit code when SIGTERM arrives; None: SIGTERM is ignored.
     on_terminate: int | None = 143
     signals: list[int] = field(default_factory=list)
+    #: Pids of processes the worker forked (they count as the job's on a GPU).
+    children: set[int] = field(default_factory=set)
 
     @property
     def job_id(self) -> str:
@@ -86,6 +88,8 @@ class FakeRunner:
         self.start_error: BaseException | None = None
         self.launches: list[Launch] = []
         self.removed_scratch: list[Path] = []
+        #: The user each pid runs as, for :meth:`user_of` (tests name their foreign processes).
+        self.users: dict[int, str] = {}
 
     def successor(self) -> FakeRunner:
         """The runner of a daemon restarted over the same processes."""
@@ -157,3 +161,16 @@ class FakeRunner:
 
     def remove_scratch(self, path: Path) -> None:
         self.removed_scratch.append(path)
+
+    def belonging(self, pids: Iterable[int], roots: Iterable[int]) -> dict[int, int]:
+        jobs = set(roots)
+        found: dict[int, int] = {}
+        for pid in pids:
+            for root in jobs:
+                proc = self.table.procs.get(root)
+                if pid == root or (proc is not None and pid in proc.children):
+                    found[pid] = root
+        return found
+
+    def user_of(self, pid: int) -> str | None:
+        return self.users.get(pid)

@@ -29,6 +29,7 @@ from gpuspool.ledger_api import ClusterLedger, LedgerBackend
 from gpuspool.models import TERMINAL_STATES, JobState
 from gpuspool.placement import stable_count
 from gpuspool.spool import Spool
+from gpuspool.yielding import yield_words
 
 #: Finished jobs ``status`` lists without ``--all``.
 RECENT_FINISHED = 10
@@ -69,7 +70,18 @@ def job_dict(job: JobRecord) -> dict[str, Any]:
         "output": job.output,
         "progress": progress_view(p),
         "log_path": job.log_path,
+        "yields": job.yields,
+        "last_yield": job.last_yield,
+        "yielded": _yielded_words(job.yields, job.last_yield),
     }
+
+
+def _yielded_words(yields: int, last: dict[str, Any] | None) -> str | None:
+    """ "yielded to pid N (user U) on GPU X at T" (and how often, after the first), or None."""
+    if not yields or last is None:
+        return None
+    times = f" ({yields} yields)" if yields > 1 else ""
+    return f"yielded to {yield_words(last)}{times}"
 
 
 def progress_view(stored: str | dict[str, Any] | None) -> dict[str, Any]:
@@ -187,6 +199,9 @@ def status_data(
     out = []
     for row in rows:
         row["progress"] = progress_view(row.pop("progress_json"))
+        row["last_yield"] = _last_yield(row.pop("last_yield_json", None))
+        row["yields"] = int(row.get("yields") or 0)
+        row["yielded"] = _yielded_words(row["yields"], row["last_yield"])
         row["gpu_index"] = index.get(row["gpu_uuid"] or "")
         row["waiting_for"] = row["reason"] if row["state"] in waiting_states else None
         end = row["finished_at"] if row["state"] in TERMINAL_VALUES else now
@@ -208,6 +223,17 @@ def status_data(
     if fair_share_half_life_s is not None and submitter_uid is None:
         data["submitters"] = submitters_data(ledger, now, fair_share_half_life_s)
     return data
+
+
+def _last_yield(raw: object) -> dict[str, Any] | None:
+    """The stored last yield as a mapping (None for none, or for anything unreadable)."""
+    if not isinstance(raw, str) or not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _duration(seconds: float | None) -> str:
@@ -357,9 +383,12 @@ def _job_cells(job: dict[str, Any]) -> dict[str, Any]:
         if job.get("host"):  # a shared ledger: which host runs it
             gpu = f"{safe(job['host'])}: {gpu}"
     if job["state"] in ("running", "done"):
-        note = "" if running else f"in {_duration(job['elapsed_s'])}"
+        note = _running_note(job.get("reason")) if running else f"in {_duration(job['elapsed_s'])}"
     else:
         note = safe(job["reason"] or "")
+    yielded = job.get("yielded")
+    if yielded and job["state"] not in TERMINAL_VALUES:
+        note = f"{note}; {safe(yielded)}" if note else safe(yielded)
     eta = p.get("eta_s") if running else None
     return {
         "id": safe(job["id"]),
@@ -373,6 +402,14 @@ def _job_cells(job: dict[str, Any]) -> dict[str, Any]:
         "peak": f"{peak:.1f} GiB" if isinstance(peak, (int, float)) else "",
         "note": note,
     }
+
+
+def _running_note(reason: object) -> str:
+    """What a running job's reason says beyond "running on GPU" (e.g. that it no longer
+    yields: ``max_yields``), escaped; empty for the plain one."""
+    if not isinstance(reason, str) or not reason.startswith("running on ") or "; " not in reason:
+        return ""
+    return safe(reason.split("; ", 1)[1])
 
 
 def _listed_jobs(data: dict[str, Any], max_waiting: int | None) -> tuple[list[dict[str, Any]], int]:
@@ -745,7 +782,7 @@ SNAPSHOT_WAITING = 200
 #: need (derived from its audio), and reasons (which may quote paths or errors). Its submitter
 #: sees them in their own snapshot.
 PRIVATE_JOB_KEYS = ("name", "submitter_uid", "input", "output", "log_path", "reason",
-                    "waiting_for", "exit_class", "need_gib")  # fmt: skip
+                    "waiting_for", "exit_class", "need_gib", "last_yield", "yielded")  # fmt: skip
 #: The per-user snapshots' folder, beside ``status.json``.
 USERS_DIR = "users"
 #: Rejections listed per user (newest), and ``.reason`` files read per publish at most.

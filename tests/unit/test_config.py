@@ -13,14 +13,16 @@ SHIPPED = Path(__file__).parents[2] / "config" / "gpuspool.toml"
 
 
 def test_shipped_config_documents_every_setting() -> None:
-    """config/gpuspool.toml names every setting (set or commented) and loads as the defaults."""
+    """config/gpuspool.toml names every setting (set or commented) and loads as the defaults,
+    but for the yield policy, off by default, which the example turns on."""
     text = SHIPPED.read_text()
     named = set(re.findall(r"^#? ?([a-z_]+) = ", text, flags=re.M))
     assert named == set(Settings.model_fields)
     loaded = load_settings(SHIPPED)
     defaults = Settings()
+    assert not defaults.yielding and loaded.yield_on_foreign_process
     for key in Settings.model_fields:
-        if key != "worker_command":
+        if key not in ("worker_command", "yield_on_foreign_process"):
             assert getattr(loaded, key) == getattr(defaults, key), key
 
 

@@ -6,6 +6,7 @@ server). ``open_ledger`` opens a new connection to the same ledger each time it 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -189,3 +190,41 @@ def test_meta_draining_and_gpu_history(open_ledger: OpenLedger) -> None:
     ]  # fmt: skip
     ledger.prune_gpu_history(111.0)
     assert [b["polls"] for b in ledger.gpu_history_buckets(0.0, 1000.0)] == [2]
+
+
+def test_yields_are_counted_and_kept(open_ledger: OpenLedger, tmp_path: Path) -> None:
+    """A yield moves the job back to queued with its count and its last yield; both survive a
+    reopen and show in status rows (the job keeps its place: same seq, no attempt)."""
+    ledger = open_ledger()
+    add(ledger, tmp_path)
+    seq = ledger.get("j1").seq  # type: ignore[union-attr]
+    ledger.transition("j1", JobState.RUNNING, now=2.0, gpu_uuid="GPU-0")
+    last = {"pid": 42, "user": "ann", "gpu_uuid": "GPU-0", "gpu_index": 0, "at": 3.0}
+    ledger.transition(
+        "j1", JobState.QUEUED, now=3.0, expect=[JobState.RUNNING], detail="yielded to pid 42",
+        yields=1, last_yield_json=json.dumps(last),
+    )  # fmt: skip
+    again = open_ledger().get("j1")
+    assert again is not None and again.state == JobState.QUEUED
+    assert (again.yields, again.last_yield, again.attempts, again.seq) == (1, last, 0, seq)
+    (row,) = ledger.status_rows(finished_limit=10)
+    assert row["yields"] == 1 and json.loads(row["last_yield_json"]) == last
+    assert ledger.transitions("j1")[-1]["detail"] == "yielded to pid 42"
+
+
+def test_sqlite_file_of_an_older_version_gains_the_yield_columns(tmp_path: Path) -> None:
+    """A ledger file written before yields existed is brought up to date at open."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    Ledger(path).close()
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE jobs DROP COLUMN yields")
+    db.execute("ALTER TABLE jobs DROP COLUMN last_yield_json")
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    ledger = Ledger(path)
+    add(ledger, tmp_path)
+    assert ledger.get("j1").yields == 0  # type: ignore[union-attr]
+    assert ledger.get_meta("schema_version") == "2"

@@ -1,4 +1,4 @@
-"""``decide``: how an exit becomes done, failed, deferred, interrupted or cancelled (a table)."""
+"""``decide``: how an exit becomes done, failed, deferred, interrupted, yielded or cancelled."""
 
 from __future__ import annotations
 
@@ -90,6 +90,22 @@ TABLE: list[tuple[str, ExitFacts, JobState, str, str, int | None, float | None]]
     ("no input, the same host again", facts(returncode=66, host="a",
      no_input_hosts=frozenset({"a"}), eligible_hosts=frozenset({"a", "b", "c"})),
      JobState.FAILED, "no_input", "left to try (a did not find it)", None, None),
+    ("yielded, checkpointed", facts(returncode=143, stop=StopReason.YIELDED, attempts=2,
+     yielded_to="pid 42 (user ann) on GPU 0"), JobState.QUEUED, "yielded",
+     "yielded to pid 42 (user ann) on GPU 0; waits again", None, None),
+    ("yielded, killed after the grace", facts(returncode=-9, stop=StopReason.YIELDED),
+     JobState.QUEUED, "yielded", "yielded to another user's process", None, None),
+    ("yielded, OOM before the stop landed: no attempt", facts(returncode=75,
+     stop=StopReason.YIELDED, error=error(75, "CUDA out of memory")), JobState.QUEUED, "yielded",
+     "yielded to", None, None),
+    ("yielded, crashed meanwhile: no attempt", facts(returncode=1, stop=StopReason.YIELDED),
+     JobState.QUEUED, "yielded", "yielded to", None, None),
+    ("yielding, but it finished", facts(stop=StopReason.YIELDED, summary=SUMMARY),
+     JobState.DONE, "done", "done", None, None),
+    ("yielding, but its data is bad", facts(returncode=65, stop=StopReason.YIELDED,
+     error=error(65, "line 3: bad")), JobState.FAILED, "data_error", "line 3: bad", None, None),
+    ("yielding, then cancelled", facts(returncode=143, stop=StopReason.YIELDED,
+     cancel_requested=True), JobState.CANCELLED, "interrupted", "cancelled by user", None, None),
 ]  # fmt: skip
 
 
@@ -111,6 +127,12 @@ def test_decide(
     assert reason in out.reason
     assert (out.attempts, out.not_before) == (attempts, not_before)
     assert out.final == state.terminal
+
+
+def test_a_yield_is_marked_and_counts_no_attempt() -> None:
+    out = decide(facts(returncode=143, stop=StopReason.YIELDED, attempts=1))
+    assert out.yielded and out.event == "job_yielded" and out.attempts is None
+    assert not decide(facts(returncode=143, stop=StopReason.DAEMON_STOPPING)).yielded
 
 
 def test_peak_memory_comes_from_the_summary() -> None:
