@@ -745,6 +745,11 @@ class Daemon:
             self._waiting_cache = (version, rows, candidates)
         return self._waiting_cache[1], self._waiting_cache[2]
 
+    def waiting_jobs(self) -> list[Waiting]:
+        """The waiting jobs, as placement last read them (read again only when a job's state
+        changed): the metrics count them without reading a long queue at every tick."""
+        return self._waiting()[0]
+
     def _user_states(self, now: float) -> dict[int, UserState]:
         """Each submitter's decayed usage, running jobs and GPUs in use, for placement.
 
