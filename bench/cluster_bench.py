@@ -1,8 +1,8 @@
 """Several hosts on one PostgreSQL: tick time, database round trips per tick, the wait from a GPU
 freeing to its job starting (against one host on SQLite), and the idle daemons' load on the server.
 
-    python bench/cluster_bench.py                    # 3 hosts x 8 simulated GPUs, 10,000 jobs
-    python bench/cluster_bench.py --queue 1000       # the same with a shorter queue
+    python bench/cluster_bench.py                # 3 hosts x 8 GPUs, 10,000 jobs (about 5 min)
+    python bench/cluster_bench.py --queue 1000   # the same with a shorter queue
 
 Each host is the daemon's real service (``service.Service``: the tick, the metrics, the status
 snapshot), each with its own ``host_name``, state folder, spool and GPU file (``file:`` source),
@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import sys
@@ -577,6 +578,7 @@ def main() -> int:
     ap.add_argument("--phase-seconds", type=float, default=15.0, help="each tick phase's length")
     ap.add_argument("--idle-seconds", type=float, default=30.0, help="the idle phase's length")
     ap.add_argument("--rounds", type=int, default=5, help="GPU-free-to-start rounds per ledger")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (the daemons' log)")
     a = ap.parse_args()
     rng = random.Random(7)
     work = Path(tempfile.mkdtemp(prefix="gpuspool-cluster-bench-"))
@@ -592,6 +594,9 @@ def main() -> int:
         rows = pg_run(server, work, a, rng) + sqlite_run(work, a, rng)
     finally:
         server.stop()
+        log.close()
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
     emit(measure="end", load_avg_1m=round(os.getloadavg()[0], 2))
     print(table(rows))
     return 0
