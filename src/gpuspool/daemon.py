@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -55,6 +56,13 @@ MAX_WAITING_EVENTS = 50
 #: How long a job process stays "ours" after it was filed as gone: NVML may still list it for a
 #: poll while its context is torn down, and it must not look like another user's newcomer.
 RECENT_PID_S = 10.0
+#: A waiting reason whose only change is the GPU it names and its GiB figures (the closest GPU's
+#: free memory moves at nearly every poll of a busy GPU) is written and logged at most this
+#: often; otherwise each poll would rewrite every waiting job's row: 10,000 rows a tick with a
+#: long queue, longer than the tick itself on a shared ledger.
+REASON_FIGURES_EVERY_S = 30.0
+#: The parts of a waiting reason that :data:`REASON_FIGURES_EVERY_S` holds back.
+_REASON_FIGURES = re.compile(r"GPU \d+ \([^)]*\)|\d+\.\d+")
 #: Shared ledger unreachable: the first retry after this many seconds, doubling up to the most.
 OUTAGE_BACKOFF_S = 1.0
 OUTAGE_BACKOFF_MAX_S = 30.0
@@ -164,6 +172,7 @@ class Daemon:
         self._waiting_cache: tuple[tuple[int, int], list[Waiting], list[Candidate]] | None = None
         self._usage: tuple[tuple[int, int], UsageTracker] | None = None
         self._reasons_stale = False
+        self._reason_figures_at = float("-inf")
         self.stopping = False
         self.last_tick_done: float | None = None
         self.last_report = TickReport()
@@ -932,6 +941,11 @@ class Daemon:
             self._waiting_cache = (version, rows, candidates)
         return self._waiting_cache[1], self._waiting_cache[2]
 
+    def waiting_jobs(self) -> list[Waiting]:
+        """The waiting jobs, as placement last read them (read again only when a job's state
+        changed): the metrics count them without reading a long queue at every tick."""
+        return self._waiting()[0]
+
     def _user_states(self, now: float) -> dict[int, UserState]:
         """Each submitter's decayed usage, running jobs and GPUs in use, for placement.
 
@@ -1017,7 +1031,7 @@ class Daemon:
                 reasons.pop(job.id, None)
             else:
                 reasons[job.id] = problem
-        changed = {k: v for k, v in reasons.items() if self._reasons.get(k) != v}
+        changed = self._changed_reasons(reasons, now)
         stale, self._reasons_stale = self._reasons_stale, False
         if stale and reasons:
             self.ledger.set_reasons(reasons, now=now)  # rewrite all; log only real changes
@@ -1039,6 +1053,17 @@ class Daemon:
                 impossible=job_id in decision.impossible,
                 threshold_gib=thresholds.get(job_id),
             )
+
+    def _changed_reasons(self, reasons: dict[str, str], now: float) -> dict[str, str]:
+        """The reasons that differ from those last written; those that differ only in their
+        figures (:data:`REASON_FIGURES_EVERY_S`) only once that long has passed since the last
+        time such changes were written."""
+        changed = {k: v for k, v in reasons.items() if self._reasons.get(k) != v}
+        if now - self._reason_figures_at >= REASON_FIGURES_EVERY_S:
+            if any(_same_but_figures(self._reasons.get(k), v) for k, v in changed.items()):
+                self._reason_figures_at = now
+            return changed
+        return {k: v for k, v in changed.items() if not _same_but_figures(self._reasons.get(k), v)}
 
     def worker_argv(self, job: JobRecord) -> list[str]:
         spec = job.spec
@@ -1200,6 +1225,13 @@ class Daemon:
     def describe_gpus(self) -> list[dict[str, Any]]:
         """Each GPU with its stability and reservations (for ``gpuspool gpus`` and metrics)."""
         return self.observer.describe()
+
+
+def _same_but_figures(before: str | None, after: str) -> bool:
+    """Whether two waiting reasons differ only in the GPU they name and their GiB figures."""
+    if before is None:
+        return False
+    return _REASON_FIGURES.sub("#", before) == _REASON_FIGURES.sub("#", after)
 
 
 def _describe(exc: BaseException) -> str:

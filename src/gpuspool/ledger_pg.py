@@ -556,14 +556,26 @@ class PgLedger:
         )
 
     def set_reasons(self, reasons: dict[str, str], *, now: float) -> None:
-        """Record many waiting reasons in one transaction (jobs no longer waiting keep theirs)."""
+        """Record many waiting reasons in one statement (jobs no longer waiting keep theirs).
+
+        One statement whatever the queue's length: a reason names the GPU that came closest and
+        its free GiB, so when GPU memory moves, every waiting job's reason changes at once (one
+        statement per job, 10,000 a tick, before). Rows whose reason is already that one are
+        left alone. A row another host is writing right now is skipped (``SKIP LOCKED``), so
+        two hosts rewriting the same queue never wait on each other or deadlock; it keeps the
+        other host's reason, which is advisory either way.
+        """
         if not reasons:
             return
-        with self._tx() as db, db.cursor() as cur:
-            cur.executemany(
-                "UPDATE jobs SET reason = %s, updated_at = %s WHERE id = %s AND state = ANY(%s)",
-                [(reason, now, job_id, list(_WAITING)) for job_id, reason in reasons.items()],
-            )
+        self._db.execute(
+            "WITH r AS (SELECT * FROM unnest(%s::text[], %s::text[]) AS r(id, reason)),"
+            " locked AS (SELECT j.id, r.reason FROM jobs j JOIN r ON j.id = r.id"
+            " WHERE j.state = ANY(%s) AND j.reason IS DISTINCT FROM r.reason"
+            " ORDER BY j.id FOR UPDATE OF j SKIP LOCKED)"
+            " UPDATE jobs SET reason = locked.reason, updated_at = %s FROM locked"
+            " WHERE jobs.id = locked.id",
+            (list(reasons), list(reasons.values()), list(_WAITING), now),
+        )
 
     def add(
         self,

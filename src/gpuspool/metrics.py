@@ -355,7 +355,9 @@ def _user_counts(daemon: Daemon) -> list[tuple[str, int, int]]:
     from gpuspool.privileges import user_name_of
     from gpuspool.views import submitter_counts
 
-    running, waiting = submitter_counts(daemon.ledger)
+    # The daemon's own list of waiting jobs: reading 10,000 waiting rows at every tick
+    # took longer than the tick itself.
+    running, waiting = submitter_counts(daemon.ledger, daemon.waiting_jobs())
     return [
         (user_name_of(uid) or str(uid), running.get(uid, 0), waiting.get(uid, 0))
         for uid in sorted(set(running) | set(waiting))

@@ -13,6 +13,7 @@ import stat
 import time
 import unicodedata
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from rich.text import Text
 
 from gpuspool import logs
 from gpuspool.fairshare import share_table, usage_by_user, usage_horizon
-from gpuspool.ledger import JobRecord
+from gpuspool.ledger import JobRecord, Waiting
 from gpuspool.ledger_api import ClusterLedger, LedgerBackend
 from gpuspool.models import TERMINAL_STATES, JobState
 from gpuspool.placement import stable_count
@@ -119,13 +120,17 @@ def gpus_snapshot(ledger: LedgerBackend) -> dict[str, Any]:
     return json.loads(raw) if raw else {"at": None, "gpus": []}
 
 
-def submitter_counts(ledger: LedgerBackend) -> tuple[dict[int, int], dict[int, int]]:
-    """Running and waiting (queued, deferred, interrupted, held) jobs per submitter uid."""
+def submitter_counts(
+    ledger: LedgerBackend, waiting_jobs: Iterable[Waiting] | None = None
+) -> tuple[dict[int, int], dict[int, int]]:
+    """Running and waiting (queued, deferred, interrupted, held) jobs per submitter uid.
+    ``waiting_jobs``: the waiting jobs if the caller has them (the daemon keeps them), else
+    they are read from the ledger."""
     running: dict[int, int] = {}
     for job in ledger.jobs([JobState.RUNNING]):
         running[job.submitter_uid] = running.get(job.submitter_uid, 0) + 1
     waiting: dict[int, int] = {}
-    for w in ledger.waiting():
+    for w in ledger.waiting() if waiting_jobs is None else waiting_jobs:
         waiting[w.submitter_uid] = waiting.get(w.submitter_uid, 0) + 1
     return running, waiting
 
