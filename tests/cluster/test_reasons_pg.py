@@ -26,10 +26,11 @@ JOBS = 400
 def queue(pg_url: str, tmp_path: Path) -> Iterator[PgLedger]:
     """``JOBS`` queued jobs, and one more running."""
     ledger = PgLedger(pg_url, host_name="a")
-    spec = JobSpec.model_validate(
-        {"input": str(tmp_path / "in.jsonl"), "output": str(tmp_path / "o.jsonl"), "tokenizer": "t"}
-    )
     for i in range(JOBS + 1):
+        spec = JobSpec.model_validate(
+            {"input": str(tmp_path / "in.jsonl"), "output": str(tmp_path / f"o{i}.jsonl"),
+             "tokenizer": "t"}
+        )  # fmt: skip
         ledger.add(job_id=f"j{i:04d}", spec=spec, submitter_uid=1000, need_gib=1.0,
                    threshold_gib=20.0, spool_file=None, now=1.0)  # fmt: skip
     ledger.claim(f"j{JOBS:04d}", now=2.0, reason="running on GPU-0")
