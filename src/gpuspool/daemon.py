@@ -160,6 +160,7 @@ class Daemon:
         self.observer = GpuObserver(settings.stable_polls)
         #: Polite scavenging: others' processes on our GPUs, and the GPUs yielded jobs skip.
         self.yield_watch = YieldWatch()
+        self._unseen_pids_noted = False  # gpu_pids_not_visible logged
         self._yield_limit_noted: set[str] = set()
         #: Pids of job processes filed as gone, and when (see ``RECENT_PID_S``).
         self._recent_pids: dict[int, tuple[str, float]] = {}
@@ -841,6 +842,7 @@ class Daemon:
         roots.update({s.pid: job_id for job_id, s in self._running.items() if s.pid is not None})
         on_gpus = {p.pid for g in result.gpus for p in g.processes}
         ours = self.runner.belonging(on_gpus, roots) if on_gpus and roots else {}
+        self._not_strangers(on_gpus, ours)
         used: dict[str, float] = {}
         for gpu in result.gpus:
             for proc in gpu.processes:
@@ -859,6 +861,23 @@ class Daemon:
             state = self._running.get(job.id)
             if state is not None and state.stop is None and job.pid is not None:
                 self._maybe_yield(job, state, trigger, now)
+
+    def _not_strangers(self, on_gpus: set[int], ours: dict[int, int]) -> None:
+        """A pid NVML lists but this daemon cannot see is nobody's stranger: in a container
+        without the host's pid namespace NVML gives host pids, and one of them is the job's own
+        worker, which must not make it yield to itself. Such pids go into ``ours`` (under no
+        job), so only the free-memory rule can see them; logged once."""
+        unseen = {p for p in on_gpus if p not in ours and self.runner.user_of(p) is None}
+        for pid in unseen:
+            ours[pid] = -1
+        if unseen and not self._unseen_pids_noted:
+            self._unseen_pids_noted = True
+            self.log.warning(
+                "gpu_pids_not_visible", pids=sorted(unseen)[:8],
+                detail="NVML lists processes this daemon cannot see (no host pid namespace?):"
+                " they are never taken for another user's process; yield_on_foreign_process"
+                " needs the daemon in the host's pid namespace",
+            )  # fmt: skip
 
     def _maybe_yield(self, job: JobRecord, state: _Running, trigger: Trigger, now: float) -> None:
         """Yield, unless the job opted out (``yield = false``) or used up ``max_yields``."""

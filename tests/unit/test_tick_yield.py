@@ -93,6 +93,26 @@ def test_our_own_processes_and_their_children_never_count(tmp_path: Path) -> Non
     assert h.job(job).yields == 0
 
 
+def test_a_pid_the_daemon_cannot_see_is_not_a_stranger(tmp_path: Path) -> None:
+    """In a container without the host's pid namespace NVML lists host pids (the job's own
+    worker among them): a listed pid that is no process here never makes a job yield, and the
+    daemon says once why yielding to processes cannot work there."""
+    h = harness(tmp_path)
+    job, pid = running_job(h)
+    unseen = 4_000_001  # no such process here (FakeRunner.user_of answers None)
+    h.set_gpus([gpu0(pid, unseen)])
+    with capture_logs() as logs:
+        for _ in range(6):
+            h.tick()
+    assert h.state(job) == "running" and runner(h).process(pid).signals == []
+    noted = [e for e in logs if e["event"] == "gpu_pids_not_visible"]
+    assert len(noted) == 1 and noted[0]["pids"] == [unseen]
+    h.set_gpus([gpu0(pid, unseen, FOREIGN)])  # a stranger it can see still counts
+    for _ in range(3):
+        h.tick()
+    assert runner(h).process(pid).signals == [signal.SIGTERM]
+
+
 def test_a_process_already_there_at_the_start_is_not_a_newcomer(tmp_path: Path) -> None:
     """A job started beside another user's process does not yield to it (only to one that
     appears later): it never starts only to yield at once."""
@@ -108,6 +128,7 @@ def test_a_process_already_there_at_the_start_is_not_a_newcomer(tmp_path: Path) 
     for _ in range(5):
         h.tick()
     assert h.state(job) == "running"
+    runner(h).users[FOREIGN + 1] = "bob"
     h.set_gpus([gpu0(pid, FOREIGN, FOREIGN + 1)])
     for _ in range(4):
         h.tick()
@@ -184,6 +205,7 @@ def test_max_yields_then_it_keeps_running_and_says_so(tmp_path: Path) -> None:
     for _ in range(4):
         h.tick()
     assert h.state(job) == "running"
+    runner(h).users[FOREIGN + 1] = "bob"
     with capture_logs() as logs:
         h.set_gpus([gpu0(pid, FOREIGN + 1)])
         for _ in range(8):
@@ -332,6 +354,7 @@ def test_a_finished_jobs_process_still_listed_is_ours_for_a_while(tmp_path: Path
     assert pa and pb and h.state(a) == h.state(b) == "running"
     h.set_gpus([gpu0(pb, pa)])
     runner(h).process(pa).exit(143)
+    runner(h).users[pa] = "ann"  # a process with that pid exists (a gone one never counts)
     for _ in range(int(RECENT_PID_S) - 1):
         h.tick()
     assert h.state(b) == "running" and h.job(b).yields == 0
