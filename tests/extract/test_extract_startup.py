@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,15 @@ def test_worker_imports_only_the_12hz_tokenizer(
     ``__init__`` or the unused optional packages is; and the codes are the official ones."""
     out = tmp_path / "out.jsonl"
     listing = tmp_path / "modules.json"
+    t0 = time.monotonic()
     got = _python("-c", RUN_AND_LIST, listing, "--input", dataset, "--output", out,
                   "--tokenizer", tiny_tokenizer, "--device", "cpu")  # fmt: skip
+    lifetime = time.monotonic() - t0
     assert got.returncode == 0, got.stderr[-2000:]
+    # start-up is timed from the exec to the first batch queued, so it holds the imports and
+    # the load, and ends before the process does
+    [summary] = [e for e in map(json.loads, got.stdout.splitlines()) if e["event"] == "summary"]
+    assert summary["import_s"] + summary["model_load_s"] <= summary["startup_s"] < lifetime
     modules = set(json.loads(listing.read_text()))
     assert set(TOKENIZER_MODULES) <= modules
     qwen = sorted(m for m in modules if m.split(".")[0] == "qwen_tts")

@@ -32,6 +32,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -209,6 +210,43 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
+class DeviceStart:
+    """The device's own start-up, in a thread beside the imports and the model load.
+
+    Creating the CUDA context and loading cuDNN and cuBLAS (a tiny convolution and matrix
+    product do that) is driver work and library loading, mostly outside the GIL, that does not
+    depend on the model. Serially it came after the model load, in the move to the device and
+    the warm-up batch. On the CPU there is nothing to start.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if device.type == "cuda":
+            self._thread = threading.Thread(target=self._run, name="device-start", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                x = torch.ones((1, 1, 64), device=self.device)
+                torch.nn.functional.conv1d(x, torch.ones((1, 1, 3), device=self.device))
+                torch.matmul(x[0].T, x[0])
+            torch.cuda.synchronize(self.device)
+        except BaseException as exc:  # raised again by wait(), in the thread that loads
+            self._error = exc
+
+    def wait(self) -> None:
+        """Return once the device has started; raise what stopped it, if anything did."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
 @dataclass
 class GpuMemory:
     """Peak GPU memory of this process so far (GiB)."""
@@ -241,7 +279,15 @@ class Pending:
 class CodeEncoder:
     """Encodes padded 24 kHz waveforms into (frames, 16) code arrays."""
 
-    def __init__(self, tokenizer: str, device: torch.device, dtype: str = "fp32"):
+    def __init__(
+        self,
+        tokenizer: str,
+        device: torch.device,
+        dtype: str = "fp32",
+        started: DeviceStart | None = None,
+    ):
+        """Load ``tokenizer`` on the CPU and move its encoder to ``device``; ``started`` is the
+        device's start-up begun earlier (:class:`DeviceStart`), waited for before the move."""
         self.device = device
         torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         model, self.sample_rate = load_tokenizer(tokenizer, torch_dtype)
@@ -253,6 +299,8 @@ class CodeEncoder:
                 f"this worker supports the 12 Hz tokenizer ({MODEL_SAMPLE_RATE} Hz, "
                 f"{FRAME_SAMPLES} samples a frame)"
             )
+        if started is not None:
+            started.wait()
         if device.type == "cuda":
             torch.cuda.set_device(device)
         self.model = model.to(device).eval()
