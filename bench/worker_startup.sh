@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# On a GPU host: the extraction worker's start-up, from exec to its first batch on the GPU, cold
+# (page cache emptied) and warm, with the full-size random-weight tokenizer built from the
+# released config; and the imports alone: torch, the old import set (torch + qwen_tts, the whole
+# TTS model stack) and the worker's. Prints a table; all numbers go to $WORK/worker_startup.json.
+#
+# Needs python3 with torch (CUDA). The pinned extraction packages (qwen-tts 0.1.1, transformers
+# 4.57.3, accelerate, librosa, soundfile, soxr, ...) come either from WHEELS, a folder of .whl
+# files installed offline into $WORK/site, byte-compiled and put first on PYTHONPATH; or from the
+# environment as it is. About 100 s: building the tokenizer (reused when WORK is), 2 cold and 2
+# warm worker runs, 2 cold runs of the worker with a read-ahead of torch's and CUDA's libraries
+# (an experiment), 6 import runs. Extra arguments go to bench/worker_startup.py (--help), e.g.
+# --cold 1 --warm 1 --no-imports for a shorter run.
+#
+# Usage: WHEELS=/path/to/wheels CONFIG_DIR=/path/to/qwen3-tts-tokenizer-12hz \
+#            bash bench/worker_startup.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+WORK=${WORK:-/tmp/worker-startup}
+DEVICE=${DEVICE:-cuda:0}
+PY=${PYTHON:-python3}
+if [[ -z ${CONFIG_DIR:-} ]]; then
+    for d in shared/qwen3-tts-tokenizer-12hz /work/shared/qwen3-tts-tokenizer-12hz; do
+        [[ -f $d/config.json ]] && CONFIG_DIR=$d && break
+    done
+fi
+[[ -f ${CONFIG_DIR:-}/config.json ]] ||
+    { echo "worker_startup.sh: set CONFIG_DIR to the released config's folder" >&2; exit 64; }
+mkdir -p "$WORK"
+if [[ -n ${WHEELS:-} ]]; then
+    SITE=$WORK/site
+    if [[ ! -d $SITE/qwen_tts ]]; then
+        # pip compiles one file at a time; compileall uses every core.
+        "$PY" -m pip install --quiet --disable-pip-version-check --no-index --no-deps \
+            --no-compile --target "$SITE" "$WHEELS"/*.whl
+        "$PY" -m compileall -qq -j 0 "$SITE" || true
+    fi
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# Our own modules get bytecode too, as an installed wheel has.
+"$PY" -m compileall -qq -j 0 src || true
+"$PY" -c 'import torch; print("# torch", torch.__version__, "cuda", torch.version.cuda,
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")'
+exec "$PY" bench/worker_startup.py --work "$WORK" --config-dir "$CONFIG_DIR" --device "$DEVICE" \
+    --importtime --readahead --json "$WORK/worker_startup.json" "$@"
