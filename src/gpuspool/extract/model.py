@@ -290,7 +290,13 @@ class CodeEncoder:
         device's start-up begun earlier (:class:`DeviceStart`), waited for before the move."""
         self.device = device
         torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        model, self.sample_rate = load_tokenizer(tokenizer, torch_dtype)
+        try:
+            model, self.sample_rate = load_tokenizer(tokenizer, torch_dtype)
+        except BaseException:
+            if started is not None:  # not left inside the driver while the process exits
+                with contextlib.suppress(BaseException):
+                    started.wait()
+            raise
         model.decoder = None  # encode never uses it; keep it off the GPU
         self.frame = int(model.get_encode_downsample_rate())
         if self.sample_rate != MODEL_SAMPLE_RATE or self.frame != FRAME_SAMPLES:
