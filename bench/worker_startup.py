@@ -5,8 +5,10 @@ reports ``startup_s`` (from the process's exec, as the kernel recorded it, to th
 queued on the device), ``import_s`` and ``model_load_s``. A cold run follows an eviction of the
 page cache (``/proc/sys/vm/drop_caches`` where this process may write it, else
 ``POSIX_FADV_DONTNEED`` on every file of the interpreter's import path, the tokenizer and the
-data); a warm run follows another run. The same is measured for the imports alone: torch, the
-old import set (``import torch, qwen_tts``: the whole TTS model stack) and the worker's own.
+data); a warm run follows another run. The same is measured for the imports alone: the old
+import set (``import torch, qwen_tts``: the whole TTS model stack) and the worker's own. With
+``--readahead``, one more cold run of the worker with a read-ahead of torch's and CUDA's shared
+libraries started first (an experiment); with ``--importtime``, the worker's slowest imports.
 
 With ``--config-dir`` the full-size random-weight tokenizer is built from the released config
 (about 682 MB, as ``bench/extract_bench.py`` does); without it, the tiny one. Everything goes to
@@ -32,7 +34,6 @@ from typing import Any
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 IMPORTS = {
-    "torch": "import torch",
     "torch + qwen_tts (old)": "import torch, qwen_tts",
     "worker's imports (new)": (
         "import torch; from gpuspool.extract.model import import_tokenizer_stack as f; f()"
@@ -74,6 +75,8 @@ print(json.dumps({"modules": len(sys.modules), "without_bytecode": sorted(bad)})
 """
 
 
+#: The device's name, as the worker's start event gives it.
+DEVICE_NAME = [""]
 #: The source tree the measured worker runs from (``--src``: another checkout, for a before).
 WORKER_SRC = [SRC]
 
@@ -211,6 +214,7 @@ def run_worker(argv: list[str], out: Path) -> dict[str, Any]:
         events.append(ev)
         if ev["event"] == "start" and start_seen is None:
             start_seen = time.monotonic() - t0
+            DEVICE_NAME[0] = str(ev.get("device_name"))
     err = proc.stderr.read() if proc.stderr else ""
     code = proc.wait()
     wall = time.monotonic() - t0
@@ -227,17 +231,29 @@ def run_worker(argv: list[str], out: Path) -> dict[str, Any]:
     }
 
 
-def importtime_top(code: str, n: int = 14) -> list[str]:
-    """``-X importtime`` of ``code`` (warm): the modules with the largest cumulative times."""
-    out = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True,
-                         text=True, env=_env(), cwd="/")  # fmt: skip
+#: The worker's imports without its silencing of file descriptor 2, where importtime writes.
+IMPORTTIME_CODE = "import torch; from gpuspool.extract.model import _tokenizer_modules as f; f()"
+
+
+def importtime_top(n: int = 16) -> list[str]:
+    """``-X importtime`` of the worker's imports (warm): the slowest imports at most two levels
+    below the top, by cumulative time, and the self time of each top-level package."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", IMPORTTIME_CODE],
+                         capture_output=True, text=True, env=_env(), cwd="/")  # fmt: skip
     rows: list[tuple[int, str]] = []
+    packages: dict[str, int] = {}
     for line in out.stderr.splitlines():
         if line.startswith("import time:") and "self [us]" not in line:
-            _, cumulative, name = line.split(":", 1)[1].split("|")
-            rows.append((int(cumulative), name.rstrip()))
+            own, cumulative, name = line.split(":", 1)[1].split("|")
+            top = name.strip().split(".")[0]
+            packages[top] = packages.get(top, 0) + int(own)
+            if len(name) - len(name.lstrip()) <= 5:  # one space, then two a level
+                rows.append((int(cumulative), name.rstrip()))
     rows.sort(reverse=True)
-    return [f"{c / 1e6:7.2f} s {name}" for c, name in rows[:n]]
+    lines = [f"{c / 1e6:7.2f} s {name}" for c, name in rows[:n]]
+    own_total = sorted(packages.items(), key=lambda kv: -kv[1])[:8]
+    lines.append("self time by package: " + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in own_total))
+    return lines
 
 
 def _median(xs: list[float]) -> float:
@@ -288,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.readahead:
         bench_dir = str(Path(__file__).resolve().parent)
         kinds.append(("worker + library read-ahead", ["-c", READAHEAD_WORKER, bench_dir, *base],
-                      a.cold, 0))  # fmt: skip
+                      min(a.cold, 1), 0))  # fmt: skip
     how = ""
     for name, args, cold, warm in kinds:
         for mode, n in (("cold", cold), ("warm", warm)):
@@ -307,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
                 results["runs"].append(row)
                 print(json.dumps(row), flush=True)
     results["eviction"] = how
+    results["device_name"] = DEVICE_NAME[0]
     if a.importtime:
-        results["importtime"] = importtime_top(new_code)
+        results["importtime"] = importtime_top()
     _table(results)
     for line in results.get("importtime", []):
         print(line)
@@ -319,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _table(results: dict[str, Any]) -> None:
     """Medians per kind and mode."""
-    print(f"\ndevice {results['device']}; cold = {results['eviction']}")
+    print(f"\ndevice {results['device']} ({results['device_name']}), "
+          f"python {sys.version.split()[0]}; cold = {results['eviction']}")  # fmt: skip
     print(f"{'run':40s} {'mode':5s} {'n':>2s} {'exec→1st batch':>14s} {'import':>7s} "
           f"{'load':>6s} {'process':>8s} {'cpu':>6s}")  # fmt: skip
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # On a GPU host: the extraction worker's start-up, from exec to its first batch on the GPU, cold
 # (page cache emptied) and warm, with the full-size random-weight tokenizer built from the
-# released config; and the imports alone: torch, the old import set (torch + qwen_tts, the whole
-# TTS model stack) and the worker's. Prints a table; all numbers go to $WORK/worker_startup.json.
+# released config; and the imports alone: the old import set (torch + qwen_tts, the whole TTS
+# model stack) and the worker's. Prints a table; all numbers go to $WORK/worker_startup.json
+# (or to the file of a --json argument).
 #
 # Needs python3 with torch (CUDA). The pinned extraction packages (qwen-tts 0.1.1, transformers
 # 4.57.3, accelerate, librosa, soundfile, soxr, ...) come either from WHEELS, a folder of .whl
 # files installed offline into $WORK/site, byte-compiled and put first on PYTHONPATH; or from the
-# environment as it is. About 100 s: building the tokenizer (reused when WORK is), 2 cold and 2
-# warm worker runs, 2 cold runs of the worker with a read-ahead of torch's and CUDA's libraries
-# (an experiment), 6 import runs. Extra arguments go to bench/worker_startup.py (--help), e.g.
-# --cold 1 --warm 1 --no-imports for a shorter run.
+# environment as it is. About 100 s: installing the wheels and building the tokenizer (both
+# reused when WORK is), 2 cold and 2 warm worker runs, 1 cold run of the worker with a
+# read-ahead of torch's and CUDA's libraries (an experiment), 4 import runs (about 35 s; leave
+# them out with --no-imports). Extra arguments go to bench/worker_startup.py (--help).
 #
 # Usage: WHEELS=/path/to/wheels CONFIG_DIR=/path/to/qwen3-tts-tokenizer-12hz \
-#            bash bench/worker_startup.sh
+#            bash bench/worker_startup.sh [--json FILE]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 WORK=${WORK:-/tmp/worker-startup}
@@ -39,7 +40,5 @@ if [[ -n ${WHEELS:-} ]]; then
 fi
 # Our own modules get bytecode too, as an installed wheel has.
 "$PY" -m compileall -qq -j 0 src || true
-"$PY" -c 'import torch; print("# torch", torch.__version__, "cuda", torch.version.cuda,
-      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")'
 exec "$PY" bench/worker_startup.py --work "$WORK" --config-dir "$CONFIG_DIR" --device "$DEVICE" \
     --importtime --readahead --json "$WORK/worker_startup.json" "$@"
