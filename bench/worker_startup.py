@@ -188,13 +188,17 @@ def pyc_report(code: str) -> dict[str, Any]:
     return dict(json.loads(line))
 
 
-def time_import(code: str) -> dict[str, float]:
-    """Wall and CPU seconds of a fresh interpreter running ``code``."""
+def time_import(code: str) -> dict[str, Any]:
+    """Wall and CPU seconds of a fresh interpreter running ``code`` (or why it failed: the old
+    import set needs packages, such as onnxruntime, that the worker does not)."""
     cpu = _children_cpu()
     t = time.monotonic()
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=_env(),
-                   cwd="/")  # fmt: skip
-    return {"wall_s": time.monotonic() - t, "cpu_s": _children_cpu() - cpu}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=_env(), cwd="/")  # fmt: skip
+    row: dict[str, Any] = {"wall_s": time.monotonic() - t, "cpu_s": _children_cpu() - cpu}
+    if done.returncode != 0:
+        row = {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    return row
 
 
 def run_worker(argv: list[str], out: Path) -> dict[str, Any]:
@@ -202,22 +206,25 @@ def run_worker(argv: list[str], out: Path) -> dict[str, Any]:
     cmd = [sys.executable, *argv, "--output", str(out), "--overwrite", "--no-resume"]
     cpu = _children_cpu()
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(), cwd="/")  # fmt: skip
     start_seen = None
     events: list[dict[str, Any]] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if not line.startswith("{"):
-            continue  # the old import set prints banners on stdout
-        ev = json.loads(line)
-        events.append(ev)
-        if ev["event"] == "start" and start_seen is None:
-            start_seen = time.monotonic() - t0
-            DEVICE_NAME[0] = str(ev.get("device_name"))
-    err = proc.stderr.read() if proc.stderr else ""
-    code = proc.wait()
-    wall = time.monotonic() - t0
+    # stderr to a file, not a pipe: a full pipe would stall the worker.
+    with tempfile.TemporaryFile("w+") as errors:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True,
+                                env=_env(), cwd="/")  # fmt: skip
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if not line.startswith("{"):
+                continue  # the old import set prints banners on stdout
+            ev = json.loads(line)
+            events.append(ev)
+            if ev["event"] == "start" and start_seen is None:
+                start_seen = time.monotonic() - t0
+                DEVICE_NAME[0] = str(ev.get("device_name"))
+        code = proc.wait()
+        wall = time.monotonic() - t0
+        errors.seek(0)
+        err = errors.read()
     summary = next((e for e in events if e["event"] == "summary"), None)
     if code != 0 or summary is None:
         raise SystemExit(f"worker failed ({code}): {err[-2000:]}")
@@ -354,6 +361,9 @@ def _table(results: dict[str, Any]) -> None:
               f"{col(rows, 'import_s', 7)} {col(rows, 'model_load_s', 6)} "
               f"{col(rows, wall, 8)} {col(rows, 'cpu_s', 6)}")  # fmt: skip
     print("(seconds, medians; exec→1st batch: the worker's startup_s; process: exec to exit)")
+    for r in results["runs"]:
+        if "error" in r:
+            print(f"{r['kind']} ({r['mode']}) failed: {r['error']}")
 
 
 if __name__ == "__main__":
