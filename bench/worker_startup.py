@@ -4,8 +4,9 @@ Each run is a fresh ``python -m gpuspool.extract`` on a small synthetic set; its
 reports ``startup_s`` (from the process's exec, as the kernel recorded it, to the first batch
 queued on the device), ``import_s`` and ``model_load_s``. A cold run follows an eviction of the
 page cache (``/proc/sys/vm/drop_caches`` where this process may write it, else
-``POSIX_FADV_DONTNEED`` on every file of the interpreter's import path, the tokenizer and the
-data); a warm run follows another run. The same is measured for the imports alone: the old
+``POSIX_FADV_DONTNEED`` on every file the imports read, torch's and CUDA's libraries, the
+packages the old import set or the model load reads, the tokenizer and the data); a warm run
+follows another run. The same is measured for the imports alone: the old
 import set (``import torch, qwen_tts``: the whole TTS model stack) and the worker's own. With
 ``--readahead``, one more cold run of the worker with a read-ahead of torch's and CUDA's shared
 libraries started first (an experiment); with ``--importtime``, the worker's slowest imports.
@@ -49,14 +50,24 @@ READAHEAD_WORKER = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); import worker_startup as w; "
     "w.readahead_libraries(); from gpuspool.extract.cli import main; sys.exit(main(sys.argv[1:]))"
 )
-#: Lists the imported modules whose bytecode is missing or stale (a job would compile them).
+#: Lists the imported modules whose bytecode is missing or stale (a job would compile them),
+#: and the files the imports read: sources, bytecode, mapped shared libraries, and the CUDA
+#: libraries that torch loads later (what a cold run must find out of the page cache).
 PYC_CHECK = r"""
-import importlib.util, json, os, sys
+import glob, importlib.util, json, os, sys
 exec(sys.argv[1])
 bad = []
+files = set()
+with open("/proc/self/maps") as maps:
+    files.update(line.split(None, 5)[5].strip() for line in maps if len(line.split(None, 5)) == 6)
+for top, pattern in (("torch", "lib/*.so*"), ("nvidia", "*/lib/*.so*")):
+    spec = importlib.util.find_spec(top)
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        files.update(glob.glob(os.path.join(root, pattern)))
 for name, mod in list(sys.modules.items()):
     spec = getattr(mod, "__spec__", None)
     src = getattr(spec, "origin", None) or ""
+    files.update(f for f in (src, getattr(spec, "cached", None)) if f and os.path.isfile(f))
     if not src.endswith(".py") or not getattr(spec, "cached", None):
         continue
     try:
@@ -71,10 +82,18 @@ for name, mod in list(sys.modules.items()):
         ok = False
     if not ok:
         bad.append(name)
-print(json.dumps({"modules": len(sys.modules), "without_bytecode": sorted(bad)}))
+files = sorted(f for f in files if f.startswith("/") and os.path.isfile(f))
+print(json.dumps({"modules": len(sys.modules), "without_bytecode": sorted(bad), "files": files}))
 """
 
 
+#: Packages evicted whole for a cold run: those the old import set reads and the worker's
+#: imports do not, and those whose modules the model load imports later.
+EVICT_PACKAGES = (
+    "qwen_tts", "sklearn", "scipy", "numba", "llvmlite", "librosa", "pandas", "onnxruntime",
+    "einops", "sox", "torchaudio", "audioread", "pooch", "transformers", "accelerate",
+    "safetensors", "huggingface_hub", "tokenizers",
+)  # fmt: skip
 #: The device's name, as the worker's start event gives it.
 DEVICE_NAME = [""]
 #: The source tree the measured worker runs from (``--src``: another checkout, for a before).
@@ -133,8 +152,24 @@ def import_roots() -> list[Path]:
     return [Path(p) for p in json.loads(out.stdout) if p and Path(p).is_dir()]
 
 
+def package_dirs(names: tuple[str, ...]) -> list[Path]:
+    """The folders of these installed packages (found without importing them)."""
+    import importlib.util
+
+    out: list[Path] = []
+    for name in names:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is not None:
+            out += [Path(p) for p in spec.submodule_search_locations or []]
+    return out
+
+
 def evict(paths: list[Path]) -> str:
-    """Empty the page cache of what a run reads; return how."""
+    """Empty the page cache of what a run reads (``paths``: files, and folders taken whole);
+    return how."""
     os.sync()
     try:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -142,8 +177,9 @@ def evict(paths: list[Path]) -> str:
     except OSError:
         pass
     n = 0
-    for root in paths:
-        for folder, _, files in os.walk(root):
+    for path in paths:
+        walked = os.walk(path) if path.is_dir() else [(str(path.parent), [], [path.name])]
+        for folder, _, files in walked:
             for name in files:
                 try:
                     fd = os.open(os.path.join(folder, name), os.O_RDONLY | os.O_CLOEXEC)
@@ -298,9 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     work = a.work or Path(tempfile.mkdtemp(prefix="worker-startup-"))
     work.mkdir(parents=True, exist_ok=True)
     tok, data = prepare(work, a.config_dir, a.clips)
-    roots = [*import_roots(), tok, data.parent]
     new_code = IMPORTS["worker's imports (new)"]
-    print(f"# bytecode: {json.dumps(pyc_report(new_code))[:400]}", flush=True)
+    report = pyc_report(new_code)
+    read = [Path(f) for f in report.pop("files", [])]
+    # What a cold run must read: the files the imports read (else the whole import path), the
+    # packages of EVICT_PACKAGES, the tokenizer and the data.
+    roots = [*(read or import_roots()), *package_dirs(EVICT_PACKAGES), tok, data.parent]
+    print(f"# bytecode: {json.dumps(report)[:400]}; {len(read)} files read", flush=True)
     results: dict[str, Any] = {"device": a.device, "tokenizer": str(tok), "runs": []}
 
     base = ["--input", str(data), "--tokenizer", str(tok), "--device", a.device]
