@@ -2,7 +2,7 @@
 
 Each run is a fresh ``python -m gpuspool.extract`` on a small synthetic set; its ``summary`` event
 reports ``startup_s`` (from the process's exec, as the kernel recorded it, to the first batch
-queued on the device), ``import_s`` and ``model_load_s``. A cold run follows an eviction of the
+sent to the device), ``import_s`` and ``model_load_s``. A cold run follows an eviction of the
 page cache (``/proc/sys/vm/drop_caches`` where this process may write it, else
 ``POSIX_FADV_DONTNEED`` on every file the imports read, torch's and CUDA's libraries, the
 packages the old import set or the model load reads, the tokenizer and the data); a warm run

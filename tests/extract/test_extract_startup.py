@@ -63,8 +63,8 @@ def test_worker_imports_only_the_12hz_tokenizer(
                   "--tokenizer", tiny_tokenizer, "--device", "cpu")  # fmt: skip
     lifetime = time.monotonic() - t0
     assert got.returncode == 0, got.stderr[-2000:]
-    # start-up is timed from the exec to the first batch queued, so it holds the imports and
-    # the load, and ends before the process does
+    # start-up is timed from the exec to the first batch sent to the device, so it holds the
+    # imports and the load, and ends before the process does
     [summary] = [e for e in map(json.loads, got.stdout.splitlines()) if e["event"] == "summary"]
     assert summary["import_s"] + summary["model_load_s"] <= summary["startup_s"] < lifetime
     modules = set(json.loads(listing.read_text()))

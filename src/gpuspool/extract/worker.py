@@ -268,7 +268,7 @@ class Run:
         self.scan_s = 0.0
         self.import_s = 0.0
         self.model_load_s = 0.0
-        self.startup_s: float | None = None  # from exec to the first batch queued on the device
+        self.startup_s: float | None = None  # from exec to the first batch sent to the device
         self._writes: list[Future[None]] = []
         self._write_pool: ThreadPoolExecutor | None = None
         self.batches = 0
@@ -600,11 +600,11 @@ class Run:
         frames = [-(-n // FRAME_SAMPLES) for _, n in col.good]
         # Launch this batch before collecting the previous one, so the device never waits for
         # the host between batches.
+        if self.startup_s is None:  # before the launch, which on a CPU encodes the batch
+            self.startup_s = process_age_s()
         t = time.monotonic()
         pending = self.encoder.launch(col.array, frames)
         self.t_launch += time.monotonic() - t
-        if self.startup_s is None:
-            self.startup_s = process_age_s()
         self.max_batch_padded_s = max(
             self.max_batch_padded_s, col.array.shape[0] * col.array.shape[1] / MODEL_SAMPLE_RATE
         )
