@@ -340,8 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     # What a cold run must read: the files the imports read (else the whole import path), the
     # packages of EVICT_PACKAGES, the tokenizer and the data.
     roots = [*(read or import_roots()), *package_dirs(EVICT_PACKAGES), tok, data.parent]
-    print(f"# bytecode: {json.dumps(report)[:400]}; {len(read)} files read", flush=True)
+    missing = report.get("without_bytecode", [])
+    print(f"# {report.get('modules')} modules imported, {len(missing)} without current "
+          f"bytecode {missing[:5]}, {len(read)} files read {report.get('error', '')}",
+          flush=True)  # fmt: skip
     results: dict[str, Any] = {"device": a.device, "tokenizer": str(tok), "runs": []}
+    results["bytecode"] = {"modules": report.get("modules"), "without_bytecode": missing}
 
     base = ["--input", str(data), "--tokenizer", str(tok), "--device", a.device]
     # (name, argv, cold runs, warm runs): the variants only where they differ.
