@@ -8,8 +8,9 @@
 # What it does (docs/deploy.md explains each part):
 #   1. the service user `gpuspool` and the submitters' group `gpuspool-submit` (sysusers.d);
 #   2. the spool, state and log folders with their owners and modes (tmpfiles.d);
-#   3. a virtual environment at PREFIX/venv with gpuspool and its `extract` extra (pip runs
-#      only when the source, the pip arguments or the interpreter changed since the last run);
+#   3. a virtual environment at PREFIX/venv with gpuspool and its `extract` extra, byte-compiled
+#      (pip runs only when the source, the pip arguments or the interpreter changed since the
+#      last run);
 #   4. /etc/gpuspool/gpuspool.toml from config/gpuspool.toml, never replacing an edited one
 #      (a newer default is written beside it as gpuspool.toml.new);
 #   5. the unit in /etc/systemd/system, enabled for boot (not started).
@@ -175,6 +176,13 @@ if [[ $MAKE_VENV -eq 1 ]]; then
         rm -f "$stamp"
         # shellcheck disable=SC2086  # PIP_ARGS is a list of words on purpose
         "$venv/bin/python" -m pip install --quiet $PIP_ARGS "$SRC[extract]"
+        # Jobs run as their submitters, who cannot write __pycache__ here: a module without
+        # bytecode would be compiled again by every job. pip compiles what it installs unless
+        # told not to (--no-compile); compile whatever is still missing or stale.
+        purelib="$("$venv/bin/python" -c \
+            'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+        "$venv/bin/python" -m compileall -qq -j 0 "$purelib" ||
+            say "note: some files in ${purelib#"$R"} do not compile (pip skips them as well)"
         printf '%s\n' "$want" >"$stamp"
         say "installed gpuspool[extract] into ${venv#"$R"}"
     fi

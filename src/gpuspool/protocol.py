@@ -106,6 +106,11 @@ class SummaryEvent(_Event):
     audio_s_done: Amount | None = None
     audio_s_per_s: Amount | None = None
     wall_s: Amount | None = None
+    #: Seconds from the worker's exec to its first batch sent to the device, and two parts of
+    #: it: importing the tokenizer's stack, and loading the model.
+    startup_s: Amount | None = None
+    import_s: Amount | None = None
+    model_load_s: Amount | None = None
     peak_gpu_gib: Amount | None = None
     need_gib: Amount | None = None
     batches: Count | None = None

@@ -8,6 +8,7 @@ wheelhouse holding only the build backend, which they download from the package 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import stat
@@ -248,10 +249,13 @@ def source(tmp_path: Path) -> Path:
     return src
 
 
-def _install_venv(source: Path, root: Path, config: Path, wheels: Path, *extra: str) -> str:
+def _install_venv(
+    source: Path, root: Path, config: Path, wheels: Path, *extra: str, pip: str = ""
+) -> str:
+    pip_args = f"--no-index --no-deps --find-links {wheels} {pip}".strip()
     done = subprocess.run(
         ["bash", str(source / "deploy/install.sh"), "--root", str(root), "--prefix", "/opt/gs",
-         "--python", sys.executable, "--pip-args", f"--no-index --no-deps --find-links {wheels}",
+         "--python", sys.executable, "--pip-args", pip_args,
          "--config", str(config), "--no-enable", *extra],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
@@ -299,6 +303,25 @@ def test_venv_step_runs_pip_only_when_something_changed(
 
     forced = _install_venv(source, root, config, wheelhouse, "--reinstall")
     assert "installed gpuspool[extract]" in forced
+
+
+def test_venv_is_byte_compiled_even_when_pip_is_told_not_to(
+    source: Path, root: Path, config: Path, wheelhouse: Path
+) -> None:
+    """Jobs run as their submitters, who cannot write ``__pycache__`` into the venv: after the
+    install every module of the package has current bytecode, even with pip's --no-compile, so
+    no job compiles it again."""
+    _install_venv(source, root, config, wheelhouse, pip="--no-compile")
+    package = _installed_init(root).parent
+    sources = sorted(package.rglob("*.py"))
+    assert len(sources) > 20
+    for src in sources:
+        cached = Path(importlib.util.cache_from_source(str(src)))
+        header = cached.read_bytes()[:16]
+        st = src.stat()
+        assert header[:4] == importlib.util.MAGIC_NUMBER, src
+        assert int.from_bytes(header[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF, src
+        assert int.from_bytes(header[12:16], "little") == st.st_size & 0xFFFFFFFF, src
 
 
 def test_offline_install_without_hatchling_fails_naming_it(

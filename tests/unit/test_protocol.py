@@ -121,3 +121,14 @@ def test_status_shows_only_numbers_of_a_legacy_ledger_row() -> None:
     got = progress_view('{"lines_done": "a", "lines_total": 3, "eta_s": 1e400, "x": [[]]}')
     assert got["lines_done"] is None and got["lines_total"] == 3 and got["eta_s"] is None
     assert set(progress_view("[" * 5000).values()) == {None}
+
+
+def test_the_summary_keeps_the_workers_start_up_times() -> None:
+    """The worker's exec-to-first-batch time and its parts reach the daemon's job_finished."""
+    line = encode_event("summary", {"lines_done": 4, "startup_s": 4.2, "import_s": 3.1,
+                                    "model_load_s": 0.6, "launching_s": 1.0})  # fmt: skip
+    event = parse_event(line)
+    assert isinstance(event, SummaryEvent)
+    fields = event.fields()
+    assert (fields["startup_s"], fields["import_s"], fields["model_load_s"]) == (4.2, 3.1, 0.6)
+    assert "launching_s" not in fields  # not a field of the protocol: dropped

@@ -13,16 +13,29 @@ batch neighbours. Three changes leave every code as it is and keep the device bu
 * the encoder is asked for the 16 codebooks the model keeps instead of computing all 32: a
   residual quantizer's first codebooks do not depend on its later ones;
 * the batch goes to the device from pinned memory without a wait, behind the batch before it.
+
+Start-up imports only the 12 Hz tokenizer's two modules from qwen-tts (its configuration and
+model classes), not the package: ``qwen_tts/__init__.py`` imports the whole TTS model stack and
+the 25 Hz tokenizer, which cost most of a job's start-up and which ``encode`` never uses. The
+model is then loaded with the calls ``Qwen3TTSTokenizer.from_pretrained`` makes for the 12 Hz
+type (the same registration with transformers' ``AutoConfig``/``AutoModel``, the same
+``from_pretrained`` reading the released config and weights), so the weights and the codes are
+the official ones; the tests compare them with ``Qwen3TTSTokenizer.encode``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.machinery
+import importlib.util
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -37,19 +50,33 @@ GIB = float(1 << 30)
 Codes = npt.NDArray[np.int64]
 
 
-def import_tokenizer_stack() -> None:
-    """Import qwen-tts (and the transformers modules it pulls in) now, to time it apart.
+#: The qwen-tts modules the 12 Hz tokenizer is made of: its configuration and its model.
+TOKENIZER_MODULES = (
+    "qwen_tts.core.tokenizer_12hz.configuration_qwen3_tts_tokenizer_v2",
+    "qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2",
+)
+#: The model type of the 12 Hz tokenizer's ``config.json``, as qwen-tts registers it.
+TOKENIZER_MODEL_TYPE = "qwen3_tts_tokenizer_12hz"
+#: Parts of qwen-tts the worker never imports: the TTS model stack and the 25 Hz tokenizer.
+TTS_STACK = ("qwen_tts.inference", "qwen_tts.core.models", "qwen_tts.core.tokenizer_25hz")
+#: transformers' flags for optional packages that it imports whenever they are installed, for
+#: features the encoder never uses: scikit-learn (assisted generation's ``roc_curve``; librosa
+#: depends on it, so it is there) and SciPy (the object-detection losses' matching). Together
+#: they were a third of the import time of the tokenizer's modules.
+_UNUSED_OPTIONAL = ("_sklearn_available", "_scipy_available")
 
-    Its import prints banners a job log does not need (flash-attn is not installed; sox, an
-    optional dependency, is not found, from a shell and from a logger): file descriptors 1 and
-    2 are sent to a temporary file meanwhile, which is replayed on stderr only if the import
-    fails.
+
+def import_tokenizer_stack() -> tuple[ModuleType, ModuleType]:
+    """Import the 12 Hz tokenizer's modules now, to time it apart; return them (config, model).
+
+    Imports print banners a job log does not need: file descriptors 1 and 2 are sent to a
+    temporary file meanwhile, which is replayed on stderr only if the import fails.
     """
     kept = b""
     try:
         with _quiet_stdio() as noise:
             try:
-                import qwen_tts  # noqa: F401
+                return _tokenizer_modules()
             except BaseException:
                 noise.seek(0)
                 kept = noise.read()
@@ -58,6 +85,90 @@ def import_tokenizer_stack() -> None:
         if kept:
             sys.stderr.write(kept.decode("utf-8", "replace"))
             sys.stderr.flush()
+
+
+def _tokenizer_modules() -> tuple[ModuleType, ModuleType]:
+    """The 12 Hz tokenizer's configuration and model modules, imported without qwen-tts's
+    package ``__init__`` files (which import the TTS model stack and the 25 Hz tokenizer).
+
+    While they are imported, ``qwen_tts`` and ``qwen_tts.core`` are stand-ins: package modules
+    made from their specs but not run, so the import system finds the submodules in the
+    installed package. The stand-ins are removed afterwards, so a later ``import qwen_tts``
+    (the official wrapper, in a test) runs the real ``__init__`` files, which then reuse these
+    very modules from ``sys.modules``: the classes stay the same objects.
+    """
+    if all(name in sys.modules for name in TOKENIZER_MODULES):
+        config, model = (sys.modules[name] for name in TOKENIZER_MODULES)
+        return config, model
+    _skip_unused_optional_imports()
+    stand_ins = _stand_in_packages(("qwen_tts", "qwen_tts.core"))
+    try:
+        config, model = (importlib.import_module(name) for name in TOKENIZER_MODULES)
+    finally:
+        for name, module in stand_ins.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
+    return config, model
+
+
+def _stand_in_packages(names: tuple[str, ...]) -> dict[str, ModuleType]:
+    """Put an unexecuted package module in ``sys.modules`` for each of ``names`` (parents
+    first) that is not imported yet; return those put there."""
+    made: dict[str, ModuleType] = {}
+    for name in names:
+        if name in sys.modules:
+            continue
+        parent, _, _ = name.rpartition(".")
+        if parent:
+            spec = importlib.machinery.PathFinder.find_spec(name, sys.modules[parent].__path__)
+        else:
+            spec = importlib.util.find_spec(name)
+        if spec is None or spec.submodule_search_locations is None:
+            for module_name, module in made.items():
+                if sys.modules.get(module_name) is module:
+                    del sys.modules[module_name]
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        made[name] = sys.modules[name] = importlib.util.module_from_spec(spec)
+    return made
+
+
+def _skip_unused_optional_imports() -> None:
+    """Tell transformers that scikit-learn and SciPy are absent, before it imports the modules
+    that would import them (see ``_UNUSED_OPTIONAL``); nothing the encoder runs reads them.
+
+    Left alone if transformers' model code is imported already (its choice is made) or if its
+    version has no such flags.
+    """
+    if "transformers.modeling_utils" in sys.modules:
+        return
+    import transformers.utils.import_utils as flags
+
+    for name in _UNUSED_OPTIONAL:
+        if isinstance(getattr(flags, name, None), bool):
+            setattr(flags, name, False)
+
+
+def load_tokenizer(tokenizer: str, dtype: torch.dtype) -> tuple[Any, int]:
+    """Load the 12 Hz tokenizer on the CPU as ``Qwen3TTSTokenizer.from_pretrained`` does for
+    that type; return the model and the feature extractor's sampling rate.
+
+    The same calls: register the configuration and model classes with transformers' auto
+    classes, read the feature extractor's config, then ``AutoModel.from_pretrained`` (the
+    released config and weights, a folder or a hub id). A folder of another model type (the
+    25 Hz tokenizer, say) fails here with transformers' message.
+    """
+    from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
+
+    config_module, model_module = _tokenizer_modules()
+    config_class = config_module.Qwen3TTSTokenizerV2Config
+    model_class = model_module.Qwen3TTSTokenizerV2Model
+    AutoConfig.register(TOKENIZER_MODEL_TYPE, config_class)
+    AutoModel.register(config_class, model_class)
+    feature_extractor = AutoFeatureExtractor.from_pretrained(tokenizer)  # type: ignore[no-untyped-call]
+    model = AutoModel.from_pretrained(tokenizer, device_map="cpu", dtype=dtype)
+    if not isinstance(model, model_class):
+        raise ValueError(f"{tokenizer} holds a {type(model).__name__}, not the 12 Hz tokenizer")
+    return model, int(feature_extractor.sampling_rate)
 
 
 @contextlib.contextmanager
@@ -99,6 +210,43 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
+class DeviceStart:
+    """The device's own start-up, in a thread beside the imports and the model load.
+
+    Creating the CUDA context and loading cuDNN and cuBLAS (a tiny convolution and matrix
+    product do that) is driver work and library loading, mostly outside the GIL, that does not
+    depend on the model. Serially it came after the model load, in the move to the device and
+    the warm-up batch. On the CPU there is nothing to start.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if device.type == "cuda":
+            self._thread = threading.Thread(target=self._run, name="device-start", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                x = torch.ones((1, 1, 64), device=self.device)
+                torch.nn.functional.conv1d(x, torch.ones((1, 1, 3), device=self.device))
+                torch.matmul(x[0].T, x[0])
+            torch.cuda.synchronize(self.device)
+        except BaseException as exc:  # raised again by wait(), in the thread that loads
+            self._error = exc
+
+    def wait(self) -> None:
+        """Return once the device has started; raise what stopped it, if anything did."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
 @dataclass
 class GpuMemory:
     """Peak GPU memory of this process so far (GiB)."""
@@ -131,15 +279,25 @@ class Pending:
 class CodeEncoder:
     """Encodes padded 24 kHz waveforms into (frames, 16) code arrays."""
 
-    def __init__(self, tokenizer: str, device: torch.device, dtype: str = "fp32"):
-        from qwen_tts import Qwen3TTSTokenizer
-
+    def __init__(
+        self,
+        tokenizer: str,
+        device: torch.device,
+        dtype: str = "fp32",
+        started: DeviceStart | None = None,
+    ):
+        """Load ``tokenizer`` on the CPU and move its encoder to ``device``; ``started`` is the
+        device's start-up begun earlier (:class:`DeviceStart`), waited for before the move."""
         self.device = device
         torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        tok = Qwen3TTSTokenizer.from_pretrained(tokenizer, device_map="cpu", dtype=torch_dtype)
-        model = tok.model
+        try:
+            model, self.sample_rate = load_tokenizer(tokenizer, torch_dtype)
+        except BaseException:
+            if started is not None:  # not left inside the driver while the process exits
+                with contextlib.suppress(BaseException):
+                    started.wait()
+            raise
         model.decoder = None  # encode never uses it; keep it off the GPU
-        self.sample_rate = int(tok.feature_extractor.sampling_rate)
         self.frame = int(model.get_encode_downsample_rate())
         if self.sample_rate != MODEL_SAMPLE_RATE or self.frame != FRAME_SAMPLES:
             raise ValueError(
@@ -147,6 +305,8 @@ class CodeEncoder:
                 f"this worker supports the 12 Hz tokenizer ({MODEL_SAMPLE_RATE} Hz, "
                 f"{FRAME_SAMPLES} samples a frame)"
             )
+        if started is not None:
+            started.wait()
         if device.type == "cuda":
             torch.cuda.set_device(device)
         self.model = model.to(device).eval()

@@ -99,20 +99,17 @@ TINY_CONFIG: dict[str, Any] = {
 
 def _build(config: dict[str, Any], path: str | os.PathLike[str], seed: int) -> Path:
     import torch
-    from qwen_tts.core.tokenizer_12hz.configuration_qwen3_tts_tokenizer_v2 import (
-        Qwen3TTSTokenizerV2Config,
-    )
-    from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import (
-        Qwen3TTSTokenizerV2Model,
-    )
 
+    from gpuspool.extract.model import import_tokenizer_stack
+
+    config_module, model_module = import_tokenizer_stack()
     d = copy.deepcopy(config)
     d.pop("architectures", None)
     d.pop("model_type", None)
-    cfg = Qwen3TTSTokenizerV2Config(**d)
+    cfg = config_module.Qwen3TTSTokenizerV2Config(**d)
     cfg.architectures = ["Qwen3TTSTokenizerV2Model"]
     torch.manual_seed(seed)
-    model = Qwen3TTSTokenizerV2Model(cfg).eval()
+    model = model_module.Qwen3TTSTokenizerV2Model(cfg).eval()
     with torch.no_grad():
         # Mimi's codebook sums (buffers) and Qwen's decoder codebooks start at zero: fill them.
         for name, buf in model.named_buffers():

@@ -45,6 +45,7 @@ from gpuspool.extract.headers import (
 )
 from gpuspool.extract.owner import Attempt, Fenced, LockTimeout, OwnerFile
 from gpuspool.extract.plan import pack
+from gpuspool.extract.startup import prefetch_tokenizer, process_age_s
 from gpuspool.extract.writer import Entry, Guard, OrderedWriter, ResumeMismatch, finish_completed
 
 
@@ -270,6 +271,7 @@ class Run:
         self.scan_s = 0.0
         self.import_s = 0.0
         self.model_load_s = 0.0
+        self.startup_s: float | None = None  # from exec to the first batch sent to the device
         self._writes: list[Future[None]] = []
         self._write_pool: ThreadPoolExecutor | None = None
         self.batches = 0
@@ -430,23 +432,31 @@ class Run:
         if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
             os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
         t = time.monotonic()
+        # The kernel reads the weights while Python imports; the device starts (CUDA context,
+        # cuDNN, cuBLAS) in a thread while the tokenizer's modules import and the model loads.
+        prefetch_tokenizer(o.tokenizer)
         try:
             import torch
 
-            from gpuspool.extract.model import CodeEncoder, import_tokenizer_stack, resolve_device
-
-            import_tokenizer_stack()
+            from gpuspool.extract.model import (
+                CodeEncoder,
+                DeviceStart,
+                import_tokenizer_stack,
+                resolve_device,
+            )
         except ImportError as exc:  # a rerun would fail the same way: fix the install
-            raise WorkerExit(
-                ExitCode.CONFIG,
-                f"cannot import the extraction stack ({exc}); install gpuspool[extract]",
-            ) from exc
-        self.import_s = time.monotonic() - t
-
+            raise _missing_stack(exc) from exc
         try:
             device = resolve_device(o.device)
         except (ValueError, RuntimeError) as exc:
             raise WorkerExit(ExitCode.USAGE, str(exc)) from exc
+        started = DeviceStart(device)
+        try:
+            import_tokenizer_stack()
+        except ImportError as exc:
+            raise _missing_stack(exc) from exc
+        self.import_s = time.monotonic() - t
+
         # The loaders start now, not before the imports: decoding outpaces the encoder anyway,
         # and a dozen processes starting up beside the imports slowed them down. They get the
         # first batches ready while the model loads.
@@ -462,7 +472,7 @@ class Run:
             torch.backends.cudnn.deterministic = not o.tf32
         t = time.monotonic()
         try:
-            self.encoder = CodeEncoder(o.tokenizer, device, o.dtype)
+            self.encoder = CodeEncoder(o.tokenizer, device, o.dtype, started)
         except Exception as exc:
             if _transient(exc):
                 raise
@@ -642,6 +652,8 @@ class Run:
         frames = [-(-n // FRAME_SAMPLES) for _, n in col.good]
         # Launch this batch before collecting the previous one, so the device never waits for
         # the host between batches.
+        if self.startup_s is None:  # before the launch, which on a CPU encodes the batch
+            self.startup_s = process_age_s()
         t = time.monotonic()
         pending = self.encoder.launch(col.array, frames)
         self.t_launch += time.monotonic() - t
@@ -738,6 +750,7 @@ class Run:
             scan_s=self.scan_s,
             import_s=round(self.import_s, 3),
             model_load_s=round(self.model_load_s, 3),
+            startup_s=None if self.startup_s is None else round(self.startup_s, 3),
             peak_gpu_gib=mem.peak if mem else None,
             peak_gpu_reserved_gib=mem.peak_reserved if mem else None,
             gpu_context_gib=mem.context if mem else None,
@@ -767,6 +780,13 @@ def _transient(exc: BaseException) -> bool:
     if names & _PERMANENT:
         return False
     return bool(names & _TRANSIENT) or "CUDA" in str(exc)
+
+
+def _missing_stack(exc: ImportError) -> WorkerExit:
+    """A module of the extraction stack is missing: a rerun would fail the same way."""
+    return WorkerExit(
+        ExitCode.CONFIG, f"cannot import the extraction stack ({exc}); install gpuspool[extract]"
+    )
 
 
 def _first_line(exc: BaseException) -> str:
