@@ -21,7 +21,7 @@ WORK=${WORK:-/tmp/worker-startup}
 DEVICE=${DEVICE:-cuda:0}
 PY=${PYTHON:-python3}
 if [[ -z ${CONFIG_DIR:-} ]]; then
-    for d in shared/qwen3-tts-tokenizer-12hz /work/shared/qwen3-tts-tokenizer-12hz; do
+    for d in shared/qwen3-tts-tokenizer-12hz ../shared/qwen3-tts-tokenizer-12hz; do
         [[ -f $d/config.json ]] && CONFIG_DIR=$d && break
     done
 fi
