@@ -87,7 +87,7 @@ def read_owner(data: bytes) -> Attempt | None:
     """The attempt an owner file names, None if it names none (empty, cut short, edited)."""
     try:
         raw = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # 4 KiB of "[" nests deeper than the decoder goes
         return None
     if not isinstance(raw, dict):
         return None
