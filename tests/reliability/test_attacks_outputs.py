@@ -95,3 +95,18 @@ def test_another_users_job_on_a_shared_output_is_not_named(
     reason = _reason(d, "mine")
     assert "already the output of another user's unfinished job" in reason, reason
     assert job not in reason, reason
+
+
+def test_an_output_spelt_with_a_leading_double_slash_is_the_same_output(
+    make_daemon: Any, pair: tuple[Submitter, Submitter]
+) -> None:
+    """POSIX keeps a leading ``//`` (and so does ``pathlib``): ``//data/out.jsonl`` is the file
+    ``/data/out.jsonl``, and must not let two unfinished jobs write it."""
+    who = pair[0]
+    d = make_daemon()
+    d.set_gpus(gpu_entry(0, 5))
+    d.start()
+    drop(d, who, "first", output=str(who.data / "same.jsonl"))
+    job = wait_until(lambda: accepted_id(d, "first"), 60)
+    drop(d, who, "second", output="/" + str(who.data / "same.jsonl"))
+    assert f"already the output of job {job}" in _reason(d, "second")
