@@ -10,7 +10,8 @@ Two modes play a hostile job for the attack tests: ``probe`` prints (on stdout, 
 it can read ``secret.txt`` through its cwd or its output folder, whether its TMPDIR and caches are
 writable), then finishes as ``ok``; ``hostile`` writes malformed events (wrong types, 2,000
 nested brackets, an endless line) to the events channel and stdout, one valid progress event,
-then sleeps like ``sleep``; ``lie`` says it is done and exits 0 without writing its output.
+then sleeps like ``sleep``; ``lie`` says it is done and exits 0 without writing its output;
+``greedy`` reports a GPU peak of 10^15 GiB (the largest the protocol takes), then sleeps.
 """
 
 import argparse
@@ -138,6 +139,9 @@ def main() -> int:
         return 0
     if mode == "hostile":
         hostile()
+        mode = "sleep"
+    if mode == "greedy":
+        emit(event="progress", lines_done=1, lines_total=4, audio_s_done=2.0, gpu_peak_gib=1e15)
         mode = "sleep"
     if mode == "slow":  # work for STUB_STEPS × 50 ms of running time (a stopped process does not
         # advance), then finish as ok with its pid in the output line

@@ -816,9 +816,15 @@ class Daemon:
     def _reserving(self, job: JobRecord) -> JobRecord:
         """The job as its reservation sees it: once its worker reported its peak, that figure
         replaces the estimated need, so the rest of the card is offered to others."""
+        return replace(job, need_gib=self._held_gib(job))
+
+    def _held_gib(self, job: JobRecord) -> float:
+        """The GiB a running job holds at most: its estimated need, lowered to the peak its
+        worker reported. The peak only ever lowers it: the job's process is its user's to
+        forge, and a peak of 10^15 GiB would reserve the whole card for as long as it ran."""
         state = self._running.get(job.id)
         peak = state.peak_gib if state is not None else None
-        return job if peak is None else replace(job, need_gib=peak)
+        return job.need_gib if peak is None else min(peak, job.need_gib)
 
     # -- polite scavenging ------------------------------------------------------------------------
 
@@ -851,9 +857,7 @@ class Daemon:
                     used[job_id] = used.get(job_id, 0.0) + (proc.used_mib or 0.0) / 1024.0
         jobs = []
         for job in running.values():
-            state = self._running.get(job.id)
-            peak = state.peak_gib if state is not None else None
-            footprint = max(job.need_gib if peak is None else peak, used.get(job.id, 0.0))
+            footprint = max(self._held_gib(job), used.get(job.id, 0.0))
             jobs.append(OurJob(job.id, job.gpu_uuid or "", footprint))
         policy = self._yield_policy()
         for trigger in self.yield_watch.observe(now, result.gpus, jobs, ours, policy):

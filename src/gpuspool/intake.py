@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Protocol
 
 from gpuspool import privileges
@@ -215,7 +216,8 @@ class Intake:
         except OutputClaimed as exc:
             # Checked where the job is recorded, atomically: another job with this output may
             # have been scanned at the same time (one batch, two owners', or another host's).
-            self._reject(item.key, str(exc), now, report)
+            own = self._own_job(exc.other, raw.submitter_uid)
+            self._reject(item.key, _claimed(spec.output, exc.other, own=own), now, report)
             return
         dest = host.spool.accept(raw) if item.key[0] == "incoming" else None
         self._lost.discard(item.name)
@@ -413,11 +415,18 @@ class Intake:
                 self._reject(key, str(exc), now, report)
                 return None
         other = host.ledger.output_claimed(str(spec.output))
-        if other is not None:
-            self._reject(key, f"output: {spec.output} is already the output of job {other}", now,
-                         report)  # fmt: skip
+        if other is not None and self._own_job(other, raw.submitter_uid):
+            # Another user's job is left to ``ledger.add``, after the scan: answered here, before
+            # the files are checked as the submitter, it would tell anyone which paths in
+            # others' private folders are outputs of their jobs.
+            self._reject(key, _claimed(spec.output, other, own=True), now, report)
             return None
         return _Item(key, raw, spec, runs_as, judge_for)
+
+    def _own_job(self, job_id: str, submitter_uid: int) -> bool:
+        """Whether ``job_id`` was submitted by ``submitter_uid`` (others' jobs are not named)."""
+        other = self.host.ledger.get(job_id)
+        return other is not None and other.submitter_uid == submitter_uid
 
     def _start(self, items: list[_Item], now: float, owner: int) -> None:
         settings = self.host.settings
@@ -497,6 +506,13 @@ class Intake:
             reason=reason,
             reason_file=str(where),
         )
+
+
+def _claimed(output: Path, other: str, *, own: bool) -> str:
+    """The reason a job whose output an unfinished job writes already is refused: the other
+    job's id only when it is the submitter's own (ids link to progress in the public status)."""
+    whose = f"job {other}" if own else "another user's unfinished job"
+    return f"output: {output} is already the output of {whose}"
 
 
 def _judge_for(submitter_uid: int, runs_as: Any) -> dict[str, Any] | None:

@@ -135,6 +135,8 @@ class JobSpec(BaseModel):
             raise ValueError(f"path must be absolute, got {str(v)!r}")
         if ".." in v.parts:
             raise ValueError(f"path must not contain '..', got {str(v)!r}")
+        if str(v).startswith("//"):  # kept by POSIX and pathlib, yet the same file as "/..."
+            v = Path("/" + str(v).lstrip("/"))
         return v
 
     @field_validator("min_free_gib", mode="before")

@@ -347,9 +347,11 @@ def kill_leftovers(job_id: str, uid: int) -> list[int]:
 def belonging(pids: Iterable[int], roots: Iterable[int]) -> dict[int, int]:
     """Which of ``pids`` belong to a job process in ``roots``: the root itself, a process in
     its session (each job starts a session of its own, and a loader the worker forks stays in
-    it even when its parent is gone) or one of its descendants. Only the given pids are looked
-    at (the few a GPU shows), never the whole process table."""
+    it even when its parent is gone) or one of its descendants. Only the given pids and their
+    ancestors are looked at (never the whole process table), each ancestor once per call: a
+    user may put hundreds of processes on the GPUs, mostly children of one parent."""
     jobs = set(roots)
+    above: dict[int, int | None] = {}
     found: dict[int, int] = {}
     for pid in pids:
         if pid in jobs:
@@ -362,14 +364,43 @@ def belonging(pids: Iterable[int], roots: Iterable[int]) -> dict[int, int]:
         if sid in jobs:
             found[pid] = sid
             continue
-        try:
-            ancestors = psutil.Process(pid).parents()
-        except psutil.Error:
-            continue
-        root = next((p.pid for p in ancestors if p.pid in jobs), None)
+        root = _job_above(pid, jobs, above)
         if root is not None:
             found[pid] = root
     return found
+
+
+def _job_above(pid: int, jobs: set[int], above: dict[int, int | None]) -> int | None:
+    """The nearest ancestor of ``pid`` in ``jobs``, if any. ``above`` remembers, for each
+    process walked through, the same answer, so a parent shared by many is read once."""
+    chain: list[int] = []
+    root = None
+    parent = _parent(pid)
+    while parent is not None and len(chain) < _MAX_DEPTH:
+        if parent in above:
+            root = above[parent]
+            break
+        if parent in jobs:
+            root = parent
+            break
+        chain.append(parent)
+        parent = _parent(parent)
+    for walked in chain:
+        above[walked] = root
+    return root
+
+
+#: Ancestors walked at most per process (the kernel's tree is far shallower; a bound all the same).
+_MAX_DEPTH = 4096
+
+
+def _parent(pid: int) -> int | None:
+    """``pid``'s parent (None for a gone process and above the first process)."""
+    try:
+        ppid = psutil.Process(pid).ppid()
+    except psutil.Error:
+        return None
+    return ppid if ppid > 0 else None
 
 
 def user_of(pid: int) -> str | None:

@@ -7,8 +7,8 @@ daemon stops it with SIGTERM, it checkpoints and waits again). A GPU has *others
   processes (the caller says which pids are ours: each job's process, its session and its
   descendants), or
 - ``yield_when_free_below_gib = N``: its free memory is under N although our own jobs there,
-  at their footprint (the peak their worker reported, else their estimated need, and at least
-  what NVML shows them using), would leave N free: others' processes push it under.
+  at their footprint (their estimated need, lowered to the peak their worker reported, and at
+  least what NVML shows them using), would leave N free: others' processes push it under.
 
 A process that was already on the GPU when the job started (or, for a job adopted after a
 restart, when the watch first saw it) does not count for that job: a job yields to a process
@@ -50,7 +50,7 @@ class OurJob:
 
     job_id: str
     gpu_uuid: str
-    #: GiB it takes at most: its reported peak, else its need (never less than NVML shows).
+    #: GiB it takes at most: its need, lowered to its reported peak (never less than NVML shows).
     footprint_gib: float
 
 

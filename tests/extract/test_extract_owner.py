@@ -242,3 +242,17 @@ def test_the_attempt_from_the_environment(env: dict[str, str], expected: Attempt
 def test_a_malformed_fence_is_an_error(raw: str) -> None:
     with pytest.raises(ValueError, match=FENCE_ENV):
         Attempt.from_env({FENCE_ENV: raw})
+
+
+@pytest.mark.parametrize("junk", [b"[" * 4096, b'{"job": ' * 1000, b"\xff\xfe", b"1e999999"])
+def test_an_owner_file_of_junk_names_no_attempt_and_is_taken_over(
+    tmp_path: Path, junk: bytes
+) -> None:
+    """Its user (or anyone who may write the folder) may leave anything there: deep nesting
+    that exhausts the JSON decoder's recursion included. The next attempt takes the output."""
+    assert read_owner(junk) is None
+    out = tmp_path / "out.jsonl"
+    owner_path(out).write_bytes(junk)
+    owner = _owner(out, 1)
+    assert read_owner(owner_path(out).read_bytes()) == Attempt("j1", 1, "a")
+    owner.close()

@@ -21,7 +21,10 @@ writing at once (:class:`Fenced`). A lock held too long (a frozen worker holds i
 for at most ``wait_s`` (:class:`LockTimeout`), so a stale worker can never block the new owner.
 
 The file lives in the submitter's folder and only the submitter's own workers read it: a user
-who edits it can only stop their own job. The daemon (root) never opens it.
+who edits it can only stop their own job. The daemon (root) never opens it. It is mode 0600
+whatever the job's umask: a record lock needs only a descriptor, so another user who could open
+it for reading could hold a shared lock on it for ever, and every write of the job would wait
+for it and give up (exit 74) until the job failed.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ def read_owner(data: bytes) -> Attempt | None:
     """The attempt an owner file names, None if it names none (empty, cut short, edited)."""
     try:
         raw = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # 4 KiB of "[" nests deeper than the decoder goes
         return None
     if not isinstance(raw, dict):
         return None
@@ -113,9 +116,12 @@ class OwnerFile:
         Nothing of the output is touched here; the caller cuts its files back to the checkpoint
         (resume) under :meth:`guard`, after this."""
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        self._fd = os.open(self.path, flags, 0o644)
-        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+        self._fd = os.open(self.path, flags, 0o600)
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(self.path))
+        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+            os.fchmod(self._fd, 0o600)  # left open to others (an earlier version made it 0644)
         with self._locked():
             current = self._read()
             mine = self.attempt
