@@ -12,8 +12,10 @@ daemon stops it with SIGTERM, it checkpoints and waits again). A GPU has *others
 
 A process that was already on the GPU when the job started (or, for a job adopted after a
 restart, when the watch first saw it) does not count for that job: a job yields to a process
-that *appears*, so it never starts only to yield at once. A job yields once its GPU had others
-on it on ``stable_polls`` polls in a row. It then skips that GPU
+that *appears*, so it never starts only to yield at once; unless that process then takes more
+than :data:`TOLERATED_GROWTH_GIB` beyond what it held then (an idle notebook kernel whose owner
+starts training in it: its owner came back as surely as with a new process). A job yields
+once its GPU had others on it on ``stable_polls`` polls in a row. It then skips that GPU
 until the GPU has had no others for ``yield_cooldown_s`` (other GPUs it may use at once).
 :class:`YieldWatch` keeps that state; it is fed one poll per tick and answers which jobs must
 yield now and which GPUs each waiting job must skip. No clock, no process table: the daemon
@@ -28,6 +30,9 @@ from typing import Any
 
 from gpuspool.logs import iso_timestamp
 from gpuspool.models import GpuProcess, GpuSnapshot
+
+#: GiB a process that was on the GPU when the job started may grow by and still be tolerated.
+TOLERATED_GROWTH_GIB = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +105,12 @@ def _what_fired(
     return None
 
 
+def _tolerates(tolerated: Mapping[int, float], proc: GpuProcess) -> bool:
+    """Whether ``proc`` was there when the job started and has not grown much since."""
+    was = tolerated.get(proc.pid)
+    return was is not None and (proc.used_mib or 0.0) - was <= TOLERATED_GROWTH_GIB * 1024.0
+
+
 class YieldWatch:
     """Per running job, the polls in a row its GPU had others on it; per GPU, when others were
     last seen; per waiting job, the GPUs it yielded on (see the module docstring)."""
@@ -108,13 +119,14 @@ class YieldWatch:
         self._streak: dict[str, int] = {}
         self._others_seen: dict[str, float] = {}
         self._yielded_on: dict[str, dict[str, float]] = {}
-        #: Per GPU, the pids not ours at the last poll; per job, those it tolerates.
-        self._guests: dict[str, frozenset[int]] = {}
-        self._tolerated: dict[str, frozenset[int]] = {}
+        #: Per GPU, the pids not ours at the last poll; per job, those it tolerates. Each with
+        #: the MiB it used then.
+        self._guests: dict[str, dict[int, float]] = {}
+        self._tolerated: dict[str, dict[int, float]] = {}
 
     def started(self, job_id: str, gpu_uuid: str) -> None:
         """``job_id`` starts on ``gpu_uuid``: what is there now is not a newcomer to it."""
-        self._tolerated[job_id] = self._guests.get(gpu_uuid, frozenset())
+        self._tolerated[job_id] = self._guests.get(gpu_uuid, {})
 
     def observe(
         self,
@@ -136,7 +148,7 @@ class YieldWatch:
             if not gpu.healthy:
                 continue
             strangers[gpu.uuid] = guests(gpu, mine)
-            self._guests[gpu.uuid] = frozenset(p.pid for p in strangers[gpu.uuid])
+            self._guests[gpu.uuid] = {p.pid: p.used_mib or 0.0 for p in strangers[gpu.uuid]}
             ours_gib = sum(j.footprint_gib for j in by_gpu.get(gpu.uuid, []))
             pressed[gpu.uuid] = pressure(gpu, ours_gib, policy.free_below_gib)
             if (policy.on_foreign_process and strangers[gpu.uuid]) or pressed[gpu.uuid]:
@@ -148,7 +160,7 @@ class YieldWatch:
             if job.gpu_uuid not in strangers:
                 continue  # unknown this poll: neither a newcomer nor a reason to forget one
             tolerated = self._tolerated.setdefault(job.job_id, self._guests[job.gpu_uuid])
-            newcomers = [p for p in strangers[job.gpu_uuid] if p.pid not in tolerated]
+            newcomers = [p for p in strangers[job.gpu_uuid] if not _tolerates(tolerated, p)]
             found = _what_fired(newcomers, pressed[job.gpu_uuid], policy, job.gpu_uuid, gpus)
             if found is None:
                 continue
@@ -169,8 +181,9 @@ class YieldWatch:
         self._streak.pop(job_id, None)
 
     def tolerated(self, job_id: str) -> frozenset[int]:
-        """The pids that were on the job's GPU when it started (they never make it yield)."""
-        return self._tolerated.get(job_id, frozenset())
+        """The pids that were on the job's GPU when it started (they make it yield only once
+        they grow by more than :data:`TOLERATED_GROWTH_GIB`)."""
+        return frozenset(self._tolerated.get(job_id, {}))
 
     def forget(self, job_id: str) -> None:
         """The job is finished: nothing to skip any more."""

@@ -118,6 +118,7 @@ def test_a_process_already_there_at_the_start_is_not_a_newcomer(tmp_path: Path) 
     appears later): it never starts only to yield at once."""
     h = harness(tmp_path)
     h.env["STUB_MODE"] = "sleep"
+    runner(h).users[FOREIGN] = "ann"  # a process the daemon sees (one it cannot is nobody's)
     h.set_gpus([gpu_entry(0, 50, processes=[{"pid": FOREIGN, "used_mib": 4096}])])
     job = h.submit("a")
     for _ in range(8):
@@ -133,6 +134,32 @@ def test_a_process_already_there_at_the_start_is_not_a_newcomer(tmp_path: Path) 
     for _ in range(4):
         h.tick()
     assert h.job(job).yields == 1 and h.job(job).last_yield["pid"] == FOREIGN + 1
+
+
+def test_a_process_already_there_that_grows_is_its_owner_coming_back(tmp_path: Path) -> None:
+    """An idle process beside which the job started (a notebook kernel holding a small CUDA
+    context, say) that then allocates far more is its owner's run starting: the job yields to
+    it, as to a newcomer. Its memory moving by less than ``TOLERATED_GROWTH_GIB`` does not."""
+    h = harness(tmp_path)
+    h.env["STUB_MODE"] = "sleep"
+    runner(h).users[FOREIGN] = "ann"
+    h.set_gpus([gpu_entry(0, 50, processes=[{"pid": FOREIGN, "used_mib": 4096}])])
+    job = h.submit("a")
+    for _ in range(8):
+        h.tick()
+    pid = h.job(job).pid
+    assert pid is not None and h.state(job) == "running"
+    ours = {"pid": pid, "used_mib": 2048}
+    small = {"pid": FOREIGN, "used_mib": 4096 + 512}
+    h.set_gpus([gpu_entry(0, 49.5, processes=[ours, small])])
+    for _ in range(5):
+        h.tick()
+    assert h.state(job) == "running"
+    grown = {"pid": FOREIGN, "used_mib": 60 * 1024}
+    h.set_gpus([gpu_entry(0, 0.5, processes=[ours, grown])])
+    for _ in range(4):
+        h.tick()
+    assert h.job(job).yields == 1 and h.job(job).last_yield["pid"] == FOREIGN
 
 
 def test_yield_false_keeps_running(tmp_path: Path) -> None:
