@@ -1051,14 +1051,20 @@ class Daemon:
             else:
                 reasons[job.id] = problem
         changed = self._changed_reasons(reasons, now)
+        gone = [k for k in self._reasons if k not in reasons]
+        for k in gone:
+            del self._reasons[k]
         stale, self._reasons_stale = self._reasons_stale, False
         if stale and reasons:
-            self.ledger.set_reasons(reasons, now=now)  # rewrite all; log only real changes
+            # rewrite all; log only real changes
+            self.ledger.set_reasons(reasons, now=now, distance=decision.distance, gone=gone)
         if not changed:
+            if gone and not stale:
+                self.ledger.set_reasons({}, now=now, gone=gone)
             return
         self._reasons.update(changed)
         if not stale:
-            self.ledger.set_reasons(changed, now=now)
+            self.ledger.set_reasons(changed, now=now, distance=decision.distance, gone=gone)
         thresholds = {w.id: w.threshold_gib for w in rows}
         for n, (job_id, reason) in enumerate(changed.items()):
             if n == MAX_WAITING_EVENTS:
@@ -1201,7 +1207,6 @@ class Daemon:
         except FencedOut:
             self._fenced_out(job.id)
             return "another host took the job as it started"
-        self._reasons.pop(job.id, None)
         self._job_event(
             claimed,
             "job_started",
