@@ -468,6 +468,27 @@ class Daemon:
 
     def reap(self, now: float, report: TickReport) -> None:
         self._now = now
+        ended: list[tuple[JobRecord, Exit]] = []
+        try:
+            self._poll_running(now, ended)
+        finally:  # a job whose exit was already taken is filed even if a later one failed
+            self._finish_all(ended, now, report)
+
+    def _finish_all(
+        self, ended: list[tuple[JobRecord, Exit]], now: float, report: TickReport
+    ) -> None:
+        """File the jobs whose process is gone, after killing their stray processes in one pass
+        over the process table for all of them (``Runner.kill_leftovers``)."""
+        if not ended:
+            return
+        uids = {job.id: uid for job, _ in ended if (uid := self._job_uid(job)) is not None}
+        strays = self.runner.kill_leftovers(uids)
+        for job, gone in ended:
+            self._finish(job, gone, now, report, strays=strays.get(job.id, []))
+
+    def _poll_running(self, now: float, ended: list[tuple[JobRecord, Exit]]) -> None:
+        """Look at each running job: pid, progress, exit, cancel, timeout, stop deadline. The
+        jobs whose process is gone are added to ``ended`` (filed together by ``reap``)."""
         for job in self.running_jobs():
             state = self._running.setdefault(job.id, self._track(job))
             if job.pid is None and state.pid is not None:
@@ -481,11 +502,11 @@ class Daemon:
             if job.id not in self._running:  # fenced out while its progress was written
                 continue
             if job.pid is None:
-                self._finish(job, Exit(None), now, report)
+                ended.append((job, Exit(None)))
                 continue
             gone = self.runner.poll(job.pid, job.pid_start)
             if gone is not None:
-                self._finish(job, gone, now, report)
+                ended.append((job, gone))
                 continue
             if job.cancel_requested and state.stop is None:
                 self._stop(job, state, StopReason.CANCELLED, now)
@@ -569,14 +590,24 @@ class Daemon:
                 self.log.info("job_progress", job_id=job.id, gpu_uuid=job.gpu_uuid, **fields)
 
     def _finish(
-        self, job: JobRecord, gone: Exit, now: float, report: TickReport | None = None
+        self,
+        job: JobRecord,
+        gone: Exit,
+        now: float,
+        report: TickReport | None = None,
+        *,
+        strays: list[int] | None = None,
     ) -> None:
-        """File a job whose process is gone: gather the facts, :func:`decide`, apply."""
+        """File a job whose process is gone: gather the facts, :func:`decide`, apply.
+        ``strays``: its leftover processes, already killed (else they are killed here)."""
         state = self._running.pop(job.id, _Running())
         if state.pid is not None:
             self._recent_pids[state.pid] = (job.id, now)
-        uid = self._job_uid(job)
-        strays = self.runner.kill_leftovers(job.id, uid) if uid is not None else []
+        if strays is None:
+            uid = self._job_uid(job)
+            strays = (
+                [] if uid is None else self.runner.kill_leftovers({job.id: uid}).get(job.id, [])
+            )
         if strays:
             self.log.warning("job_strays_killed", job_id=job.id, pids=strays)
         facts = ExitFacts(
