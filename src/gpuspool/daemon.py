@@ -65,6 +65,10 @@ REASON_FIGURES_EVERY_S = 30.0
 _REASON_FIGURES = re.compile(r"GPU \d+ \([^)]*\)|\d+\.\d+")
 
 _T = TypeVar("_T")
+#: The distance (``placement.Decision.distance``) of a waiting reason shown before any host's
+#: memory figures on a shared ledger: this host did not find the job's input (the user must
+#: know; the reason says the job waits for another host).
+FIRST = float("-inf")
 #: Shared ledger unreachable: the first retry after this many seconds, doubling up to the most.
 OUTAGE_BACKOFF_S = 1.0
 OUTAGE_BACKOFF_MAX_S = 30.0
@@ -1116,20 +1120,22 @@ class Daemon:
             else:
                 reasons[job.id] = problem
         changed = self._changed_reasons(reasons, now)
+        distance = dict(decision.distance)
+        distance.update({k: FIRST for k in self._no_input_here if k in reasons})
         gone = [k for k in self._reasons if k not in reasons]
         for k in gone:
             del self._reasons[k]
         stale, self._reasons_stale = self._reasons_stale, False
         if stale and reasons:
             # rewrite all; log only real changes
-            self.ledger.set_reasons(reasons, now=now, distance=decision.distance, gone=gone)
+            self.ledger.set_reasons(reasons, now=now, distance=distance, gone=gone)
         if not changed:
             if gone and not stale:
                 self.ledger.set_reasons({}, now=now, gone=gone)
             return
         self._reasons.update(changed)
         if not stale:
-            self.ledger.set_reasons(changed, now=now, distance=decision.distance, gone=gone)
+            self.ledger.set_reasons(changed, now=now, distance=distance, gone=gone)
         thresholds = {w.id: w.threshold_gib for w in rows}
         for n, (job_id, reason) in enumerate(changed.items()):
             if n == MAX_WAITING_EVENTS:

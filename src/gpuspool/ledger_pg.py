@@ -589,10 +589,12 @@ class PgLedger:
         """Record this host's waiting reasons, and show each job the nearest live host's.
 
         Each host keeps its own reason for each waiting job (``host_reasons``, with its
-        ``distance``: the GiB its closest GPU lacks, ``inf`` when it cannot take the job now);
+        ``distance``: the GiB its closest GPU lacks, ``inf`` when it cannot take the job now,
+        ``-inf`` for a reason to show first, as a host not finding the job's input);
         ``jobs.reason`` becomes, for each job given here, the reason of the live host (heartbeat
         within ``host_timeout_s``) nearest to starting it, ties to the first host by name, with
-        that host's name before it ("host b: GPU 3 (…): 12.0 GiB available…"). So
+        that host's name before a reason about its memory ("host b: GPU 3 (…): 12.0 GiB
+        available…"). So
         ``gpuspool status`` shows one coherent view, the most hopeful, and does not flip between
         hosts' views as each writes its own. A host's row that does not change is not written,
         nor a job whose shown reason stays the same. ``gone``: jobs this host no longer has a
@@ -623,7 +625,8 @@ class PgLedger:
             " FROM host_reasons o JOIN r ON r.id = o.job_id JOIN hosts h ON h.name = o.host"
             " WHERE o.host <> %(me)s"
             " AND h.last_seen > clock_timestamp() - make_interval(secs => %(timeout)s)),"
-            " best AS (SELECT DISTINCT ON (id) id, CASE WHEN distance < 'Infinity'"
+            " best AS (SELECT DISTINCT ON (id) id,"
+            " CASE WHEN distance >= 0 AND distance < 'Infinity'"
             " THEN 'host ' || host || ': ' || reason ELSE reason END AS reason FROM candidates"
             " ORDER BY id, distance, host),"
             " locked AS (SELECT j.id, best.reason FROM jobs j JOIN best ON j.id = best.id"
