@@ -1,6 +1,7 @@
 """A stand-in extraction worker for the daemon's unit tests: real process, scripted outcome.
 
 It takes the worker's flags, and behaves as ``STUB_MODE`` says: ok (write the output, exit 0),
+stray (as ok, leaving a child that sleeps in a session of its own),
 oom (exit 75), data (exit 65), exists (exit 73), crash (exit 1), sleep (run until SIGTERM, then
 exit 143), slow (``STUB_STEPS`` × 50 ms of running time, then ok, its pid in the output line).
 The integration tests run the real worker instead.
@@ -134,6 +135,12 @@ def main() -> int:
         return 73
     if mode == "crash":
         raise RuntimeError("boom")
+    if mode == "stray":  # leave a child behind in a session of its own, then finish as ok
+        if os.fork() == 0:
+            os.setsid()
+            time.sleep(60)
+            os._exit(0)
+        mode = "ok"
     if mode == "lie":  # says done without writing anything
         emit(event="summary", lines_done=4, lines_skipped=0, peak_gpu_gib=1.5)
         return 0

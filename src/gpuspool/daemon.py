@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from gpuspool import __version__, logs
 from gpuspool.config import Settings
@@ -63,6 +63,12 @@ RECENT_PID_S = 10.0
 REASON_FIGURES_EVERY_S = 30.0
 #: The parts of a waiting reason that :data:`REASON_FIGURES_EVERY_S` holds back.
 _REASON_FIGURES = re.compile(r"GPU \d+ \([^)]*\)|\d+\.\d+")
+
+_T = TypeVar("_T")
+#: The distance (``placement.Decision.distance``) of a waiting reason shown before any host's
+#: memory figures on a shared ledger: this host did not find the job's input (the user must
+#: know; the reason says the job waits for another host).
+FIRST = float("-inf")
 #: Shared ledger unreachable: the first retry after this many seconds, doubling up to the most.
 OUTAGE_BACKOFF_S = 1.0
 OUTAGE_BACKOFF_MAX_S = 30.0
@@ -174,6 +180,8 @@ class Daemon:
         self._usage: tuple[tuple[int, int], UsageTracker] | None = None
         self._reasons_stale = False
         self._reason_figures_at = float("-inf")
+        #: Ledger reads taken once per tick (``_read_once``); emptied by each write of ours.
+        self._reads: dict[str, Any] = {}
         self.stopping = False
         self.last_tick_done: float | None = None
         self.last_report = TickReport()
@@ -186,6 +194,7 @@ class Daemon:
         """Recover after a restart: adopt live jobs, file those whose process is gone by their
         last events (read from the end of the events file, parsed as untrusted input)."""
         self._now = now
+        self._forget_reads()
         self.spool.ensure_dirs()
         self.intake_stage.requeue_lost_now()
         self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -241,9 +250,29 @@ class Daemon:
             fence=job.fence if self.cluster is not None else None,
         )
 
+    def _read_once(self, key: str, read: Callable[[], _T]) -> _T:
+        """``read()``, taken once from the start of a tick until this daemon writes to the
+        ledger (``_forget_reads``), so the tick and what reads the ledger after it (the status
+        line, the metrics) share it. A tick runs on one thread; what another host or the CLI
+        writes meanwhile is seen at the next tick, as if it had come a moment later."""
+        if key not in self._reads:
+            self._reads[key] = read()
+        return cast(_T, self._reads[key])
+
+    def _forget_reads(self) -> None:
+        self._reads.clear()
+
+    def all_running_jobs(self) -> list[JobRecord]:
+        """Every running job (of every host, on a shared ledger)."""
+        return self._read_once("running", lambda: self.ledger.jobs([JobState.RUNNING]))
+
+    def counts(self) -> dict[str, int]:
+        """The number of jobs in each state (``Ledger.counts``), read once per tick."""
+        return self._read_once("counts", self.ledger.counts)
+
     def running_jobs(self) -> list[JobRecord]:
         """The running jobs this host runs (on a shared ledger, other hosts run the rest)."""
-        jobs = self.ledger.jobs([JobState.RUNNING])
+        jobs = self.all_running_jobs()
         if self.cluster is None:
             return jobs
         return [j for j in jobs if j.host == self.cluster.host_name]
@@ -251,6 +280,7 @@ class Daemon:
     def _write(self, job: JobRecord, *, now: float, **fields: Any) -> JobRecord:
         """Set fields of a running job this host owns: through the fence on a shared ledger
         (``FencedOut`` when another attempt owns it now), a plain write on SQLite."""
+        self._forget_reads()
         if self.cluster is None:
             return self.ledger.transition(job.id, JobState.RUNNING, now=now, **fields)
         return self.cluster.fenced_transition(
@@ -259,7 +289,7 @@ class Daemon:
 
     @property
     def draining(self) -> bool:
-        return self.ledger.draining()
+        return self._read_once("draining", self.ledger.draining)
 
     def tick(self, now: float) -> TickReport:
         """Everything the daemon does at one poll. Never raises for a job's or a file's fault.
@@ -269,6 +299,7 @@ class Daemon:
         """
         self._now = now
         report = TickReport()
+        self._forget_reads()
         if self._outage_since is not None:
             self._self_fence(now)  # before trying again: a try may block for the I/O timeout
             if now < self._outage_retry_at or not self._reconnected(now):
@@ -298,6 +329,7 @@ class Daemon:
             self._drop_lost(self.running_jobs())
         self._largest_gpu()
         self.intake_stage.collect(now, report)
+        self._reads.pop("counts", None)  # intake adds queued jobs, nothing else
         self.reap(now, report)
         result = self.probe.poll()
         self._observe(result, now, report)
@@ -310,6 +342,7 @@ class Daemon:
         # New files last: a flood of them takes up to ``intake_max_ms``, and nothing a
         # submitter drops in the spool may come between a GPU reading and the start it allows.
         self.intake_stage.take(now, report)
+        self._reads.pop("counts", None)
         self.ledger.set_meta("gpus", json.dumps({"at": now, "gpus": self.describe_gpus()}))
 
     # -- several hosts -------------------------------------------------------------------------
@@ -328,6 +361,7 @@ class Daemon:
             return
         lost = self.cluster.requeue_silent_hosts(timeout_s=timeout, now=now)
         if lost:
+            self._forget_reads()
             self.log.warning(
                 "jobs_requeued_from_silent_host",
                 job_ids=lost,
@@ -352,6 +386,7 @@ class Daemon:
         """Another attempt owns ``job_id``: SIGKILL our worker at once (no grace: a worker
         given SIGTERM would checkpoint into the output another host now writes), and forget
         the job without writing anything about it."""
+        self._forget_reads()
         state = self._running.pop(job_id, None) or state
         pid = state.pid if state is not None else None
         if pid is not None and state is not None:
@@ -433,6 +468,7 @@ class Daemon:
         Running scans are killed: their files stay in ``incoming/`` for the next start."""
         self.stopping = True
         self.intake_stage.close()
+        self._forget_reads()
         for job in self.running_jobs():
             if job.pid is None:
                 continue
@@ -447,7 +483,7 @@ class Daemon:
     def running_count(self) -> int:
         if self.cluster is not None:
             return len(self.running_jobs())
-        return self.ledger.counts().get(JobState.RUNNING.value, 0)
+        return self.counts().get(JobState.RUNNING.value, 0)
 
     # -- intake ------------------------------------------------------------------------------------
 
@@ -468,6 +504,27 @@ class Daemon:
 
     def reap(self, now: float, report: TickReport) -> None:
         self._now = now
+        ended: list[tuple[JobRecord, Exit]] = []
+        try:
+            self._poll_running(now, ended)
+        finally:  # a job whose exit was already taken is filed even if a later one failed
+            self._finish_all(ended, now, report)
+
+    def _finish_all(
+        self, ended: list[tuple[JobRecord, Exit]], now: float, report: TickReport
+    ) -> None:
+        """File the jobs whose process is gone, after killing their stray processes in one pass
+        over the process table for all of them (``Runner.kill_leftovers``)."""
+        if not ended:
+            return
+        uids = {job.id: uid for job, _ in ended if (uid := self._job_uid(job)) is not None}
+        strays = self.runner.kill_leftovers(uids)
+        for job, gone in ended:
+            self._finish(job, gone, now, report, strays=strays.get(job.id, []))
+
+    def _poll_running(self, now: float, ended: list[tuple[JobRecord, Exit]]) -> None:
+        """Look at each running job: pid, progress, exit, cancel, timeout, stop deadline. The
+        jobs whose process is gone are added to ``ended`` (filed together by ``reap``)."""
         for job in self.running_jobs():
             state = self._running.setdefault(job.id, self._track(job))
             if job.pid is None and state.pid is not None:
@@ -481,11 +538,11 @@ class Daemon:
             if job.id not in self._running:  # fenced out while its progress was written
                 continue
             if job.pid is None:
-                self._finish(job, Exit(None), now, report)
+                ended.append((job, Exit(None)))
                 continue
             gone = self.runner.poll(job.pid, job.pid_start)
             if gone is not None:
-                self._finish(job, gone, now, report)
+                ended.append((job, gone))
                 continue
             if job.cancel_requested and state.stop is None:
                 self._stop(job, state, StopReason.CANCELLED, now)
@@ -569,14 +626,24 @@ class Daemon:
                 self.log.info("job_progress", job_id=job.id, gpu_uuid=job.gpu_uuid, **fields)
 
     def _finish(
-        self, job: JobRecord, gone: Exit, now: float, report: TickReport | None = None
+        self,
+        job: JobRecord,
+        gone: Exit,
+        now: float,
+        report: TickReport | None = None,
+        *,
+        strays: list[int] | None = None,
     ) -> None:
-        """File a job whose process is gone: gather the facts, :func:`decide`, apply."""
+        """File a job whose process is gone: gather the facts, :func:`decide`, apply.
+        ``strays``: its leftover processes, already killed (else they are killed here)."""
         state = self._running.pop(job.id, _Running())
         if state.pid is not None:
             self._recent_pids[state.pid] = (job.id, now)
-        uid = self._job_uid(job)
-        strays = self.runner.kill_leftovers(job.id, uid) if uid is not None else []
+        if strays is None:
+            uid = self._job_uid(job)
+            strays = (
+                [] if uid is None else self.runner.kill_leftovers({job.id: uid}).get(job.id, [])
+            )
         if strays:
             self.log.warning("job_strays_killed", job_id=job.id, pids=strays)
         facts = ExitFacts(
@@ -744,6 +811,7 @@ class Daemon:
 
     def _update(self, job: JobRecord, *, now: float, **fields: Any) -> None:
         """Set a running job's progress or peak: through the fence on a shared ledger."""
+        self._forget_reads()
         if self.cluster is None or job.state != JobState.RUNNING:
             self.ledger.update(job.id, now=now, **fields)
         else:
@@ -757,6 +825,7 @@ class Daemon:
 
         On a shared ledger a running job moves only through its attempt's fence: a host that
         lost the job stops its worker and writes nothing (``FencedOut``)."""
+        self._forget_reads()
         try:
             if self.cluster is not None and job.state == JobState.RUNNING:
                 moved = self.cluster.fenced_transition(
@@ -977,7 +1046,7 @@ class Daemon:
         submitter and per running job.
         """
         users: dict[int, UserState] = {}
-        for job in self.ledger.jobs([JobState.RUNNING]):
+        for job in self.all_running_jobs():
             user = users.setdefault(job.submitter_uid, UserState())
             user.running += 1
             if job.gpu_uuid is not None:
@@ -1055,14 +1124,22 @@ class Daemon:
             else:
                 reasons[job.id] = problem
         changed = self._changed_reasons(reasons, now)
+        distance = dict(decision.distance)
+        distance.update({k: FIRST for k in self._no_input_here if k in reasons})
+        gone = [k for k in self._reasons if k not in reasons]
+        for k in gone:
+            del self._reasons[k]
         stale, self._reasons_stale = self._reasons_stale, False
         if stale and reasons:
-            self.ledger.set_reasons(reasons, now=now)  # rewrite all; log only real changes
+            # rewrite all; log only real changes
+            self.ledger.set_reasons(reasons, now=now, distance=distance, gone=gone)
         if not changed:
+            if gone and not stale:
+                self.ledger.set_reasons({}, now=now, gone=gone)
             return
         self._reasons.update(changed)
         if not stale:
-            self.ledger.set_reasons(changed, now=now)
+            self.ledger.set_reasons(changed, now=now, distance=distance, gone=gone)
         thresholds = {w.id: w.threshold_gib for w in rows}
         for n, (job_id, reason) in enumerate(changed.items()):
             if n == MAX_WAITING_EVENTS:
@@ -1205,7 +1282,6 @@ class Daemon:
         except FencedOut:
             self._fenced_out(job.id)
             return "another host took the job as it started"
-        self._reasons.pop(job.id, None)
         self._job_event(
             claimed,
             "job_started",
@@ -1221,6 +1297,7 @@ class Daemon:
     def _claim(self, job: JobRecord, gpu_uuid: str, log_path: Path, now: float) -> JobRecord:
         """Mark the job running here, no pid yet. On a shared ledger one atomic statement that
         also stamps this host and the attempt's fencing token: two hosts never both win."""
+        self._forget_reads()
         fields: dict[str, Any] = {
             "gpu_uuid": gpu_uuid,
             "started_at": now,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -476,8 +476,18 @@ class Ledger:
         ).fetchone()
         return None if row is None else str(row[0])
 
-    def set_reasons(self, reasons: dict[str, str], *, now: float) -> None:
-        """Record many waiting reasons in one transaction (jobs no longer waiting keep theirs)."""
+    def set_reasons(
+        self,
+        reasons: Mapping[str, str],
+        *,
+        now: float,
+        distance: Mapping[str, float] | None = None,
+        gone: Collection[str] = (),
+    ) -> None:
+        """Record many waiting reasons in one transaction (jobs no longer waiting keep theirs).
+
+        One host writes this ledger: ``distance`` and ``gone`` (which choose between several
+        hosts' reasons on a shared ledger, ``PgLedger.set_reasons``) are not needed here."""
         if not reasons:
             return
         waiting = ", ".join(f"'{s.value}'" for s in sorted(RUNNABLE_STATES | {JobState.HELD}))

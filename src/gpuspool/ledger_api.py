@@ -9,7 +9,7 @@ talks to. ``ledger_pg`` (and with it the optional ``psycopg`` driver) is importe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from gpuspool.config import ConfigError, Settings
@@ -90,7 +90,14 @@ class LedgerBackend(Protocol):
 
     def set_meta(self, key: str, value: str) -> None: ...
 
-    def set_reasons(self, reasons: dict[str, str], *, now: float) -> None: ...
+    def set_reasons(
+        self,
+        reasons: Mapping[str, str],
+        *,
+        now: float,
+        distance: Mapping[str, float] | None = None,
+        gone: Collection[str] = (),
+    ) -> None: ...
 
     def add(
         self,
@@ -208,4 +215,5 @@ def open_ledger(settings: Settings, *, readonly: bool = False) -> LedgerBackend:
         host_name=settings.host_name,
         readonly=readonly,
         io_timeout_s=max(1.0, settings.host_timeout_s / 4),
+        host_timeout_s=settings.host_timeout_s,
     )

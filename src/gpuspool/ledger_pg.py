@@ -15,7 +15,7 @@ the version reached.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -126,6 +126,19 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN yields INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE jobs ADD COLUMN last_yield_json TEXT;
     """,
+    # 6: each host's own waiting reason for each job, and how near that host is to starting it;
+    # jobs.reason of a waiting job is the nearest live host's (set_reasons). No foreign key: it
+    # would lock the job's row on each insert and wait on another host's claim of it; a host
+    # deletes its rows of jobs it no longer has a reason for.
+    """
+    CREATE TABLE host_reasons (
+        job_id   TEXT NOT NULL,
+        host     TEXT NOT NULL,
+        reason   TEXT NOT NULL,
+        distance DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (job_id, host)
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -138,6 +151,8 @@ _MIGRATION_LOCK = 0x67707370  # "gpsp"
 
 _WAITING = tuple(s.value for s in (*sorted(RUNNABLE_STATES), JobState.HELD))
 _TERMINAL = tuple(s.value for s in sorted(TERMINAL_STATES))
+#: The distance of a reason given without one (held, draining, not allowed here): last choice.
+_FAR = float("inf")
 _RUNNABLE = tuple(s.value for s in sorted(RUNNABLE_STATES))
 
 #: The transition columns both backends return (the audit trail's common shape).
@@ -211,10 +226,18 @@ class PgLedger:
     """
 
     def __init__(
-        self, url: str, *, host_name: str, readonly: bool = False, io_timeout_s: float = 10.0
+        self,
+        url: str,
+        *,
+        host_name: str,
+        readonly: bool = False,
+        io_timeout_s: float = 10.0,
+        host_timeout_s: float = 30.0,
     ) -> None:
         self.url = url
         self.host_name = host_name
+        #: A host whose heartbeat is older than this is dead: its waiting reasons no longer count.
+        self.host_timeout_s = host_timeout_s
         self.readonly = readonly
         #: The longest a connect or an unanswered write to the server may block a call: a
         #: partitioned host must notice within a fraction of ``host_timeout_s`` (TCP alone
@@ -555,26 +578,72 @@ class PgLedger:
             (key, value),
         )
 
-    def set_reasons(self, reasons: dict[str, str], *, now: float) -> None:
-        """Record many waiting reasons in one statement (jobs no longer waiting keep theirs).
+    def set_reasons(
+        self,
+        reasons: Mapping[str, str],
+        *,
+        now: float,
+        distance: Mapping[str, float] | None = None,
+        gone: Collection[str] = (),
+    ) -> None:
+        """Record this host's waiting reasons, and show each job the nearest live host's.
 
-        One statement whatever the queue's length: a reason names the GPU that came closest and
-        its free GiB, so when GPU memory moves, every waiting job's reason changes at once (one
-        statement per job, 10,000 a tick, before). Rows whose reason is already that one are
-        left alone. A row another host is writing right now is skipped (``SKIP LOCKED``), so
-        two hosts rewriting the same queue never wait on each other or deadlock; it keeps the
-        other host's reason, which is advisory either way.
+        Each host keeps its own reason for each waiting job (``host_reasons``, with its
+        ``distance``: the GiB its closest GPU lacks, ``inf`` when it cannot take the job now,
+        ``-inf`` for a reason to show first, as a host not finding the job's input);
+        ``jobs.reason`` becomes, for each job given here, the reason of the live host (heartbeat
+        within ``host_timeout_s``) nearest to starting it, ties to the first host by name, with
+        that host's name before a reason about its memory ("host b: GPU 3 (…): 12.0 GiB
+        available…"). So
+        ``gpuspool status`` shows one coherent view, the most hopeful, and does not flip between
+        hosts' views as each writes its own. A host's row that does not change is not written,
+        nor a job whose shown reason stays the same. ``gone``: jobs this host no longer has a
+        reason for (started, finished), whose rows of this host are deleted.
+
+        One statement whatever the queue's length (one statement per job, 10,000 a tick,
+        before). A job row another host is writing right now is skipped (``SKIP LOCKED``), so
+        two hosts rewriting the same queue never wait on each other or deadlock; its shown
+        reason is brought up to date by the next write of any host, and is advisory either way.
         """
-        if not reasons:
+        if not reasons and not gone:
             return
+        far = distance or {}
+        ids = list(reasons)
         self._db.execute(
-            "WITH r AS (SELECT * FROM unnest(%s::text[], %s::text[]) AS r(id, reason)),"
-            " locked AS (SELECT j.id, r.reason FROM jobs j JOIN r ON j.id = r.id"
-            " WHERE j.state = ANY(%s) AND j.reason IS DISTINCT FROM r.reason"
+            "WITH r AS (SELECT * FROM unnest(%(ids)s::text[], %(reasons)s::text[],"
+            " %(distance)s::float8[]) AS r(id, reason, distance)),"
+            " dropped AS (DELETE FROM host_reasons WHERE host = %(me)s AND job_id = ANY(%(gone)s)),"
+            " mine AS (INSERT INTO host_reasons(job_id, host, reason, distance)"
+            " SELECT r.id, %(me)s, r.reason, r.distance FROM r JOIN jobs j ON j.id = r.id"
+            " WHERE j.state = ANY(%(waiting)s) ORDER BY r.id"
+            " ON CONFLICT (job_id, host) DO UPDATE"
+            " SET reason = excluded.reason, distance = excluded.distance"
+            " WHERE (host_reasons.reason, host_reasons.distance)"
+            " IS DISTINCT FROM (excluded.reason, excluded.distance)),"
+            " candidates AS (SELECT id, reason, distance, %(me)s AS host FROM r"
+            " UNION ALL SELECT o.job_id, o.reason, o.distance, o.host"
+            " FROM host_reasons o JOIN r ON r.id = o.job_id JOIN hosts h ON h.name = o.host"
+            " WHERE o.host <> %(me)s"
+            " AND h.last_seen > clock_timestamp() - make_interval(secs => %(timeout)s)),"
+            " best AS (SELECT DISTINCT ON (id) id,"
+            " CASE WHEN distance >= 0 AND distance < 'Infinity'"
+            " THEN 'host ' || host || ': ' || reason ELSE reason END AS reason FROM candidates"
+            " ORDER BY id, distance, host),"
+            " locked AS (SELECT j.id, best.reason FROM jobs j JOIN best ON j.id = best.id"
+            " WHERE j.state = ANY(%(waiting)s) AND j.reason IS DISTINCT FROM best.reason"
             " ORDER BY j.id FOR UPDATE OF j SKIP LOCKED)"
-            " UPDATE jobs SET reason = locked.reason, updated_at = %s FROM locked"
+            " UPDATE jobs SET reason = locked.reason, updated_at = %(now)s FROM locked"
             " WHERE jobs.id = locked.id",
-            (list(reasons), list(reasons.values()), list(_WAITING), now),
+            {
+                "ids": ids,
+                "reasons": list(reasons.values()),
+                "distance": [far.get(i, _FAR) for i in ids],
+                "gone": list(gone),
+                "me": self.host_name,
+                "waiting": list(_WAITING),
+                "timeout": self.host_timeout_s,
+                "now": now,
+            },
         )
 
     def add(

@@ -311,7 +311,7 @@ class DaemonMetrics:
             running = daemon.running_jobs()  # this host's only, on a shared ledger
             self._snapshot.snapshot = _Snapshot(
                 gpus=gpus,
-                states=daemon.ledger.counts(),
+                states=daemon.counts(),
                 jobs=[
                     {"id": j.id, "name": j.name, "gpu_uuid": j.gpu_uuid, "progress": j.progress}
                     for j in running
@@ -357,7 +357,9 @@ def _user_counts(daemon: Daemon) -> list[tuple[str, int, int]]:
 
     # The daemon's own list of waiting jobs: reading 10,000 waiting rows at every tick
     # took longer than the tick itself.
-    running, waiting = submitter_counts(daemon.ledger, daemon.waiting_jobs())
+    running, waiting = submitter_counts(
+        daemon.ledger, daemon.waiting_jobs(), daemon.all_running_jobs()
+    )
     return [
         (user_name_of(uid) or str(uid), running.get(uid, 0), waiting.get(uid, 0))
         for uid in sorted(set(running) | set(waiting))

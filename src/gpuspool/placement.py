@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import groupby
 from operator import attrgetter
 from typing import NamedTuple
@@ -75,6 +75,14 @@ class Decision:
     reasons: dict[str, str]
     #: Jobs that no GPU of this host can ever fit (the reason says why).
     impossible: frozenset[str]
+    #: How near each waiting job is to a start here: the GiB its closest GPU lacks (0 once one
+    #: has enough free); ``inf`` where no GPU of this host can take it now. On a shared ledger
+    #: the hosts' reasons are compared by it (the nearest host's is the one users see).
+    distance: dict[str, float] = field(default_factory=dict)
+
+
+#: The distance of a job that cannot start here for a reason memory will not change.
+FAR = float("inf")
 
 
 def _short(uuid: str) -> str:
@@ -98,13 +106,18 @@ def stable_count(history: Sequence[float | None], threshold: float) -> int:
     return n
 
 
-def _why_not(view: GpuView, threshold: float, stable_polls: int, taken: bool) -> str:
+def _why_not(view: GpuView, threshold: float, stable_polls: int, taken: bool) -> tuple[str, float]:
+    """Why the job's closest GPU does not take it now, and the job's distance (``Decision``).
+
+    A GPU with enough free that has not yet held it for ``stable_polls`` polls says so without
+    counting the polls: a count would change the wording of every waiting job's reason at each
+    poll while a GPU frees, and each change is a write per waiting job."""
     snap = view.snapshot
     where = f"GPU {snap.index} ({_short(snap.uuid)})"
     if not snap.healthy:
-        return f"{where}: state unknown ({snap.error or 'probe error'})"
+        return f"{where}: state unknown ({snap.error or 'probe error'})", FAR
     if taken:
-        return f"{where}: another job started there this poll"
+        return f"{where}: another job started there this poll", 0.0
     avail = view.available_gib
     if avail is None or avail < threshold:
         shown = 0.0 if avail is None else avail
@@ -112,9 +125,8 @@ def _why_not(view: GpuView, threshold: float, stable_polls: int, taken: bool) ->
         return (
             f"{where}: {shown:.1f} GiB available (free {snap.free_gib:.1f}{reserved}),"
             f" need {threshold:.1f}"
-        )
-    stable = stable_count(view.available_history, threshold)
-    return f"{where}: enough free, stable {stable}/{stable_polls} polls"
+        ), threshold - shown
+    return f"{where}: enough free, starts once it stays so for {stable_polls} polls", 0.0
 
 
 def _fair_order(level: Sequence[Candidate], users: Mapping[int, UserState]) -> Iterator[Candidate]:
@@ -177,11 +189,12 @@ def place(
     started_on: set[str] = set()
     starts: list[Start] = []
     reasons: dict[str, str] = {}
+    distance: dict[str, float] = {}
     impossible: set[str] = set()
     # Jobs with the same threshold, allow-list and GPU restriction get the same answer until a
     # start changes what is left, so a queue of thousands costs one evaluation per kind of job.
     Key = tuple[float, tuple[str | int, ...] | None, frozenset[str] | None, frozenset[str]]
-    memo: dict[Key, tuple[str, bool]] = {}
+    memo: dict[Key, tuple[str, bool, float]] = {}
     limited = limits.max_running is not None or limits.max_gpus is not None
     only: frozenset[str] | None = None
     for job in _ordered(jobs, states, fair):
@@ -190,12 +203,14 @@ def place(
             blocked = user.blocked_reason(limits)
             if blocked is not None:
                 reasons[job.job_id] = blocked
+                distance[job.job_id] = FAR
                 continue
             only = user.gpu_restriction(limits)
         key = (job.threshold_gib, job.allowed_gpus, only, job.avoid)
         known_answer = memo.get(key)
         if known_answer is not None:
             reasons[job.job_id] = known_answer[0]
+            distance[job.job_id] = known_answer[2]
             if known_answer[1]:
                 impossible.add(job.job_id)
             continue
@@ -209,14 +224,15 @@ def place(
             user.gpus.add(answer.gpu_uuid)
             memo.clear()
             continue
-        reason, never = answer
+        reason, never, far = answer
         if only is not None and not never:
             reason = f"user limit: {len(only)} of {limits.max_gpus} GPUs in use; {reason}"
         reasons[job.job_id] = reason
+        distance[job.job_id] = far
         if never:
             impossible.add(job.job_id)
-        memo[key] = (reason, never)
-    return Decision(tuple(starts), reasons, frozenset(impossible))
+        memo[key] = (reason, never, far)
+    return Decision(tuple(starts), reasons, frozenset(impossible), distance)
 
 
 def _place_one(
@@ -225,23 +241,31 @@ def _place_one(
     only: frozenset[str] | None,
     started_on: set[str],
     stable_polls: int,
-) -> Start | tuple[str, bool]:
-    """Where ``job`` starts now, or why not (and whether it never can on this host)."""
+) -> Start | tuple[str, bool, float]:
+    """Where ``job`` starts now, or why not (whether it never can on this host, its distance)."""
     allowed = _allowed(job, gpus)
     if not allowed:
-        return f"none of the allowed GPUs {list(job.allowed_gpus or ())} exist on this host", True
+        return (
+            f"none of the allowed GPUs {list(job.allowed_gpus or ())} exist on this host",
+            True,
+            FAR,
+        )
     known = [g for g in allowed if g.snapshot.healthy and g.snapshot.total_mib > 0]
     if known and len(known) == len(allowed):
         largest = max(g.snapshot.total_gib for g in known)
         if largest < job.threshold_gib:
             return (
-                f"no GPU here can ever have {job.threshold_gib:.1f} GiB free:"
-                f" largest is {largest:.1f} GiB"
-            ), True
+                (
+                    f"no GPU here can ever have {job.threshold_gib:.1f} GiB free:"
+                    f" largest is {largest:.1f} GiB"
+                ),
+                True,
+                FAR,
+            )
     if only is not None:
         allowed = [g for g in allowed if g.uuid in only]
         if not allowed:
-            return "none of them is a GPU of this host this job may use", False
+            return "none of them is a GPU of this host this job may use", False, FAR
     fitting = [
         g
         for g in allowed
@@ -252,7 +276,7 @@ def _place_one(
     if job.avoid and fitting and all(g.uuid in job.avoid for g in fitting):
         g = fitting[0]
         where = f"GPU {g.snapshot.index} ({_short(g.uuid)})"
-        return f"{where}: cool-down after a yield there", False
+        return f"{where}: cool-down after a yield there", False, FAR
     fitting = [g for g in fitting if g.uuid not in job.avoid]
     if fitting:
         best = min(fitting, key=lambda g: (g.available_gib or 0.0, g.snapshot.index))
@@ -267,4 +291,5 @@ def _place_one(
             g.available_gib if g.available_gib is not None else float("-inf"),
         ),
     )
-    return _why_not(closest, job.threshold_gib, stable_polls, closest.uuid in started_on), False
+    reason, far = _why_not(closest, job.threshold_gib, stable_polls, closest.uuid in started_on)
+    return reason, False, far

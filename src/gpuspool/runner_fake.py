@@ -151,12 +151,12 @@ class FakeRunner:
         return {p.job_id: (p.pid, p.pid_start) for p in self.processes
                 if p.alive and p.job_id in uids and p.uid == uids[p.job_id]}  # fmt: skip
 
-    def kill_leftovers(self, job_id: str, uid: int) -> list[int]:
-        killed = []
+    def kill_leftovers(self, uids: Mapping[str, int]) -> dict[str, list[int]]:
+        killed: dict[str, list[int]] = {}
         for proc in self.processes:
-            if proc.alive and proc.job_id == job_id and proc.uid == uid:
+            if proc.alive and proc.job_id in uids and proc.uid == uids[proc.job_id]:
                 proc.exit(-signal.SIGKILL)
-                killed.append(proc.pid)
+                killed.setdefault(proc.job_id, []).append(proc.pid)
         return killed
 
     def remove_scratch(self, path: Path) -> None:

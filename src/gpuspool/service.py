@@ -130,7 +130,7 @@ def _watch_spool(incoming: Path, wake: Any) -> Any:
 
 def status_line(daemon: Daemon) -> str:
     """The one-line summary systemd shows (``STATUS=``); call it on the tick's thread."""
-    counts = daemon.ledger.counts()
+    counts = daemon.counts()
     waiting = sum(counts.get(s.value, 0) for s in RUNNABLE_STATES)
     views = daemon.gpu_views()
     free = sum(1 for v in views if v.snapshot.healthy and (v.available_gib or 0) > 0)

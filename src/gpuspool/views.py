@@ -121,13 +121,15 @@ def gpus_snapshot(ledger: LedgerBackend) -> dict[str, Any]:
 
 
 def submitter_counts(
-    ledger: LedgerBackend, waiting_jobs: Iterable[Waiting] | None = None
+    ledger: LedgerBackend,
+    waiting_jobs: Iterable[Waiting] | None = None,
+    running_jobs: Iterable[JobRecord] | None = None,
 ) -> tuple[dict[int, int], dict[int, int]]:
     """Running and waiting (queued, deferred, interrupted, held) jobs per submitter uid.
-    ``waiting_jobs``: the waiting jobs if the caller has them (the daemon keeps them), else
-    they are read from the ledger."""
+    ``waiting_jobs``, ``running_jobs`` (of every host): those jobs if the caller has them (the
+    daemon keeps them), else they are read from the ledger."""
     running: dict[int, int] = {}
-    for job in ledger.jobs([JobState.RUNNING]):
+    for job in ledger.jobs([JobState.RUNNING]) if running_jobs is None else running_jobs:
         running[job.submitter_uid] = running.get(job.submitter_uid, 0) + 1
     waiting: dict[int, int] = {}
     for w in ledger.waiting() if waiting_jobs is None else waiting_jobs:

@@ -238,9 +238,9 @@ def test_other_hosts_changes_do_not_rewrite_every_reason(tmp_path: Path, pg_url:
     written: list[dict[str, str]] = []
     original = a.daemon.ledger.set_reasons
 
-    def spy(reasons: dict[str, str], *, now: float) -> None:
+    def spy(reasons: dict[str, str], *, now: float, **kw: Any) -> None:
         written.append(dict(reasons))
-        original(reasons, now=now)
+        original(reasons, now=now, **kw)
 
     a.daemon.ledger.set_reasons = spy  # type: ignore[method-assign]
     late = b.submit("late")

@@ -68,9 +68,10 @@ def test_reasons_whose_figures_alone_move_are_written_at_most_every_30_s(
     written: list[set[str]] = []
     original = a.daemon.ledger.set_reasons
 
-    def spy(reasons: dict[str, str], *, now: float) -> None:
-        written.append(set(reasons))
-        original(reasons, now=now)
+    def spy(reasons: dict[str, str], *, now: float, **kw: Any) -> None:
+        if reasons:
+            written.append(set(reasons))
+        original(reasons, now=now, **kw)
 
     a.daemon.ledger.set_reasons = spy  # type: ignore[method-assign]
     for free in (12, 4, 15, 11):  # figures only: the first is written, then none for a while
@@ -83,6 +84,35 @@ def test_reasons_whose_figures_alone_move_are_written_at_most_every_30_s(
     assert all("13.0 GiB available" in a.job(j).reason for j in jobs)
     a.set_gpus([gpu_entry(0, 79)])
     a.tick(1.0)  # a new kind of reason: written at once
-    assert len(written) == 3 and "stable 1/3 polls" in a.job(jobs[0]).reason
-    a.tick(1.0)
-    assert "stable 2/3 polls" in a.job(jobs[0]).reason
+    assert len(written) == 3
+    assert "enough free, starts once it stays so for 3 polls" in a.job(jobs[0]).reason
+
+
+def test_the_stability_count_down_does_not_rewrite_the_queue(tmp_path: Path, pg_url: str) -> None:
+    """While a GPU frees, its polls towards ``stable_polls`` change no waiting job's reason:
+    the queue is written once when the GPU has enough, then not until a job starts."""
+    (tmp_path / "a").mkdir()
+    a = Harness(tmp_path / "a", ledger_url=pg_url, host_name="a", poll_interval_s=0.1,
+                stable_polls=3, host_timeout_s=TIMEOUT_S)  # fmt: skip
+    a.env["STUB_MODE"] = "sleep"
+    a.set_gpus([gpu_entry(0, 10)])
+    jobs = [a.submit(f"j{i}") for i in range(5)]
+    a.tick()
+    written: list[set[str]] = []
+    dropped: list[set[str]] = []
+    original = a.daemon.ledger.set_reasons
+
+    def spy(reasons: dict[str, str], *, now: float, **kw: Any) -> None:
+        written.append(set(reasons))
+        dropped.append(set(kw.get("gone", ())))
+        original(reasons, now=now, **kw)
+
+    a.daemon.ledger.set_reasons = spy  # type: ignore[method-assign]
+    a.set_gpus([gpu_entry(0, 79)])
+    a.tick(1.0)  # enough free: every waiting reason says so, once
+    a.tick(1.0)  # the count-down: nothing to write
+    assert written == [set(jobs)]
+    a.tick(1.0)  # third stable poll: the first job starts, and leaves the queue's reasons
+    assert a.state(jobs[0]) == "running"
+    assert written[1] == set(jobs[1:]) and dropped == [set(), {jobs[0]}]
+    a.daemon.stop_all(a.now, hard=True)

@@ -54,8 +54,8 @@ class RandomRunner:
     def find_job_processes(self, uids: Mapping[str, int]) -> dict[str, tuple[int, float]]:
         return {}
 
-    def kill_leftovers(self, job_id: str, uid: int) -> list[int]:
-        return []
+    def kill_leftovers(self, uids: Mapping[str, int]) -> dict[str, list[int]]:
+        return {}
 
     def remove_scratch(self, path: Path) -> None:
         pass

@@ -33,7 +33,8 @@ def test_starts_only_after_stable_polls() -> None:
     g = gpu(0, 50)
     d = place([job("a", 40)], [view(g, 10.0, 50.0, 50.0)], stable_polls=3)
     assert d.starts == ()
-    assert "stable 2/3 polls" in d.reasons["a"]
+    assert "enough free, starts once it stays so for 3 polls" in d.reasons["a"]
+    assert d.distance["a"] == 0.0
     d = place([job("a", 40)], [view(g, 50.0, 50.0, 50.0)], stable_polls=3)
     assert [(s.job_id, s.gpu_uuid) for s in d.starts] == [("a", g.uuid)]
 

@@ -22,7 +22,7 @@ def test_job_waits_until_free_memory_is_stable(harness: Harness) -> None:
     harness.tick()
     harness.tick()
     assert harness.state(job) == "queued"
-    assert "stable 2/3 polls" in harness.job(job).reason
+    assert "starts once it stays so for 3 polls" in harness.job(job).reason
     harness.tick()
     assert harness.state(job) == "running"
     assert harness.job(job).gpu_uuid == "GPU-sim-0"
