@@ -387,8 +387,10 @@ def _job_cells(job: dict[str, Any]) -> dict[str, Any]:
     if job["gpu_uuid"] and (running or job["state"] in TERMINAL_VALUES):
         short = safe(job["gpu_uuid"])[:12]
         gpu = f"{job['gpu_index']} {short}" if job["gpu_index"] is not None else short
-        if job.get("host"):  # a shared ledger: which host runs it
-            gpu = f"{safe(job['host'])}: {gpu}"
+        if job.get("host"):  # a shared ledger: `host:index`, as `gpuspool gpus` names it,
+            # short enough to keep the column at 80 columns (the UUID is in `--json`)
+            where = short if job["gpu_index"] is None else job["gpu_index"]
+            gpu = f"{safe(job['host'])}:{where}"
     if job["state"] in ("running", "done"):
         note = _running_note(job.get("reason")) if running else f"in {_duration(job['elapsed_s'])}"
     else:
@@ -554,12 +556,15 @@ def gpus_data(
                 "processes": procs,
             }
         )
-    return {
+    data: dict[str, Any] = {
         "at": snap["at"],
         "threshold_gib": threshold_gib,
         "stable_polls_needed": stable_polls,
         "gpus": gpus,
     }
+    if "hosts" in snap:  # a shared ledger: each host's heartbeat age, for `gpus --json`
+        data["hosts"] = snap["hosts"]
+    return data
 
 
 def _gpus_head(data: dict[str, Any], now: float) -> Text:

@@ -186,9 +186,11 @@ def test_gpus_status_and_metrics_name_the_host(tmp_path: Path, pg_url: str) -> N
     data = views.gpus_data(snap, reader.jobs(), 20.0, 1)
     lines = views.gpus_lines(data, time.time())
     assert [line.split("\t")[0] for line in lines[2:]] == ["a:0", "b:0"]
+    assert [h["name"] for h in data["hosts"]] == ["a", "b"]  # what `gpus --json` prints
     status = views.status_data(reader, time.time())
     assert {j["id"]: j["host"] for j in status["jobs"]} == {ja: "a", jb: "b"}
-    assert any(line.startswith(f"{ja}") and "a: 0" in line for line in views.status_lines(status))
+    rows = views.status_lines(status)
+    assert any(line.startswith(f"{ja}") and "\ta:0\t" in line for line in rows)
     reader.close()
     wait_until(lambda: a.tick(0.1) and b.tick(0.1) and a.job(ja).progress and b.job(jb).progress)
     m = DaemonMetrics(hostname="a")
