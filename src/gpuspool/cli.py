@@ -807,10 +807,20 @@ def job_logs(
     if ledger is not None:
         record = _find(ledger, job)
         job_id, state, log_path = record.id, record.state.value, record.log_path
+        ran_on = record.host
     else:
         own = _find_own(s, job)
         job_id, state, log_path = str(own["id"]), str(own["state"]), own.get("log_path")
+        ran_on = own.get("host")
     path = Path(log_path) if log_path else s.logs_dir / f"{job_id}.log"
+    if ran_on and ran_on != s.host_name and not path.exists():
+        # A shared ledger: the log is in the state_dir of the host that ran the job's last
+        # attempt, which this host cannot read; "no log yet" would say it was never written.
+        err.print(
+            Text(safe(f"the log of {job_id} (state {state}) is on host {ran_on}, at {path}:"
+                      f" run `gpuspool logs` there (this is host {s.host_name})"))
+        )  # fmt: skip
+        raise typer.Exit(1)
     pretty = console.is_terminal and not as_json
 
     def emit(line: str) -> None:

@@ -16,6 +16,7 @@ from tests.pgserver import PgServer, require_driver
 
 require_driver()
 
+import pytest
 from structlog.testing import capture_logs
 
 from gpuspool.ledger_pg import PgLedger
@@ -270,4 +271,26 @@ def test_a_restarted_daemon_kills_its_workers_whose_jobs_moved(tmp_path: Path, p
     assert next(e for e in logs if e["event"] == "job_fenced_out")["pid"] == stale
     wait_until(lambda: not alive(stale), timeout=10)
     assert alive(fresh.pid) and b.job(job).pid == fresh.pid
+    b.daemon.stop_all(b.now, hard=True)
+
+
+def test_logs_of_a_job_another_host_ran_name_that_host(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`gpuspool logs` on host a, for a job host b ran: the log is in b's state_dir, which a
+    cannot read; the command says so and fails, instead of "no log yet" and exit 0."""
+    from gpuspool.cli import main
+
+    b = host(tmp_path, pg_url, "b")
+    job = b.submit("on-b", hosts=["b"])
+    wait_until(lambda: b.tick(0.1) and b.state(job) == "done", timeout=30, step=0.05)
+    log = b.job(job).log_path
+    assert log and Path(log).exists()
+    Path(log).unlink()  # host a sees the shared folders, not b's state_dir
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'ledger_url = "{pg_url}"\nhost_name = "a"\nstate_dir = "{tmp_path / "sa"}"\n')
+    capsys.readouterr()
+    assert main(["--config", str(cfg), "logs", job]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"the log of {job} (state done) is on host b" in err and "this is host a" in err
     b.daemon.stop_all(b.now, hard=True)
