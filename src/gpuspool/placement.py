@@ -276,7 +276,14 @@ def _place_one(
     if job.avoid and fitting and all(g.uuid in job.avoid for g in fitting):
         g = fitting[0]
         where = f"GPU {g.snapshot.index} ({_short(g.uuid)})"
-        return f"{where}: cool-down after a yield there", False, FAR
+        # Static words (no seconds left): a reason that changed at every tick would be
+        # rewritten at every tick. The cool-down lasts as long as the stranger stays.
+        return (
+            f"{where}: cool-down after a yield there, until it has had no other user's"
+            " process for yield_cooldown_s",
+            False,
+            FAR,
+        )
     fitting = [g for g in fitting if g.uuid not in job.avoid]
     if fitting:
         best = min(fitting, key=lambda g: (g.available_gib or 0.0, g.snapshot.index))
