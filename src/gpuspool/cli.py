@@ -655,6 +655,7 @@ def gpus(
             ledger.jobs([JobState.RUNNING]),
             s.min_free_gib,
             s.stable_polls,
+            host_timeout_s=s.host_timeout_s,
         )
 
     def render() -> RenderableType:

@@ -530,12 +530,19 @@ def _pgid(pid: int) -> int | None:
 
 
 def gpus_data(
-    snap: dict[str, Any], running: list[JobRecord], threshold_gib: float, stable_polls: int
+    snap: dict[str, Any],
+    running: list[JobRecord],
+    threshold_gib: float,
+    stable_polls: int,
+    *,
+    host_timeout_s: float | None = None,
 ) -> dict[str, Any]:
     """Each GPU with what it means for placement, and its processes with ours marked.
 
     A process is ours when it is a running job's worker or in its process group (the worker
-    starts its own session, so everything it spawns shares the group).
+    starts its own session, so everything it spawns shares the group). On a shared ledger,
+    ``hosts`` too, each marked ``silent`` when its heartbeat is older than ``host_timeout_s``:
+    its GPUs are then as it last reported them, and its jobs move to the other hosts.
     """
     gpus = []
     for g in snap["gpus"]:
@@ -563,7 +570,10 @@ def gpus_data(
         "gpus": gpus,
     }
     if "hosts" in snap:  # a shared ledger: each host's heartbeat age, for `gpus --json`
-        data["hosts"] = snap["hosts"]
+        data["hosts"] = [
+            {**h, "silent": host_timeout_s is not None and h["age_s"] > host_timeout_s}
+            for h in snap["hosts"]
+        ]
     return data
 
 
@@ -579,6 +589,17 @@ def _gpus_head(data: dict[str, Any], now: float) -> Text:
         head.append(f"  as of {time.strftime('%H:%M:%S', time.localtime(data['at']))}", "dim")
         head.append(f" ({_duration(now - data['at'])} ago)", "dim")
     return head
+
+
+def _silent_hosts(data: dict[str, Any]) -> list[str]:
+    """A line per host silent past ``host_timeout_s``: "as of" is the newest heartbeat, so
+    without it a dead host's GPUs would look as fresh as the others'."""
+    return [
+        f"host {safe(h['name'])}: silent for {_duration(h['age_s'])}; its GPUs as it last"
+        " reported them, its jobs move to the other hosts"
+        for h in data.get("hosts", [])
+        if h.get("silent")
+    ]
 
 
 def _gpu_index(g: dict[str, Any]) -> str:
@@ -638,7 +659,8 @@ def gpus_view(data: dict[str, Any], now: float, *, width: int | None = None) -> 
         ])  # fmt: skip
     table = _fit_table(GPU_COLUMNS, rows, width)
     foot = Text("★ = a gpuspool job's process", "dim")
-    return Group(_gpus_head(data, now), table, foot)
+    silent = [Text(line, "bold red") for line in _silent_hosts(data)]
+    return Group(_gpus_head(data, now), *silent, table, foot)
 
 
 def gpus_lines(data: dict[str, Any], now: float) -> list[str]:
@@ -670,6 +692,7 @@ def gpus_lines(data: dict[str, Any], now: float) -> list[str]:
                 f"{g['stable_polls']}/{k}", safe(g["name"]), " ".join(procs),
             ]  # fmt: skip
         out.append("\t".join(f or "-" for f in fields))
+    out.extend(f"# {line}" for line in _silent_hosts(data))  # after the rows: lines[2:] stay GPUs
     return out
 
 

@@ -188,6 +188,13 @@ def test_gpus_status_and_metrics_name_the_host(tmp_path: Path, pg_url: str) -> N
     lines = views.gpus_lines(data, time.time())
     assert [line.split("\t")[0] for line in lines[2:]] == ["a:0", "b:0"]
     assert [h["name"] for h in data["hosts"]] == ["a", "b"]  # what `gpus --json` prints
+    assert not any(h["silent"] for h in data["hosts"])
+    stale = views.gpus_data(snap, reader.jobs(), 20.0, 1, host_timeout_s=3600.0)
+    assert not any(h["silent"] for h in stale["hosts"])
+    stale = views.gpus_data(snap, reader.jobs(), 20.0, 1, host_timeout_s=-1.0)  # all past it
+    assert [h["silent"] for h in stale["hosts"]] == [True, True]
+    tail = views.gpus_lines(stale, time.time())[-2:]  # after the rows, as comments
+    assert [line.split(":")[0] for line in tail] == ["# host a", "# host b"]
     status = views.status_data(reader, time.time())
     assert {j["id"]: j["host"] for j in status["jobs"]} == {ja: "a", jb: "b"}
     rows = views.status_lines(status)
