@@ -368,8 +368,28 @@ def _status_head(data: dict[str, Any], poll_interval_s: float) -> Text:
     return head
 
 
-def _job_cells(job: dict[str, Any]) -> dict[str, Any]:
-    """One job's status cells as plain strings (and the progress fraction for a bar)."""
+def _yielded_briefly(job: dict[str, Any]) -> str | None:
+    """The last yield for a terminal's narrow "why" column: "yielded to pid N (user U) at
+    HH:MM:SS", local time like the rest of the view; the GPU is in the reason beside it, and
+    the pipe and ``--json`` keep the full words."""
+    last, yields = job.get("last_yield"), job.get("yields")
+    if not isinstance(last, dict) or not isinstance(yields, int) or yields < 1:
+        return job.get("yielded")
+    pid = last.get("pid")
+    who = "others' processes" if pid is None else f"pid {pid} (user {last.get('user') or '?'})"
+    at = last.get("at")
+    when = (
+        f" at {time.strftime('%H:%M:%S', time.localtime(at))}"
+        if isinstance(at, int | float)
+        else ""
+    )
+    times = f" ({yields} yields)" if yields > 1 else ""
+    return f"yielded to {who}{when}{times}"
+
+
+def _job_cells(job: dict[str, Any], *, terminal: bool = False) -> dict[str, Any]:
+    """One job's status cells as plain strings (and the progress fraction for a bar);
+    ``terminal``: the shorter words of the table on a terminal."""
     p = job["progress"]
     done, total = p.get("lines_done"), p.get("lines_total")
     running = job["state"] == "running"
@@ -395,7 +415,7 @@ def _job_cells(job: dict[str, Any]) -> dict[str, Any]:
         note = _running_note(job.get("reason")) if running else f"in {_duration(job['elapsed_s'])}"
     else:
         note = safe(job["reason"] or "")
-    yielded = job.get("yielded")
+    yielded = _yielded_briefly(job) if terminal else job.get("yielded")
     if yielded and job["state"] not in TERMINAL_VALUES:
         note = f"{note}; {safe(yielded)}" if note else safe(yielded)
     eta = p.get("eta_s") if running else None
@@ -482,7 +502,7 @@ def status_view(
     jobs, hidden = _listed_jobs(data, max_waiting)
     rows: list[list[RenderableType]] = []
     for job in jobs:
-        c = _job_cells(job)
+        c = _job_cells(job, terminal=True)
         bar: RenderableType = ""
         if c["fraction"] is not None:
             done, total = c["fraction"]

@@ -4,6 +4,7 @@ yields its GPU to another user's process, waits again, skips that GPU for its co
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -304,9 +305,11 @@ def test_cooldown_survives_a_restart(tmp_path: Path) -> None:
 def test_status_metrics_and_plot_show_the_yield(tmp_path: Path) -> None:
     """status says "yielded to pid N (user U) on GPU X at T"; the yields counter and the run
     duration by outcome count it; the plot marks the run's end as yielded."""
+    from rich.console import Console
+
     from gpuspool.metrics import DaemonMetrics
     from gpuspool.plot import plot_data
-    from gpuspool.views import status_data, status_lines
+    from gpuspool.views import status_data, status_lines, status_view
 
     h = harness(tmp_path)
     metrics = DaemonMetrics()
@@ -327,6 +330,12 @@ def test_status_metrics_and_plot_show_the_yield(tmp_path: Path) -> None:
     (line,) = [x for x in status_lines(data) if x.startswith(job)]
     at = iso_timestamp(row["last_yield"]["at"])
     assert f"yielded to pid {FOREIGN} (user ann) on GPU 0 (GPU-sim-0) at {at}" in line
+    console = Console(width=200, record=True)  # a terminal: local time, like the rest of it
+    console.print(status_view(data, width=200))
+    local = time.strftime("%H:%M:%S", time.localtime(row["last_yield"]["at"]))
+    assert f"yielded to pid {FOREIGN} (user ann) at {local}" in " ".join(
+        console.export_text().split()
+    )
     lane = plot_data(h.daemon.ledger, since=0.0, until=h.now, threshold_gib=20.0).jobs[0]
     assert [s.outcome for s in lane.segments if s.kind == "run"] == ["yielded"]
 
