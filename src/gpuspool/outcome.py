@@ -29,7 +29,7 @@ class StopReason(StrEnum):
     DAEMON_STOPPING = "daemon stopping"
     #: Another user's process came to the job's GPU (``yield_on_foreign_process``,
     #: ``yield_when_free_below_gib``): the job steps aside and waits again.
-    YIELDED = "yielding the GPU to another user's process"
+    YIELDED = "yielding the GPU to a process gpuspool did not start"
 
 
 @dataclass(frozen=True, slots=True)

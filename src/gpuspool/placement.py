@@ -279,8 +279,8 @@ def _place_one(
         # Static words (no seconds left): a reason that changed at every tick would be
         # rewritten at every tick. The cool-down lasts as long as the stranger stays.
         return (
-            f"{where}: cool-down after a yield there, until it has had no other user's"
-            " process for yield_cooldown_s",
+            f"{where}: cool-down after a yield there, until no process gpuspool did not"
+            " start has been on it for yield_cooldown_s",
             False,
             FAR,
         )

@@ -213,7 +213,9 @@ def test_cooldown_per_gpu(tmp_path: Path) -> None:
     for _ in range(10):
         h.tick()  # the owner is still there: the cool-down has not even begun
     assert h.state(job) == "queued" and "cool-down" in h.job(job).reason
-    assert "until it has had no other user's process for yield_cooldown_s" in h.job(job).reason
+    assert "until no process gpuspool did not start has been on it for yield_cooldown_s" in (
+        h.job(job).reason
+    )
     last_seen = h.now
     h.set_gpus([gpu_entry(0, 50)])
     while h.now + 1 < last_seen + COOLDOWN:
