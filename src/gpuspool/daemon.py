@@ -947,9 +947,10 @@ class Daemon:
             self._unseen_pids_noted = True
             self.log.warning(
                 "gpu_pids_not_visible", pids=sorted(unseen)[:8],
-                detail="NVML lists processes this daemon cannot see (no host pid namespace?):"
-                " they are never taken for another user's process; yield_on_foreign_process"
-                " needs the daemon in the host's pid namespace",
+                detail="NVML lists processes this daemon cannot see (ended since NVML listed"
+                " them, or no host pid namespace?): they are never taken for a stranger's"
+                " process; if this repeats at every start, yield_on_foreign_process needs the"
+                " daemon in the host's pid namespace",
             )  # fmt: skip
 
     def _maybe_yield(self, job: JobRecord, state: _Running, trigger: Trigger, now: float) -> None:
