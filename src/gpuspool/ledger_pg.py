@@ -262,8 +262,11 @@ class PgLedger:
                 keepalives_count=3,
             )  # fmt: skip
         except psycopg.Error as exc:
+            # libpq's message runs over lines ("...refused\n\tIs the server running"): one
+            # line, so the CLI does not show it with escaped control characters.
+            why = " ".join(str(exc).split())
             raise LedgerError(
-                f"cannot connect to the ledger at {redact_url(self.url)}: {exc}"
+                f"cannot connect to the ledger at {redact_url(self.url)}: {why}"
             ) from exc
 
     @property

@@ -93,6 +93,7 @@ def test_unreachable_server_names_the_url_without_password() -> None:
     with pytest.raises(LedgerError, match="cannot connect to the ledger at") as info:
         PgLedger(url, host_name="h")
     assert "secret" not in str(info.value) and "u:***@127.0.0.1:1" in str(info.value)
+    assert "\n" not in str(info.value) and "\t" not in str(info.value)  # libpq's, made one line
     assert redact_url("postgresql://u@h/db") == "postgresql://u@h/db"
 
 
