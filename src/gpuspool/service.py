@@ -341,6 +341,8 @@ class Service:
             state_dir=str(s.state_dir),
             poll_interval_s=s.poll_interval_s,
             min_free_gib=s.min_free_gib,
+            ledger=s.ledger_shown,  # which queue, and on a shared one which host this is
+            host=s.host_name if s.ledger_is_shared else None,
         )
         watchdog_s = self.notifier.watchdog_interval_s
         shown = ""

@@ -4,6 +4,7 @@ ledger: a job dropped in the spool runs to done, and the CLI sees it."""
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,3 +62,6 @@ def test_live_daemon_runs_a_job_on_postgresql(pg_live: PgLiveDaemon, pg_url: str
     assert [t["to_state"] for t in audit] == ["queued", "running", "done"]
     assert {t["host"] for t in audit} == {"box-1"}
     assert not pg_live.ledger_path.exists()  # nothing went to SQLite
+    started = [json.loads(line) for line in pg_live.log_path.read_text().splitlines()
+               if '"daemon_started"' in line]  # fmt: skip
+    assert started[0]["host"] == "box-1" and started[0]["ledger"].startswith("postgresql://")
