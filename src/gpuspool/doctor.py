@@ -342,6 +342,35 @@ def check_config(settings: Settings, config_path: Path | None) -> Check:
     return Check(name, True, f"loaded from {where}")
 
 
+def check_ledger(settings: Settings) -> Check | None:
+    """On a shared ledger (``ledger_url = "postgresql://…"``), whether this host reaches the
+    database, and which hosts heartbeat there; None on a single host (SQLite)."""
+    if not settings.ledger_is_shared:
+        return None
+    from gpuspool.ledger import LedgerError
+    from gpuspool.ledger_api import ClusterLedger, open_ledger
+
+    name = "shared ledger"
+    try:
+        ledger = open_ledger(settings, readonly=True)
+    except (LedgerError, ConfigError) as exc:
+        why = " ".join(str(exc).split())
+        if "start the daemon once" in why:  # a new database: the daemon's first start migrates
+            return Check(name, True, why)
+        return Check(
+            name, False, why,
+            "See docs/cluster.md (Setting up PostgreSQL, Configuring each host): pg_hba.conf"
+            " must let this host in; the password goes in root's ~/.pgpass or PGPASSWORD;"
+            " sslmode=verify-full needs the server's CA in root's ~/.postgresql/root.crt.",
+        )  # fmt: skip
+    try:
+        hosts = list(ledger.hosts()) if isinstance(ledger, ClusterLedger) else []
+    finally:
+        ledger.close()
+    seen = ", ".join(f"{h.name} ({h.age_s:.0f} s ago)" for h in hosts) or "none yet"
+    return Check(name, True, f"{settings.ledger_shown}: hosts' last heartbeats: {seen}")
+
+
 def worker_python(settings: Settings) -> str:
     """The interpreter that runs the extraction worker (the first word of worker_command)."""
     first = settings.worker_command[0] if settings.worker_command else sys.executable
@@ -476,6 +505,9 @@ def run_checks(
     checks.append(check_device_nodes(dev_dir, users, required_by=simulated))
     checks.extend(check_folders(settings, submit_group))
     checks.append(check_config(settings, config_path))
+    ledger = check_ledger(settings)
+    if ledger is not None:
+        checks.append(ledger)
     checks.append(check_worker_command(settings, users))
     checks.append(check_extract_versions(python, pins))
     need_cuda = not settings.worker_device.startswith("cpu")

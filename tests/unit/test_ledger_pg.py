@@ -206,3 +206,24 @@ def test_cli_reads_and_writes_a_postgresql_ledger(
     assert '"submitted"' in capsys.readouterr().out
     assert main(["--config", str(cfg), "cancel", job]) == 0
     assert h.state(job) == "cancelled"
+
+
+def test_doctor_checks_the_shared_ledger(tmp_path: Path, pg_url: str) -> None:
+    """`gpuspool doctor` on a shared ledger: a new database is fine (the daemon's first start
+    creates the schema), a reached one lists the hosts' heartbeats, an unreachable one fails
+    with the reason and where the set-up is; a single host (SQLite) has no such check."""
+    from gpuspool.doctor import check_ledger
+
+    assert check_ledger(Settings(state_dir=tmp_path)) is None
+    s = Settings(state_dir=tmp_path, ledger_url=pg_url, host_name="box-1")
+    fresh = check_ledger(s)
+    assert fresh is not None and fresh.ok and "start the daemon once" in fresh.detail
+    ledger = PgLedger(pg_url, host_name="box-1")  # as the daemon: migrates, then heartbeats
+    ledger.heartbeat(gpus=[], version="1", draining=False)
+    ledger.close()
+    reached = check_ledger(s)
+    assert reached is not None and reached.ok and "box-1 (0 s ago)" in reached.detail
+    down = Settings(state_dir=tmp_path, ledger_url="postgresql://u:pw@127.0.0.1:1/db")
+    failed = check_ledger(down)
+    assert failed is not None and not failed.ok and "cannot connect" in failed.detail
+    assert failed.fix is not None and "docs/cluster.md" in failed.fix and "pw" not in failed.detail
