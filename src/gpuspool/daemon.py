@@ -1292,6 +1292,8 @@ class Daemon:
             threshold_gib=job.threshold_gib,
             pid=started.pid,
             argv=launch.argv,
+            # On a shared ledger: which host, as each attempt's log lines may come from another
+            **({"host": self.settings.host_name} if self.cluster is not None else {}),
         )
         return None
 

@@ -7,6 +7,7 @@ Host silence is measured on the database's clock, so these tests wait real time 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -293,6 +294,8 @@ def test_logs_of_a_job_another_host_ran_name_that_host(
     wait_until(lambda: b.tick(0.1) and b.state(job) == "done", timeout=30, step=0.05)
     log = b.job(job).log_path
     assert log and Path(log).exists()
+    started = [json.loads(x) for x in Path(log).read_text().splitlines() if "job_started" in x]
+    assert started[0]["host"] == "b"  # each attempt's lines say where it ran
     Path(log).unlink()  # host a sees the shared folders, not b's state_dir
     cfg = tmp_path / "a.toml"
     cfg.write_text(f'ledger_url = "{pg_url}"\nhost_name = "a"\nstate_dir = "{tmp_path / "sa"}"\n')
