@@ -123,11 +123,14 @@ def test_three_hosts_run_a_hundred_jobs_each_once(cluster_factory: Any) -> None:
 def test_a_killed_hosts_jobs_finish_on_the_others(cluster_factory: Any) -> None:
     c = cluster_factory(["a", "b", "c"], gpus=2, mode="slow")
     jobs = [c.submit("abc"[i % 3], f"j{i}") for i in range(12)]
+    for d in c.hosts.values():  # 5 s a job: b and c cannot run the queue out before a fills up
+        with d.config.open("a") as f:
+            f.write('STUB_STEPS = "100"\n')
     c.start()
     # Every job in the shared ledger first: a file still in a's own spool would wait for a (each
     # host takes in its own spool), and this test is about a's running jobs moving on.
     wait_until(lambda: all(c.ledger.get(j) is not None for j in jobs), timeout=60, step=0.05)
-    wait_until(lambda: len(c.workers("a")) == 2, timeout=30, step=0.05)
+    wait_until(lambda: len(c.workers("a")) == 2, timeout=60, step=0.05)
     c.hosts["a"].kill9()
     # Read after the kill: a job a finished just before it is no victim (a loaded machine
     # leaves time for that between a look and the kill).
@@ -136,7 +139,7 @@ def test_a_killed_hosts_jobs_finish_on_the_others(cluster_factory: Any) -> None:
     for pid in c.workers("a"):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-    wait_until(lambda: c.all_done(jobs), timeout=60, step=0.2)
+    wait_until(lambda: c.all_done(jobs), timeout=120, step=0.2)
     for job_id in victims:
         trail = c.ledger.audit(job_id)
         assert [t["to_state"] for t in trail][-3:] == ["interrupted", "running", "done"]
