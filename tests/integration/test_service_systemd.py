@@ -90,7 +90,8 @@ def test_sighup_reloads_config_and_keeps_running_job(
     start(live, notify, watchdog_usec=0)
     job = live.submit(audio_input, tokenizer_dir)
     wait_state(live, job, {"running"})
-    pid = live.job(job).pid
+    # "running" is written just before the worker starts, its pid just after: wait for both.
+    pid = wait_until(lambda: live.job(job).pid, timeout=30)
     text = live.config.read_text().replace("min_free_gib = 20.0", "min_free_gib = 30.0")
     live.config.write_text(text)
     assert live.proc is not None
