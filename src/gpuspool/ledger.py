@@ -214,17 +214,18 @@ def record_from_row(row: Any) -> JobRecord:
         host=row["host"] if "host" in keys else None,
         fence=int(row["fence"] or 0) if "fence" in keys else 0,
         yields=int(row["yields"] or 0) if "yields" in keys else 0,
-        last_yield=_json_object(row["last_yield_json"]) if "last_yield_json" in keys else None,
+        last_yield=json_object(row["last_yield_json"]) if "last_yield_json" in keys else None,
     )
 
 
-def _json_object(raw: str | None) -> dict[str, Any] | None:
-    """A stored JSON object, or None (also for anything else: a view never fails on a row)."""
-    if not raw:
+def json_object(raw: object) -> dict[str, Any] | None:
+    """``raw`` (a stored or printed string) as a JSON object, or None for anything else, deep
+    nesting included: a view never fails on a row or a log line."""
+    if not isinstance(raw, str) or not raw:
         return None
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
 

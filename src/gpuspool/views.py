@@ -25,7 +25,7 @@ from rich.text import Text
 
 from gpuspool import logs
 from gpuspool.fairshare import share_table, usage_by_user, usage_horizon
-from gpuspool.ledger import JobRecord, Waiting
+from gpuspool.ledger import JobRecord, Waiting, json_object
 from gpuspool.ledger_api import ClusterLedger, LedgerBackend
 from gpuspool.models import TERMINAL_STATES, JobState
 from gpuspool.placement import stable_count
@@ -206,7 +206,7 @@ def status_data(
     out = []
     for row in rows:
         row["progress"] = progress_view(row.pop("progress_json"))
-        row["last_yield"] = _last_yield(row.pop("last_yield_json", None))
+        row["last_yield"] = json_object(row.pop("last_yield_json", None))
         row["yields"] = int(row.get("yields") or 0)
         row["yielded"] = _yielded_words(row["yields"], row["last_yield"])
         row["gpu_index"] = index.get(row["gpu_uuid"] or "")
@@ -230,17 +230,6 @@ def status_data(
     if fair_share_half_life_s is not None and submitter_uid is None:
         data["submitters"] = submitters_data(ledger, now, fair_share_half_life_s)
     return data
-
-
-def _last_yield(raw: object) -> dict[str, Any] | None:
-    """The stored last yield as a mapping (None for none, or for anything unreadable)."""
-    if not isinstance(raw, str) or not raw:
-        return None
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _duration(seconds: float | None) -> str:
@@ -757,13 +746,7 @@ def _count(value: object) -> bool:
 def _json_object(raw: str) -> dict[str, Any] | None:
     """``raw`` as a JSON object, or None. A job's log holds whatever its worker printed, so
     anything (deep nesting included) is just text."""
-    if not raw.startswith("{"):
-        return None
-    try:
-        value = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
+    return json_object(raw) if raw.startswith("{") else None
 
 
 def _clock(ts: object) -> str:
