@@ -115,18 +115,11 @@ def readahead_libraries() -> None:
                 out += sorted(Path(root).glob(pattern), key=lambda q: -q.stat().st_size)
         return out
 
+    from gpuspool.extract.startup import will_need
+
     def run() -> None:
         for path in paths():
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            will_need(path)
 
     threading.Thread(target=run, name="readahead", daemon=True).start()
 

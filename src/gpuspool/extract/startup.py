@@ -41,16 +41,22 @@ def _advise_will_need(folder: Path) -> None:
         key=lambda p: p.stat().st_size,
     )
     for path in files:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        will_need(path)
+
+
+def will_need(path: Path) -> None:
+    """Ask the kernel to read ``path`` into the page cache (``POSIX_FADV_WILLNEED``); a file
+    that cannot be opened is skipped: read-ahead is a hint, never an error."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def process_age_s() -> float | None:
