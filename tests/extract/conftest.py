@@ -84,3 +84,27 @@ def extract() -> Any:
 def spawn() -> Any:
     """The child-process runner: ``spawn(*args) -> Popen``."""
     return spawn_extract
+
+
+#: The worker's flags for the interrupt tests: small batches, so a run has many checkpoints.
+CHECKPOINTED_ARGS = ["--batch-seconds", "2", "--sort-window", "12", "--loader-workers", "2"]
+
+
+@pytest.fixture(scope="session")
+def many_clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48 short clips, so a run has dozens of batches and checkpoints to interrupt."""
+    from gpuspool.extract.synth import synth_dataset
+
+    return synth_dataset(tmp_path_factory.mktemp("many"), 48, 0.3, 2.0, seed=11)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(
+    many_clips: Path, tiny_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory
+) -> bytes:
+    """Output bytes of one run of ``many_clips`` that nobody interrupts."""
+    out = tmp_path_factory.mktemp("u") / "out.jsonl"
+    r = run_extract("--input", many_clips, "--output", out, "--tokenizer", tiny_tokenizer,
+                    *CHECKPOINTED_ARGS)  # fmt: skip
+    assert r.code == 0
+    return out.read_bytes()

@@ -21,33 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.extract.conftest import SRC, run_extract
+from tests.extract.conftest import CHECKPOINTED_ARGS as ARGS
+from tests.extract.conftest import SRC
 
 from gpuspool.exitcodes import ExitCode
 from gpuspool.extract.owner import JOB_ID_ENV
-from gpuspool.extract.synth import synth_dataset
 from gpuspool.protocol import FENCE_ENV, HOST_ENV, owner_path, parse_event, partial_path
 
 pytest.importorskip("torch")
 pytest.importorskip("qwen_tts")
-
-ARGS = ["--batch-seconds", "2", "--sort-window", "12", "--loader-workers", "2"]
-
-
-@pytest.fixture(scope="module")
-def clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """48 short clips: dozens of batches and checkpoints."""
-    return synth_dataset(tmp_path_factory.mktemp("fence"), 48, 0.3, 2.0, seed=11)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(
-    clips: Path, tiny_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory
-) -> bytes:
-    out = tmp_path_factory.mktemp("u") / "out.jsonl"
-    r = run_extract("--input", clips, "--output", out, "--tokenizer", tiny_tokenizer, *ARGS)
-    assert r.code == 0
-    return out.read_bytes()
 
 
 def _start(args: list[Any], fence: int, host: str) -> subprocess.Popen[str]:
@@ -118,10 +100,10 @@ def _events(stdout: str) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("wake", ["mid-run", "after-finish"])
 def test_a_stale_worker_woken_writes_nothing(
-    clips: Path, tiny_tokenizer: Path, tmp_path: Path, uninterrupted: bytes, wake: str
+    many_clips: Path, tiny_tokenizer: Path, tmp_path: Path, uninterrupted: bytes, wake: str
 ) -> None:
     out = tmp_path / "out.jsonl"
-    args = ["--input", clips, "--output", out, "--tokenizer", tiny_tokenizer, *ARGS]
+    args = ["--input", many_clips, "--output", out, "--tokenizer", tiny_tokenizer, *ARGS]
     stale = _start(args, 1, "a")
     new: subprocess.Popen[str] | None = None
     try:
@@ -177,12 +159,12 @@ def test_a_stale_worker_woken_writes_nothing(
 
 
 def test_a_frozen_writer_holding_the_lock_delays_the_new_owner_only_so_long(
-    clips: Path, tiny_tokenizer: Path, tmp_path: Path
+    many_clips: Path, tiny_tokenizer: Path, tmp_path: Path
 ) -> None:
     """The new owner waits at most --fence-lock-wait-s for the lock a frozen stale worker holds,
     then exits 74 (retryable) with the reason, having written nothing."""
     out = tmp_path / "out.jsonl"
-    args = ["--input", clips, "--output", out, "--tokenizer", tiny_tokenizer, *ARGS]
+    args = ["--input", many_clips, "--output", out, "--tokenizer", tiny_tokenizer, *ARGS]
     stale = _start(args, 1, "a")
     try:
         _wait_for(stale, out, 6)

@@ -10,32 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.extract.conftest import run_extract
+from tests.extract.conftest import CHECKPOINTED_ARGS as ARGS
 
 from gpuspool.exitcodes import ExitCode
-from gpuspool.extract.synth import synth_dataset
 
 pytest.importorskip("torch")
 pytest.importorskip("qwen_tts")
-
-ARGS = ["--batch-seconds", "2", "--sort-window", "12", "--loader-workers", "2"]
-
-
-@pytest.fixture(scope="module")
-def many_clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """48 short clips, so a run has dozens of batches and checkpoints to interrupt."""
-    return synth_dataset(tmp_path_factory.mktemp("many"), 48, 0.3, 2.0, seed=11)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(
-    many_clips: Path, tiny_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory
-) -> bytes:
-    """Output bytes of one run that nobody interrupts."""
-    out = tmp_path_factory.mktemp("u") / "out.jsonl"
-    r = run_extract("--input", many_clips, "--output", out, "--tokenizer", tiny_tokenizer, *ARGS)
-    assert r.code == 0
-    return out.read_bytes()
 
 
 def _ckpt(out: Path) -> dict[str, Any] | None:
