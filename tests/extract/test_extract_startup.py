@@ -123,3 +123,47 @@ def test_tokenizer_of_another_model_type_is_a_config_error(
                 "--device", "cpu")  # fmt: skip
     assert r.code == ExitCode.CONFIG
     assert "cannot be loaded" in r.one("error")["reason"]
+
+
+#: Packages a GPU host often has beside torch, which transformers' image and video utilities
+#: import whenever they are installed (through ``modeling_layers``).
+HOST_EXTRAS = {"torchvision": "0.24.1", "jax": "0.10.2", "flax": "0.12.8"}
+
+
+def _broken_extras(site: Path) -> None:
+    """Install a package for each of ``HOST_EXTRAS`` that fails when imported (as a broken or
+    mismatched install does), with the metadata that makes transformers see it installed."""
+    for name, version in HOST_EXTRAS.items():
+        (site / name).mkdir(parents=True)
+        (site / name / "__init__.py").write_text(f"raise ImportError('{name} imported')\n")
+        dist = site / f"{name}-{version}.dist-info"
+        dist.mkdir()
+        (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+
+
+def test_torchvision_and_jax_beside_the_stack_are_not_imported(
+    dataset: Path, tiny_tokenizer: Path, tmp_path: Path
+) -> None:
+    """With torchvision, JAX and Flax installed, transformers would import them (a second
+    or more of start-up on a GPU host, and a failure where one is broken); the worker loads
+    and encodes without importing any of them."""
+    site = tmp_path / "site"
+    _broken_extras(site)
+    env_path = os.pathsep.join([str(site), str(SRC), os.environ.get("PYTHONPATH", "")])
+    # transformers left to itself imports them: the stand-ins are found and fail.
+    plain = subprocess.run(
+        [sys.executable, "-c", "import transformers.modeling_layers"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": env_path},
+    )  # fmt: skip
+    assert plain.returncode != 0 and "imported" in plain.stderr
+    out = tmp_path / "out.jsonl"
+    listing = tmp_path / "modules.json"
+    got = subprocess.run(
+        [sys.executable, "-c", RUN_AND_LIST, str(listing), "--input", str(dataset),
+         "--output", str(out), "--tokenizer", str(tiny_tokenizer), "--device", "cpu"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": env_path},
+    )  # fmt: skip
+    assert got.returncode == 0, got.stderr[-2000:]
+    modules = set(json.loads(listing.read_text()))
+    assert not [m for m in modules if m.split(".")[0] in HOST_EXTRAS]
+    assert len(_records(out)) == len(_records(dataset))

@@ -61,9 +61,18 @@ TOKENIZER_MODEL_TYPE = "qwen3_tts_tokenizer_12hz"
 TTS_STACK = ("qwen_tts.inference", "qwen_tts.core.models", "qwen_tts.core.tokenizer_25hz")
 #: transformers' flags for optional packages that it imports whenever they are installed, for
 #: features the encoder never uses: scikit-learn (assisted generation's ``roc_curve``; librosa
-#: depends on it, so it is there) and SciPy (the object-detection losses' matching). Together
-#: they were a third of the import time of the tokenizer's modules.
-_UNUSED_OPTIONAL = ("_sklearn_available", "_scipy_available")
+#: depends on it, so it is there) and SciPy (the object-detection losses' matching), together a
+#: third of the import time of the tokenizer's modules; and torchvision, JAX/Flax and
+#: TensorFlow, which its image and video utilities import (through ``modeling_layers`` and
+#: ``processing_utils``) on a host where they are installed beside torch.
+_UNUSED_OPTIONAL = (
+    "_sklearn_available",
+    "_scipy_available",
+    "_torchvision_available",
+    "_flax_available",
+    "_jax_available",
+    "_tf_available",
+)
 
 
 def import_tokenizer_stack() -> tuple[ModuleType, ModuleType]:
