@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# On a GPU host: the worker's start-up phases (bench/startup_phases.py) and the encoder's
+# variants and profile (bench/encoder_variants.py), with the full-size random-weight tokenizer.
+# Needs python3 with torch (CUDA) and the pinned extraction packages, either installed or as
+# wheels in WHEELS; CONFIG_DIR is the released config's folder.
+# Usage: WHEELS=path/to/wheels CONFIG_DIR=path/to/config WORK=/scratch bash bench/gpu_profile.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+WORK=${WORK:-/tmp/gpu-profile}
+CONFIG_DIR=${CONFIG_DIR:-.bench-config}
+mkdir -p "$WORK"
+if [[ -n ${WHEELS:-} && ! -d $WORK/site/qwen_tts ]]; then
+    python3 -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
+        --target "$WORK/site" "$WHEELS"/*.whl
+    python3 -m compileall -qq -j 0 "$WORK/site" || true
+fi
+[[ -n ${WHEELS:-} ]] && export PYTHONPATH=$WORK/site${PYTHONPATH:+:$PYTHONPATH}
+python3 -m compileall -qq -j 0 src || true
+[[ -f $WORK/tok/config.json ]] ||
+    PYTHONPATH=$PYTHONPATH:src python3 -m gpuspool.extract.tiny "$WORK/tok" --full "$CONFIG_DIR" >/dev/null 2>&1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+echo "\$ python3 bench/startup_phases.py --tokenizer TOK --runs ${RUNS:-2} --importtime"
+python3 bench/startup_phases.py --tokenizer "$WORK/tok" --runs "${RUNS:-2}" --importtime
+for b in ${BUDGETS:-320}; do
+    echo "\$ python3 bench/encoder_variants.py --tokenizer TOK --budget $b --clips ${CLIPS:-600}"
+    python3 bench/encoder_variants.py --tokenizer "$WORK/tok" --budget "$b" --clips "${CLIPS:-600}" 2>&1 |
+        grep -v -e flash-attn -e '^\*' -e '^ *$'
+done
