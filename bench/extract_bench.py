@@ -65,6 +65,16 @@ def _step(label: str, argv: list[str], cwd: Path | None = None) -> tuple[str, fl
     return p.stdout, wall
 
 
+def worker_command(
+    jl: Path, tok: Path, out: Path, budget: float, device: str, *, tf32: bool = False
+) -> list[str]:
+    """The command line of one measured ``gpuspool extract`` run (a fresh output each time)."""
+    cmd = [sys.executable, "-m", "gpuspool.extract", "--input", str(jl), "--output", str(out),
+           "--tokenizer", str(tok), "--device", device, "--batch-seconds", f"{budget:g}",
+           "--overwrite", "--no-resume", "--progress-interval-s", "2"]  # fmt: skip
+    return [*cmd, "--tf32"] if tf32 else cmd
+
+
 def _last_json(stdout: str, event: str | None = None) -> dict[str, Any]:
     for line in reversed(stdout.splitlines()):
         line = line.strip()
@@ -569,27 +579,7 @@ def cmd_all(a: argparse.Namespace) -> None:
     longest = scan_input(jl).longest_s
     for budget, tf32 in runs:
         out = work / f"gpuspool_{budget:g}{'_tf32' if tf32 else ''}.jsonl"
-        cmd = [
-            py,
-            "-m",
-            "gpuspool.extract",
-            "--input",
-            str(jl),
-            "--output",
-            str(out),
-            "--tokenizer",
-            str(tok_dir),
-            "--device",
-            a.device,
-            "--batch-seconds",
-            f"{budget:g}",
-            "--overwrite",
-            "--no-resume",
-            "--progress-interval-s",
-            "2",
-        ]
-        if tf32:
-            cmd.append("--tf32")
+        cmd = worker_command(jl, tok_dir, out, budget, a.device, tf32=tf32)
         stdout, wall = _step("gpuspool run", cmd)
         s = _last_json(stdout, "summary")
         steady = s["audio_s_done"] / (s["scan_s"] + s["processing_s"])

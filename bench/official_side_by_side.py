@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from extract_bench import _dataset, _env, _last_json, compare  # noqa: E402
+from extract_bench import _dataset, _env, _last_json, compare, worker_command  # noqa: E402
 
 #: What the log line of a gpuspool run shows.
 SHOWN = ("wall_s", "x_official_whole_process", "steady_audio_s_per_s", "nvidia_smi_peak_gib")
@@ -118,35 +118,6 @@ def timed(label: str, argv: list[str], cwd: Path | None = None) -> dict[str, Any
     with contextlib.suppress(RuntimeError):
         out["summary"] = _last_json(p.stdout, "summary")
     return out
-
-
-def gpuspool(
-    jl: Path, tok: Path, out: Path, budget: float, tf32: bool, loaders: int | None, device: str
-) -> list[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "gpuspool.extract",
-        "--input",
-        str(jl),
-        "--output",
-        str(out),
-        "--tokenizer",
-        str(tok),
-        "--device",
-        device,
-        "--batch-seconds",
-        f"{budget:g}",
-        "--overwrite",
-        "--no-resume",
-        "--progress-interval-s",
-        "5",
-    ]
-    if tf32:
-        cmd.append("--tf32")
-    if loaders is not None:
-        cmd += ["--loader-workers", str(loaders)]
-    return cmd
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -230,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         runs += [(b, True) for b in (a.tf32_budgets if k == 0 else [])]
         for budget, tf32 in runs:
             out = set_dir / f"gpuspool_{budget:g}{'_tf32' if tf32 else ''}.jsonl"
-            r = timed("gpuspool", gpuspool(jl, tok, out, budget, tf32, None, a.device))
+            r = timed("gpuspool", worker_command(jl, tok, out, budget, a.device, tf32=tf32))
             s = r.pop("summary")
             r |= {
                 "budget_s": budget,
@@ -289,7 +260,10 @@ def main(argv: list[str] | None = None) -> None:
             row["loaders"] = []
             for n in a.loaders:
                 out = set_dir / f"gpuspool_loaders_{n}.jsonl"
-                r = timed("loaders", gpuspool(jl, tok, out, 320.0, False, n, a.device))
+                r = timed(
+                    "loaders",
+                    [*worker_command(jl, tok, out, 320.0, a.device), "--loader-workers", str(n)],
+                )
                 s = r.pop("summary")
                 r |= {
                     "loaders": n,
