@@ -166,25 +166,32 @@ def test_a_frozen_writer_holding_the_lock_delays_the_new_owner_only_so_long(
     out = tmp_path / "out.jsonl"
     args = ["--input", many_clips, "--output", out, "--tokenizer", tiny_tokenizer, *ARGS]
     stale = _start(args, 1, "a")
+    holder: subprocess.Popen[str] | None = None
     try:
         _wait_for(stale, out, 6)
         os.killpg(stale.pid, signal.SIGSTOP)
-        # Hold the lock as a worker frozen inside a write would (a process of its own).
-        holder = subprocess.Popen(
-            [sys.executable, "-c", "import fcntl, os, sys, time\n"
-             f"fd = os.open({str(owner_path(out))!r}, os.O_RDWR)\n"
-             "fcntl.lockf(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(120)\n"],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        time.sleep(0.05)
+        if _lock_is_free(out):
+            # Hold the lock as a worker frozen inside a write would (a process of its own);
+            # else the stale worker was frozen inside a write, holding it itself.
+            holder = subprocess.Popen(
+                [sys.executable, "-c", "import fcntl, os, sys, time\n"
+                 f"fd = os.open({str(owner_path(out))!r}, os.O_RDWR)\n"
+                 "fcntl.lockf(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\n"
+                 "time.sleep(120)\n"],
+                stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert not _lock_is_free(out)
         before = (partial_path(out).read_bytes(), owner_path(out).read_bytes())
         t0 = time.monotonic()
         new = _start([*args, "--fence-lock-wait-s", "1"], 2, "b")
         new_out, _ = new.communicate(timeout=120)
         waited = time.monotonic() - t0
-        holder.kill()
-        holder.wait()
     finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(stale.pid, signal.SIGKILL)
         stale.wait()
