@@ -208,6 +208,7 @@ class Daemon:
         orphans = self.runner.find_job_processes(uids) if uids else {}
         if self.cluster is not None:
             self._kill_stale_workers(running, orphans)
+        ended: list[tuple[JobRecord, Exit]] = []
         for job in running:
             if job.pid is None and job.id in orphans:
                 # Started just before a crash, before its pid was recorded: adopt, never rerun.
@@ -218,7 +219,8 @@ class Daemon:
                 self.log.info("job_adopted", job_id=job.id, pid=job.pid, gpu_uuid=job.gpu_uuid)
                 continue
             self._read_events(job, now, tail=True)
-            self._finish(job, Exit(None), now)
+            ended.append((job, Exit(None)))
+        self._finish_all(ended, now, None)
         for job in self.ledger.jobs(sorted(RUNNABLE_STATES)):
             # The cool-down of a job that yielded before a restart starts again from its yield.
             last = job.last_yield or {}
@@ -511,7 +513,7 @@ class Daemon:
             self._finish_all(ended, now, report)
 
     def _finish_all(
-        self, ended: list[tuple[JobRecord, Exit]], now: float, report: TickReport
+        self, ended: list[tuple[JobRecord, Exit]], now: float, report: TickReport | None
     ) -> None:
         """File the jobs whose process is gone, after killing their stray processes in one pass
         over the process table for all of them (``Runner.kill_leftovers``)."""
@@ -630,20 +632,15 @@ class Daemon:
         job: JobRecord,
         gone: Exit,
         now: float,
-        report: TickReport | None = None,
+        report: TickReport | None,
         *,
-        strays: list[int] | None = None,
+        strays: list[int],
     ) -> None:
         """File a job whose process is gone: gather the facts, :func:`decide`, apply.
-        ``strays``: its leftover processes, already killed (else they are killed here)."""
+        ``strays``: its leftover processes, already killed (``_finish_all``)."""
         state = self._running.pop(job.id, _Running())
         if state.pid is not None:
             self._recent_pids[state.pid] = (job.id, now)
-        if strays is None:
-            uid = self._job_uid(job)
-            strays = (
-                [] if uid is None else self.runner.kill_leftovers({job.id: uid}).get(job.id, [])
-            )
         if strays:
             self.log.warning("job_strays_killed", job_id=job.id, pids=strays)
         facts = ExitFacts(
