@@ -42,9 +42,14 @@ RUN_AND_LIST = (
 )
 
 
-def _python(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+def _python(
+    *args: str | os.PathLike[str], first: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Python in a fresh process, our sources (after ``first``, if given) on its path."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [*([str(first)] if first else []), str(SRC), env.get("PYTHONPATH", "")]
+    )
     return subprocess.run(
         [sys.executable, *[str(a) for a in args]], capture_output=True, text=True, env=env
     )
@@ -149,20 +154,13 @@ def test_torchvision_and_jax_beside_the_stack_are_not_imported(
     and encodes without importing any of them."""
     site = tmp_path / "site"
     _broken_extras(site)
-    env_path = os.pathsep.join([str(site), str(SRC), os.environ.get("PYTHONPATH", "")])
     # transformers left to itself imports them: the stand-ins are found and fail.
-    plain = subprocess.run(
-        [sys.executable, "-c", "import transformers.modeling_layers"],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": env_path},
-    )  # fmt: skip
+    plain = _python("-c", "import transformers.modeling_layers", first=site)
     assert plain.returncode != 0 and "imported" in plain.stderr
     out = tmp_path / "out.jsonl"
     listing = tmp_path / "modules.json"
-    got = subprocess.run(
-        [sys.executable, "-c", RUN_AND_LIST, str(listing), "--input", str(dataset),
-         "--output", str(out), "--tokenizer", str(tiny_tokenizer), "--device", "cpu"],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": env_path},
-    )  # fmt: skip
+    got = _python("-c", RUN_AND_LIST, listing, "--input", dataset, "--output", out,
+                  "--tokenizer", tiny_tokenizer, "--device", "cpu", first=site)  # fmt: skip
     assert got.returncode == 0, got.stderr[-2000:]
     modules = set(json.loads(listing.read_text()))
     assert not [m for m in modules if m.split(".")[0] in HOST_EXTRAS]
