@@ -114,9 +114,7 @@ def _tokenizer_modules() -> tuple[ModuleType, ModuleType]:
     try:
         config, model = (importlib.import_module(name) for name in TOKENIZER_MODULES)
     finally:
-        for name, module in stand_ins.items():
-            if sys.modules.get(name) is module:
-                del sys.modules[name]
+        _remove_stand_ins(stand_ins)
     return config, model
 
 
@@ -133,17 +131,22 @@ def _stand_in_packages(names: tuple[str, ...]) -> dict[str, ModuleType]:
         else:
             spec = importlib.util.find_spec(name)
         if spec is None or spec.submodule_search_locations is None:
-            for module_name, module in made.items():
-                if sys.modules.get(module_name) is module:
-                    del sys.modules[module_name]
+            _remove_stand_ins(made)
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         made[name] = sys.modules[name] = importlib.util.module_from_spec(spec)
     return made
 
 
+def _remove_stand_ins(made: dict[str, ModuleType]) -> None:
+    """Take the stand-ins out of ``sys.modules`` (those still there)."""
+    for name, module in made.items():
+        if sys.modules.get(name) is module:
+            del sys.modules[name]
+
+
 def _skip_unused_optional_imports() -> None:
-    """Tell transformers that scikit-learn and SciPy are absent, before it imports the modules
-    that would import them (see ``_UNUSED_OPTIONAL``); nothing the encoder runs reads them.
+    """Tell transformers that the optional packages of ``_UNUSED_OPTIONAL`` are absent, before
+    it imports the modules that would import them; nothing the encoder runs reads them.
 
     Left alone if transformers' model code is imported already (its choice is made) or if its
     version has no such flags.
