@@ -18,20 +18,18 @@ from pathlib import Path
 _TOKENIZER_FILES = ("*.safetensors", "*.bin", "*.json")
 
 
-def prefetch_tokenizer(tokenizer: str) -> threading.Thread | None:
+def prefetch_tokenizer(tokenizer: str) -> None:
     """If ``tokenizer`` is a local folder, have the kernel read its weights and configs into the
-    page cache in the background (``POSIX_FADV_WILLNEED``), while the imports run; return the
-    thread that asks (a daemon thread: nothing waits for it). A hub id (no such folder) is left
-    to the hub's own cache, and a file that cannot be opened is skipped: the load reports it.
+    page cache in the background (``POSIX_FADV_WILLNEED``), while the imports run, from a
+    daemon thread nothing waits for. A hub id (no such folder) is left to the hub's own cache,
+    and a file that cannot be opened is skipped: the load reports it.
     """
     folder = Path(tokenizer)
     if not hasattr(os, "posix_fadvise") or not folder.is_dir():
-        return None
-    thread = threading.Thread(
+        return
+    threading.Thread(
         target=_advise_will_need, args=(folder,), name="prefetch-tokenizer", daemon=True
-    )
-    thread.start()
-    return thread
+    ).start()
 
 
 def _advise_will_need(folder: Path) -> None:
@@ -46,9 +44,10 @@ def _advise_will_need(folder: Path) -> None:
 
 def will_need(path: Path) -> None:
     """Ask the kernel to read ``path`` into the page cache (``POSIX_FADV_WILLNEED``); a file
-    that cannot be opened is skipped: read-ahead is a hint, never an error."""
+    that cannot be opened is skipped: read-ahead is a hint, never an error. Opened without
+    blocking: a FIFO put in the file's place after the folder was listed is not waited on."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return
     try:
