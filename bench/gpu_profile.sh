@@ -9,13 +9,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 WORK=${WORK:-/tmp/gpu-profile}
 CONFIG_DIR=${CONFIG_DIR:-.bench-config}
 mkdir -p "$WORK"
-if [[ -n ${WHEELS:-} && ! -d $WORK/site/qwen_tts ]]; then
-    python3 -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
-        --target "$WORK/site" "$WHEELS"/*.whl
-    python3 -m compileall -qq -j 0 "$WORK/site" || true
-fi
-[[ -n ${WHEELS:-} ]] && export PYTHONPATH=$WORK/site${PYTHONPATH:+:$PYTHONPATH}
-python3 -m compileall -qq -j 0 src || true
+source bench/wheels.sh
+use_wheels "$WORK/site"
 [[ -f $WORK/tok/config.json ]] ||
     PYTHONPATH=$PYTHONPATH:src python3 -m gpuspool.extract.tiny "$WORK/tok" --full "$CONFIG_DIR" >/dev/null 2>&1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader

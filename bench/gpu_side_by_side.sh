@@ -10,14 +10,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 WORK=${WORK:-/tmp/side-by-side}
 mkdir -p "$WORK"
-if [[ -n ${WHEELS:-} ]]; then
-    if [[ ! -d $WORK/site/qwen_tts ]]; then
-        python3 -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
-            --target "$WORK/site" "$WHEELS"/*.whl
-        python3 -m compileall -qq -j 0 "$WORK/site" || true
-    fi
-    export PYTHONPATH=$WORK/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-python3 -m compileall -qq -j 0 src || true
+source bench/wheels.sh
+use_wheels "$WORK/site"
 exec python3 bench/official_side_by_side.py --official-script "$OFFICIAL" \
     --config-dir "${CONFIG_DIR:-.bench-config}" --work "$WORK" "$@"

@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from extract_bench import _dataset, _env, _last_json, compare, worker_command  # noqa: E402
+from extract_bench import _dataset, _env, _last_json, _step, compare, worker_command  # noqa: E402
 
 #: What the log line of a gpuspool run shows.
 SHOWN = ("wall_s", "x_official_whole_process", "steady_audio_s_per_s", "nvidia_smi_peak_gib")
@@ -104,19 +104,15 @@ def gpu_name() -> str:
 
 
 def timed(label: str, argv: list[str], cwd: Path | None = None) -> dict[str, Any]:
-    """Run one process; its wall time, peak GPU memory and last JSON line (if any)."""
+    """Run one process (``_step``); its wall time, peak GPU memory and summary (if any)."""
     peak = GpuPeak()
-    t = time.monotonic()
-    p = subprocess.run(argv, cwd=cwd, env=_env(), capture_output=True, text=True, check=False)
-    wall = time.monotonic() - t
-    peak_gib = peak.stop()
-    if p.returncode:
-        raise SystemExit(
-            f"{label} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
-        )
+    try:
+        stdout, wall = _step(label, argv, cwd)
+    finally:
+        peak_gib = peak.stop()
     out: dict[str, Any] = {"wall_s": round(wall, 2), "nvidia_smi_peak_gib": peak_gib}
     with contextlib.suppress(RuntimeError):
-        out["summary"] = _last_json(p.stdout, "summary")
+        out["summary"] = _last_json(stdout, "summary")
     return out
 
 

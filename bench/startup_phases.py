@@ -11,7 +11,8 @@ Each mode runs in its own process and prints one JSON line of phase times (secon
 * ``thread+cuinit``: the same, the thread first calling the driver's ``cuInit`` through ctypes,
   which lets go of the interpreter lock while the driver starts.
 
-``--importtime`` adds the slowest packages of the worker's imports (``python -X importtime``).
+``--importtime`` adds the worker's slowest imports (``python -X importtime``, as
+``bench/worker_startup.py`` reports them).
 
     PYTHONPATH=SITE:src python3 bench/startup_phases.py --tokenizer DIR [--runs 2] [--importtime]
 """
@@ -19,7 +20,6 @@ Each mode runs in its own process and prints one JSON line of phase times (secon
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import subprocess
 import sys
@@ -113,34 +113,6 @@ def child(mode: str, tokenizer: str, device_spec: str) -> dict[str, Any]:
     return out
 
 
-def importtime(top: int) -> list[tuple[str, float]]:
-    """Cumulative self time of the worker's imports, by package (first two name parts)."""
-    code = "import torch; from gpuspool.extract.model import _tokenizer_modules as f; f()"
-    env_path = f"{SRC}"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-X",
-            "importtime",
-            "-c",
-            f"import sys; sys.path.insert(0, {env_path!r}); {code}",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    agg: collections.Counter[str] = collections.Counter()
-    for line in proc.stderr.splitlines():
-        if not line.startswith("import time:") or "self [us]" in line:
-            continue
-        self_us, _, name = line.split(":", 1)[1].split("|")
-        agg[".".join(name.strip().split(".")[:2])] += int(self_us)
-    total = sum(agg.values())
-    return [("TOTAL", round(total / 1e6, 3))] + [
-        (k, round(v / 1e6, 3)) for k, v in agg.most_common(top)
-    ]
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokenizer", required=True)
@@ -162,7 +134,9 @@ def main(argv: list[str] | None = None) -> None:
             lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
             print(lines[-1] if lines else json.dumps({"mode": mode, "error": proc.stderr[-800:]}))
     if a.importtime:
-        print(json.dumps({"importtime_by_package_s": importtime(30)}))
+        from worker_startup import importtime_top
+
+        print("\n".join(importtime_top(30)))
 
 
 if __name__ == "__main__":

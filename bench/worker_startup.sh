@@ -28,17 +28,7 @@ fi
 [[ -f ${CONFIG_DIR:-}/config.json ]] ||
     { echo "worker_startup.sh: set CONFIG_DIR to the released config's folder" >&2; exit 64; }
 mkdir -p "$WORK"
-if [[ -n ${WHEELS:-} ]]; then
-    SITE=$WORK/site
-    if [[ ! -d $SITE/qwen_tts ]]; then
-        # pip compiles one file at a time; compileall uses every core.
-        "$PY" -m pip install --quiet --disable-pip-version-check --no-index --no-deps \
-            --no-compile --target "$SITE" "$WHEELS"/*.whl
-        "$PY" -m compileall -qq -j 0 "$SITE" || true
-    fi
-    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-fi
-# Our own modules get bytecode too, as an installed wheel has.
-"$PY" -m compileall -qq -j 0 src || true
+source bench/wheels.sh
+use_wheels "$WORK/site"
 exec "$PY" bench/worker_startup.py --work "$WORK" --config-dir "$CONFIG_DIR" --device "$DEVICE" \
     --importtime --readahead --json "$WORK/worker_startup.json" "$@"
