@@ -40,6 +40,15 @@ EVENTS_FD_ENV = "GPUSPOOL_EVENTS_FD"
 #: (:func:`owner_path`) and writes nothing once a newer attempt owns the output.
 FENCE_ENV = "GPUSPOOL_FENCE"
 HOST_ENV = "GPUSPOOL_HOST"
+#: A worker started before its GPU is free (``prestart``) finds the read end of a pipe here: it
+#: imports what it needs, then waits for one line from the daemon, :func:`encode_go`, which
+#: names its GPU (and on a shared ledger its attempt). End of file: it is not wanted after all.
+GATE_FD_ENV = "GPUSPOOL_GATE_FD"
+#: What the go line may set in the worker's environment; nothing else is taken from it.
+GO_KEYS = frozenset({"CUDA_VISIBLE_DEVICES", FENCE_ENV, HOST_ENV})
+#: Longest go line (bytes): under ``PIPE_BUF``, so the daemon's one write to an empty pipe is
+#: whole and never blocks.
+MAX_GO_BYTES = 512
 #: Longest event line (bytes, newline included) the daemon reads; longer lines are ignored.
 MAX_EVENT_BYTES = 8192
 #: Longest string value kept from an event (longer ones are cut by the writer, refused on read).
@@ -106,11 +115,13 @@ class SummaryEvent(_Event):
     audio_s_done: Amount | None = None
     audio_s_per_s: Amount | None = None
     wall_s: Amount | None = None
-    #: Seconds from the worker's exec to its first batch sent to the device, and two parts of
-    #: it: importing the tokenizer's stack, and loading the model.
+    #: Seconds from the worker's exec to its first batch sent to the device, and parts of it:
+    #: importing the tokenizer's stack, loading the model, and waiting for the GPU.
     startup_s: Amount | None = None
     import_s: Amount | None = None
     model_load_s: Amount | None = None
+    #: A worker started before its GPU was free: the part of ``startup_s`` it waited for it.
+    gate_wait_s: Amount | None = None
     peak_gpu_gib: Amount | None = None
     need_gib: Amount | None = None
     batches: Count | None = None
@@ -196,7 +207,12 @@ def encode_event(kind: str, fields: dict[str, Any], *, timestamp: str | None = N
 
 def events_fd_from_env(environ: Mapping[str, str]) -> int | None:
     """The events descriptor announced in ``environ``, if it names an open descriptor."""
-    raw = environ.get(EVENTS_FD_ENV)
+    return inherited_fd(environ, EVENTS_FD_ENV)
+
+
+def inherited_fd(environ: Mapping[str, str], name: str) -> int | None:
+    """The descriptor the variable ``name`` of ``environ`` announces, if it is open."""
+    raw = environ.get(name)
     if raw is None or not raw.isdigit():
         return None
     fd = int(raw)
@@ -205,6 +221,30 @@ def events_fd_from_env(environ: Mapping[str, str]) -> int | None:
     except OSError:
         return None
     return fd
+
+
+def encode_go(env: Mapping[str, str]) -> bytes:
+    """The daemon's go line for a waiting worker: the variables of :data:`GO_KEYS` to set."""
+    unknown = set(env) - GO_KEYS
+    if unknown:
+        raise ValueError(f"not a go variable: {', '.join(sorted(unknown))}")
+    data = (json.dumps(dict(env), sort_keys=True) + "\n").encode()
+    if len(data) > MAX_GO_BYTES:
+        raise ValueError(f"go line of {len(data)} bytes (at most {MAX_GO_BYTES})")
+    return data
+
+
+def parse_go(data: bytes) -> dict[str, str] | None:
+    """The variables of a go line (:func:`encode_go`); None for anything else."""
+    try:
+        env = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(env, dict) or not set(env) <= GO_KEYS:
+        return None
+    if not all(isinstance(v, str) and not _CONTROL.search(v) for v in env.values()):
+        return None
+    return env
 
 
 def partial_path(out: str | os.PathLike[str]) -> Path:

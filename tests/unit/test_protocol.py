@@ -11,12 +11,15 @@ from hypothesis import strategies as st
 from gpuspool.models import JobSpec
 from gpuspool.protocol import (
     MAX_EVENT_BYTES,
+    MAX_GO_BYTES,
     ErrorEvent,
     ProgressEvent,
     SummaryEvent,
     encode_event,
+    encode_go,
     parse_event,
     parse_events,
+    parse_go,
 )
 
 
@@ -132,3 +135,16 @@ def test_the_summary_keeps_the_workers_start_up_times() -> None:
     fields = event.fields()
     assert (fields["startup_s"], fields["import_s"], fields["model_load_s"]) == (4.2, 3.1, 0.6)
     assert "launching_s" not in fields  # not a field of the protocol: dropped
+
+
+def test_a_go_line_sets_only_the_gpu_and_the_attempt() -> None:
+    go = {"CUDA_VISIBLE_DEVICES": "GPU-1", "GPUSPOOL_FENCE": "7", "GPUSPOOL_HOST": "h1"}
+    line = encode_go(go)
+    assert line.endswith(b"\n") and parse_go(line.rstrip(b"\n")) == go
+    with pytest.raises(ValueError, match="LD_PRELOAD"):
+        encode_go({"LD_PRELOAD": "/tmp/x.so"})
+    with pytest.raises(ValueError, match="bytes"):
+        encode_go({"GPUSPOOL_HOST": "h" * MAX_GO_BYTES})
+    for bad in (b"[]", b"{", b'{"PATH": "/tmp"}', b'{"GPUSPOOL_FENCE": 7}',
+                b'{"GPUSPOOL_HOST": "a\\u001bb"}'):  # fmt: skip
+        assert parse_go(bad) is None, bad

@@ -9,10 +9,12 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 
 from gpuspool.exitcodes import ExitCode
 from gpuspool.extract.events import Events
+from gpuspool.protocol import GATE_FD_ENV, inherited_fd
 
 DESCRIPTION = """\
 Extract Qwen3-TTS 12 Hz audio codes for every line of a JSONL file, as the official
@@ -135,8 +137,43 @@ def main(argv: list[str] | None = None) -> int:
     kw = vars(a)
     kw["resume"] = not kw.pop("no_resume")
     opts = Options(**kw)
+    gate = inherited_fd(os.environ, GATE_FD_ENV)
+    waited = None
+    if gate is not None:
+        del os.environ[GATE_FD_ENV]
+        t = time.monotonic()
+        if not _wait_for_gpu(gate, opts.tokenizer):
+            return 0
+        waited = time.monotonic() - t
     with contextlib.redirect_stdout(sys.stderr):
-        return Run(opts, events).execute()
+        run = Run(opts, events)
+        run.gate_wait_s = waited
+        return run.execute()
+
+
+def _wait_for_gpu(gate: int, tokenizer: str) -> bool:
+    """Started before its GPU was free: import torch and the tokenizer's modules now, then wait
+    for the daemon's go line and set what it names in the environment. False when the daemon
+    closed the gate instead (nothing was done). Should anything have started the CUDA driver
+    meanwhile, the worker runs itself again from the exec, so CUDA reads its GPU."""
+    from gpuspool.extract.startup import cuda_driver_started, prefetch_tokenizer, read_go
+
+    prefetch_tokenizer(tokenizer)
+    with contextlib.redirect_stdout(sys.stderr), contextlib.suppress(Exception):
+        # A broken install is reported by the run itself, which imports the same again.
+        import torch  # noqa: F401
+
+        from gpuspool.extract.model import import_tokenizer_stack
+
+        import_tokenizer_stack()
+    go = read_go(gate)
+    if go is None:
+        print("gpuspool extract: not started: the daemon closed the gate", file=sys.stderr)
+        return False
+    os.environ.update(go)
+    if cuda_driver_started():
+        os.execv(sys.executable, sys.orig_argv)
+    return True
 
 
 if __name__ == "__main__":

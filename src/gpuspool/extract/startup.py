@@ -5,14 +5,22 @@ cuDNN and cuBLAS). What does not depend on the imports runs beside them: the ker
 tokenizer's weights into the page cache while Python imports (:func:`prefetch_tokenizer`).
 :func:`process_age_s` measures start-up from the process's exec, as the kernel recorded it, so
 the interpreter's own start and the imports before ``Run`` are counted too.
+
+A worker the daemon starts before its GPU is free (``prestart``) does its imports, then waits at
+the gate (:func:`read_go`) for the line naming its GPU; CUDA has not started by then, so the
+``CUDA_VISIBLE_DEVICES`` that line sets is the one CUDA reads (:func:`cuda_driver_started`
+tells when something started it earlier).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
 from pathlib import Path
+
+from gpuspool.protocol import MAX_GO_BYTES, parse_go
 
 #: Files of a tokenizer folder that the load reads: the weights and the configs.
 _TOKENIZER_FILES = ("*.safetensors", "*.bin", "*.json")
@@ -70,3 +78,36 @@ def process_age_s() -> float | None:
     except (OSError, ValueError, IndexError, AttributeError):
         return None
     return max(0.0, now - start_ticks / ticks)
+
+
+def read_go(fd: int) -> dict[str, str] | None:
+    """Wait for the daemon's go line on ``fd`` (the gate) and close it; the variables it sets,
+    or None when the gate closed first (the daemon does not want this run) or the line is not a
+    go line."""
+    data = b""
+    try:
+        while b"\n" not in data and len(data) <= MAX_GO_BYTES:
+            chunk = os.read(fd, MAX_GO_BYTES + 1)
+            if not chunk:
+                return None
+            data += chunk
+    finally:
+        os.close(fd)
+    line, newline, _ = data.partition(b"\n")
+    return parse_go(line) if newline else None
+
+
+#: ``CUDA_ERROR_NOT_INITIALIZED``: what the driver API answers before ``cuInit``.
+_CUDA_NOT_INITIALIZED = 3
+
+
+def cuda_driver_started() -> bool:
+    """Whether the CUDA driver has started in this process (``cuInit`` was called): from then on
+    it does not read ``CUDA_VISIBLE_DEVICES`` again. False where the driver library is not
+    loaded (it is not loaded here, never by this check)."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except OSError:
+        return False
+    count = ctypes.c_int()
+    return bool(lib.cuDeviceGetCount(ctypes.byref(count)) != _CUDA_NOT_INITIALIZED)

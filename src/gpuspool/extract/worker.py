@@ -272,6 +272,9 @@ class Run:
         self.import_s = 0.0
         self.model_load_s = 0.0
         self.startup_s: float | None = None  # from exec to the first batch sent to the device
+        #: Started before its GPU was free: the seconds it then waited at the gate after its
+        #: imports (part of ``startup_s``); None for a worker started with its GPU.
+        self.gate_wait_s: float | None = None
         self._writes: list[Future[None]] = []
         self._write_pool: ThreadPoolExecutor | None = None
         self.batches = 0
@@ -751,6 +754,7 @@ class Run:
             import_s=round(self.import_s, 3),
             model_load_s=round(self.model_load_s, 3),
             startup_s=None if self.startup_s is None else round(self.startup_s, 3),
+            gate_wait_s=None if self.gate_wait_s is None else round(self.gate_wait_s, 3),
             peak_gpu_gib=mem.peak if mem else None,
             peak_gpu_reserved_gib=mem.peak_reserved if mem else None,
             gpu_context_gib=mem.context if mem else None,

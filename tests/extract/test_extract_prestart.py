@@ -1,0 +1,128 @@
+"""A worker started before its GPU is free (``prestart``): it imports, waits at its gate, and runs
+with what the daemon's go line sets; the gate closed, it stops with nothing done."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tests.conftest import wait_until
+from tests.extract.conftest import SRC
+
+from gpuspool.protocol import GATE_FD_ENV, encode_go
+
+pytest.importorskip("torch")
+pytest.importorskip("qwen_tts")
+
+
+def _worker(*args: str | os.PathLike[str], gate: int | None) -> subprocess.Popen[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
+    env["CUDA_VISIBLE_DEVICES"] = ""  # what the daemon sets until the go line names the GPU
+    if gate is not None:
+        env[GATE_FD_ENV] = str(gate)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gpuspool.extract", *[str(a) for a in args]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        pass_fds=() if gate is None else (gate,),
+    )
+
+
+def _gated(*args: str | os.PathLike[str]) -> tuple[subprocess.Popen[str], int]:
+    """The worker with a gate; the write end of it."""
+    read, write = os.pipe()
+    try:
+        return _worker(*args, gate=read), write
+    finally:
+        os.close(read)
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _idle(pid: int) -> bool:
+    """Whether the process used no CPU for half a second (it waits)."""
+    before = _cpu_s(pid)
+    time.sleep(0.5)
+    return _cpu_s(pid) == before
+
+
+def _summary(stdout: str) -> dict[str, object]:
+    (summary,) = [e for e in map(json.loads, stdout.splitlines()) if e["event"] == "summary"]
+    return summary
+
+
+def test_a_gated_worker_imports_waits_then_writes_the_same_codes(
+    dataset: Path, tiny_tokenizer: Path, tmp_path: Path
+) -> None:
+    args = ["--input", dataset, "--tokenizer", tiny_tokenizer, "--device", "cpu"]
+    plain = _worker(*args, "--output", tmp_path / "plain.jsonl", gate=None)
+    assert plain.wait(timeout=300) == 0
+    out = tmp_path / "gated.jsonl"
+    proc, gate = _gated(*args, "--output", out)
+    try:
+        maps = Path(f"/proc/{proc.pid}/maps")
+        # torch is imported before the gate, then the process waits, having written nothing.
+        wait_until(lambda: "libtorch" in maps.read_text() and _idle(proc.pid), timeout=120)
+        assert proc.poll() is None and not out.exists()
+        assert not Path(str(out) + ".partial").exists()
+        os.write(gate, encode_go({"CUDA_VISIBLE_DEVICES": ""}))
+    finally:
+        os.close(gate)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert out.read_bytes() == (tmp_path / "plain.jsonl").read_bytes()
+    summary = _summary(stdout)
+    assert isinstance(summary["gate_wait_s"], float) and summary["gate_wait_s"] > 0
+    assert _summary(plain.communicate()[0])["gate_wait_s"] is None
+
+
+@pytest.mark.parametrize("line", [None, b"not json\n", b'{"PATH": "/tmp"}\n'])
+def test_a_closed_gate_or_a_line_that_is_no_go_stops_it_with_nothing_done(
+    dataset: Path, tiny_tokenizer: Path, tmp_path: Path, line: bytes | None
+) -> None:
+    out = tmp_path / "out.jsonl"
+    proc, gate = _gated("--input", dataset, "--output", out, "--tokenizer", tiny_tokenizer,
+                        "--device", "cpu")  # fmt: skip
+    if line is not None:
+        os.write(gate, line)
+    os.close(gate)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and stdout == ""
+    assert "not started" in stderr
+    assert not out.exists() and not Path(str(out) + ".partial").exists()
+
+
+def test_cuda_started_before_the_go_line_runs_the_worker_again_from_its_exec(
+    tiny_tokenizer: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CUDA reads ``CUDA_VISIBLE_DEVICES`` once, when its driver starts: should anything have
+    started it during the imports, the worker execs itself again with the GPU it was given."""
+    from gpuspool.extract import cli, startup
+
+    assert startup.cuda_driver_started() is False  # no driver loaded in this process
+    read, write = os.pipe()
+    os.write(write, encode_go({"CUDA_VISIBLE_DEVICES": "GPU-given"}))
+    os.close(write)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(startup, "cuda_driver_started", lambda: True)
+    calls: list[tuple[str, list[str], str | None]] = []
+
+    def execv(path: str, argv: list[str]) -> None:
+        calls.append((path, list(argv), os.environ.get("CUDA_VISIBLE_DEVICES")))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execv", execv)
+    with pytest.raises(SystemExit):
+        cli._wait_for_gpu(read, str(tiny_tokenizer))
+    assert calls == [(sys.executable, sys.orig_argv, "GPU-given")]
