@@ -1,7 +1,8 @@
 """A stand-in extraction worker for the daemon's unit tests: real process, scripted outcome.
 
-It takes the worker's flags, and behaves as ``STUB_MODE`` says: ok (write the output, exit 0),
-stray (as ok, leaving a child that sleeps in a session of its own),
+It takes the worker's flags (and, started before its GPU, waits at its gate as the worker does;
+its ``start`` event names the GPU it was given), and behaves as ``STUB_MODE`` says: ok (write
+the output, exit 0), stray (as ok, leaving a child that sleeps in a session of its own),
 oom (exit 75), data (exit 65), exists (exit 73), crash (exit 1), sleep (run until SIGTERM, then
 exit 143), slow (``STUB_STEPS`` × 50 ms of running time, then ok, its pid in the output line).
 The integration tests run the real worker instead.
@@ -110,11 +111,27 @@ def main() -> int:
         ap.add_argument(flag)
     ap.add_argument("--no-resume", action="store_true")
     args = ap.parse_args()
+    gate = os.environ.pop("GPUSPOOL_GATE_FD", None)
+    if gate is not None:  # prestarted: wait for the go line, as the worker does
+        from gpuspool.extract.startup import read_go
+
+        go = read_go(int(gate))
+        if go is None:
+            print("not started: the daemon closed the gate", flush=True)
+            return 0
+        os.environ.update(go)
     mode = os.environ.get("STUB_MODE", "ok")
     if mode == "probe":
         probe(args)
         mode = "ok"
-    emit(event="start", lines_total=4, device=args.device, uid=os.getuid(), gid=os.getgid())
+    emit(
+        event="start",
+        lines_total=4,
+        device=args.device,
+        uid=os.getuid(),
+        gid=os.getgid(),
+        gpu=os.environ.get("CUDA_VISIBLE_DEVICES"),
+    )
     emit(
         event="progress",
         lines_done=1,

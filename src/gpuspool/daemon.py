@@ -26,19 +26,21 @@ from gpuspool.ledger_api import ClusterLedger, LedgerBackend
 from gpuspool.models import RUNNABLE_STATES, JobState
 from gpuspool.observe import GpuObserver
 from gpuspool.outcome import NO_INPUT_PREFIX, ExitFacts, Outcome, StopReason, decide, exit_code
-from gpuspool.placement import Candidate, GpuView, place
+from gpuspool.placement import FAR, Candidate, Decision, GpuView, place
 from gpuspool.protocol import (
     FENCE_ENV,
+    GO_KEYS,
     HOST_ENV,
     ErrorEvent,
     ProgressEvent,
     StartEvent,
     SummaryEvent,
     WorkerEvent,
+    encode_go,
     parse_events,
     partial_path,
 )
-from gpuspool.runner import JOB_ID_ENV, Exit, Launch, Runner
+from gpuspool.runner import JOB_ID_ENV, Exit, Launch, Runner, Started
 from gpuspool.spool import Spool
 from gpuspool.yielding import OurJob, Policy, Trigger, YieldWatch, yield_words
 
@@ -72,6 +74,20 @@ FIRST = float("-inf")
 #: Shared ledger unreachable: the first retry after this many seconds, doubling up to the most.
 OUTAGE_BACKOFF_S = 1.0
 OUTAGE_BACKOFF_MAX_S = 30.0
+#: ``prestart``: a worker waiting at its gate this long is stopped (its job may be prestarted
+#: again later); it holds host memory, not GPU memory.
+PRESTART_MAX_WAIT_S = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Prestarted:
+    """The worker started for a waiting job before its GPU was free (``prestart``)."""
+
+    job_id: str
+    pid: int
+    pid_start: float
+    launch: Launch
+    at: float
 
 
 @dataclass
@@ -151,8 +167,13 @@ class Daemon:
         self.intake_stage = Intake(self)
         #: The shared ledger's several-host operations; None on SQLite (one host).
         self.cluster: ClusterLedger | None = ledger if isinstance(ledger, ClusterLedger) else None
-        #: Workers of attempts another host took over: killed, reaped here once gone.
-        self._fenced: list[tuple[int, float | None]] = []
+        #: Processes killed (workers of attempts another host took over, prestarted workers no
+        #: longer wanted), reaped here once gone.
+        self._killed: list[tuple[int, float | None]] = []
+        #: ``prestart``: the worker waiting for its GPU, and the jobs whose prestarted worker
+        #: stopped by itself or could not start (they start the usual way from then on).
+        self._prestarted: _Prestarted | None = None
+        self._prestart_failed: set[str] = set()
         #: Shared ledger unreachable since (None: reachable); the next try; the current backoff.
         self._outage_since: float | None = None
         self._outage_retry_at = 0.0
@@ -377,12 +398,16 @@ class Daemon:
         for job_id, state in list(self._running.items()):
             if fences.get(job_id) != state.fence:
                 self._fenced_out(job_id, state)
+        self._reap_killed()
+
+    def _reap_killed(self) -> None:
+        """Reap the processes killed earlier (SIGKILL again while they linger)."""
         still = []
-        for pid, start in self._fenced:
+        for pid, start in self._killed:
             if self.runner.poll(pid, start) is None:
                 self.runner.kill(pid, start)
                 still.append((pid, start))
-        self._fenced = still
+        self._killed = still
 
     def _fenced_out(self, job_id: str, state: _Running | None = None) -> None:
         """Another attempt owns ``job_id``: SIGKILL our worker at once (no grace: a worker
@@ -393,7 +418,7 @@ class Daemon:
         pid = state.pid if state is not None else None
         if pid is not None and state is not None:
             self.runner.kill(pid, state.pid_start)
-            self._fenced.append((pid, state.pid_start))
+            self._killed.append((pid, state.pid_start))
         self.log.warning(
             "job_fenced_out",
             job_id=job_id,
@@ -471,6 +496,7 @@ class Daemon:
         self.stopping = True
         self.intake_stage.close()
         self._forget_reads()
+        self._dismiss("the daemon is stopping")
         for job in self.running_jobs():
             if job.pid is None:
                 continue
@@ -1121,6 +1147,7 @@ class Daemon:
                 reasons.pop(job.id, None)
             else:
                 reasons[job.id] = problem
+        self._prestart(decision, {start.job_id for start in decision.starts}, now)
         changed = self._changed_reasons(reasons, now)
         distance = dict(decision.distance)
         distance.update({k: FIRST for k in self._no_input_here if k in reasons})
@@ -1242,10 +1269,14 @@ class Daemon:
             switch=switch,
         )
 
+    def _log_path(self, job_id: str) -> Path:
+        return self.settings.logs_dir / f"{job_id}.log"
+
     def _launch(self, job: JobRecord, gpu_uuid: str, available: float, now: float) -> str | None:
-        """Claim the job and start its process. Any failure to build or start the process fails
-        the job with the reason (never left running without a pid, never retried every tick)."""
-        log_path = self.settings.logs_dir / f"{job.id}.log"
+        """Claim the job and start its process (or let its prestarted worker go on). Any failure
+        to build or start the process fails the job with the reason (never left running without
+        a pid, never retried every tick)."""
+        log_path = self._log_path(job.id)
         try:
             launch = self._prepare_launch(job, gpu_uuid, log_path)
         except Exception as exc:
@@ -1258,11 +1289,13 @@ class Daemon:
             claimed = self._claim(job, gpu_uuid, log_path, now)
         except LedgerError as exc:
             return str(exc)
+        go = {"CUDA_VISIBLE_DEVICES": gpu_uuid}
         if self.cluster is not None:  # the worker checks the fence too, before every write
-            attempt = {FENCE_ENV: str(claimed.fence), HOST_ENV: self.cluster.host_name}
-            launch = replace(launch, env={**launch.env, **attempt})
+            go.update({FENCE_ENV: str(claimed.fence), HOST_ENV: self.cluster.host_name})
+            launch = replace(launch, env={**launch.env, **go})
+        ready_at = self._prestarted.at if self._prestarted is not None else now
         try:
-            started = self.runner.start(launch)
+            started = self._go(job.id, launch, go) or self.runner.start(launch)
         except Exception as exc:
             reason = f"could not start the worker: {_describe(exc)}"
             self._move(claimed, JobState.FAILED, now, reason, finished_at=now)
@@ -1289,10 +1322,98 @@ class Daemon:
             threshold_gib=job.threshold_gib,
             pid=started.pid,
             argv=launch.argv,
+            # prestart: how long its worker had been ready (its imports done) when the GPU came
+            **({"prestarted_s": round(now - ready_at, 1)} if started.prestarted else {}),
             # On a shared ledger: which host, as each attempt's log lines may come from another
             **({"host": self.settings.host_name} if self.cluster is not None else {}),
         )
         return None
+
+    # -- prestart ------------------------------------------------------------------------------
+
+    def _prestart(self, decision: Decision, starting: set[str], now: float) -> None:
+        """``prestart``: keep one worker ready for the job nearest to a start, the first in
+        line whose GPU has room and whose reading is settling (distance 0: ``stable_polls``
+        more polls). It imports meanwhile, unseen by CUDA, and waits at its gate for its GPU
+        (:meth:`_go`); a worker nobody wants any more is stopped before it does anything."""
+        self._reap_killed()
+        current = self._prestarted
+        if current is not None:
+            gone = self.runner.poll(current.pid, current.pid_start)
+            if gone is not None:  # it will fail the same way when it starts: let it say why then
+                self._prestarted = None
+                self._prestart_failed.add(current.job_id)
+                self.log.warning(
+                    "job_prestart_exited",
+                    job_id=current.job_id,
+                    pid=current.pid,
+                    exit_code=gone.returncode,
+                    reason="its worker stopped before its GPU was free; it will start as usual",
+                )
+                current = None
+        self._prestart_failed &= decision.distance.keys()
+        if not self.settings.prestart:
+            self._dismiss("prestart is off")
+            return
+        ready = [
+            job_id
+            for job_id, distance in decision.distance.items()
+            if distance == 0 and job_id not in starting and job_id not in self._prestart_failed
+        ]
+        if current is not None:
+            if now - current.at >= PRESTART_MAX_WAIT_S:
+                self._dismiss(f"waited {PRESTART_MAX_WAIT_S:g} s for its GPU")
+            elif ready[:1] != [current.job_id] and (
+                ready or decision.distance.get(current.job_id, FAR) == FAR
+            ):
+                self._dismiss("another job is nearer" if ready else "its job cannot start here")
+            else:
+                return
+        if ready:
+            self._prestart_job(ready[0], now)
+
+    def _prestart_job(self, job_id: str, now: float) -> None:
+        job = self.ledger.get(job_id)
+        if job is None or not job.state.runnable:
+            return
+        try:
+            launch = replace(self._prepare_launch(job, "", self._log_path(job.id)), gated=True)
+            started = self.runner.start(launch)
+        except Exception as exc:
+            self._prestart_failed.add(job_id)
+            self.log.warning("job_prestart_failed", job_id=job_id, reason=_describe(exc))
+            return
+        self._prestarted = _Prestarted(job_id, started.pid, started.pid_start, launch, now)
+        self.log.info("job_prestarted", job_id=job_id, pid=started.pid)
+
+    def _dismiss(self, reason: str) -> None:
+        """Stop the prestarted worker, if any: it has done nothing but import."""
+        current, self._prestarted = self._prestarted, None
+        if current is None:
+            return
+        self.runner.close_gate(current.pid)
+        self.runner.kill(current.pid, current.pid_start)
+        self._killed.append((current.pid, current.pid_start))
+        self.log.info("job_prestart_stopped", job_id=current.job_id, pid=current.pid, reason=reason)
+
+    def _go(self, job_id: str, launch: Launch, go: dict[str, str]) -> Started | None:
+        """Let the job's prestarted worker go on with ``go`` (its GPU, its attempt); None when
+        there is none, or it was started for another command line or environment than the
+        job's now (the config was reloaded), or it is gone: then the job starts the usual way."""
+        current = self._prestarted
+        if current is None or current.job_id != job_id:
+            return None
+        fixed = {k: v for k, v in launch.env.items() if k not in GO_KEYS}
+        was = {k: v for k, v in current.launch.env.items() if k not in GO_KEYS}
+        if list(current.launch.argv) != list(launch.argv) or was != fixed:
+            self._dismiss("the job's command line or environment changed")
+            return None
+        self._prestarted = None
+        if not self.runner.open_gate(current.pid, encode_go(go)):
+            self._prestarted = current
+            self._dismiss("its worker did not take its GPU")
+            return None
+        return Started(current.pid, current.pid_start, prestarted=True)
 
     def _claim(self, job: JobRecord, gpu_uuid: str, log_path: Path, now: float) -> JobRecord:
         """Mark the job running here, no pid yet. On a shared ledger one atomic statement that

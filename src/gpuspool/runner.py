@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from gpuspool.protocol import EVENTS_FD_ENV
+from gpuspool.protocol import EVENTS_FD_ENV, GATE_FD_ENV
 
 #: Set in every job's environment, so a job started just before a crash can be found again.
 JOB_ID_ENV = "GPUSPOOL_JOB_ID"
@@ -60,6 +60,9 @@ class Launch:
     #: Put before ``argv``: switches to the job's user after the exec (``setpriv``), so the
     #: start never waits on a process its user could already stop (see ``privileges``).
     switch: Sequence[str] = ()
+    #: Started before its GPU is free (``prestart``): the process gets the read end of a pipe
+    #: (``GPUSPOOL_GATE_FD``) and waits on it for :meth:`Runner.open_gate`.
+    gated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,8 @@ class Started:
     pid: int
     #: Process creation time (psutil), to tell this process from a later one with the same pid.
     pid_start: float
+    #: Started before its GPU was free, and let go on now (``Launch.gated``).
+    prestarted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +87,15 @@ class Runner(Protocol):
 
     def start(self, launch: Launch) -> Started:
         """Start the job's process; raises (any exception) if it cannot be started."""
+        ...
+
+    def open_gate(self, pid: int, message: bytes) -> bool:
+        """Write ``message`` (one go line) to a gated process and close its gate; False when the
+        process is not waiting on a gate of ours any more (it is gone, or closed its end)."""
+        ...
+
+    def close_gate(self, pid: int) -> None:
+        """Close a gated process's gate: it stops without doing anything (nothing if none)."""
         ...
 
     def poll(self, pid: int, pid_start: float | None) -> Exit | None:
@@ -131,6 +145,8 @@ class ProcessRunner:
 
     def __init__(self) -> None:
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        #: The write end of each gated process's gate, until it is opened or closed.
+        self._gates: dict[int, int] = {}
 
     def start(self, launch: Launch) -> Started:
         launch.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,28 +155,60 @@ class ProcessRunner:
             make_scratch(launch.scratch_dir, launch.owner)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
         events = os.open(launch.events_path, flags, 0o600)
+        env = {**launch.env, EVENTS_FD_ENV: str(events)}
+        passed = [events]
+        gate = None
         try:
+            if launch.gated:
+                # Our end never blocks: the one go line fits an empty pipe whatever the worker does.
+                gate_r, gate = os.pipe2(os.O_CLOEXEC)
+                os.set_blocking(gate, False)
+                passed.append(gate_r)
+                env[GATE_FD_ENV] = str(gate_r)
             with open(launch.log_path, "ab", buffering=0) as log:
                 proc = subprocess.Popen(
                     [*launch.switch, *launch.argv],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    env={**launch.env, EVENTS_FD_ENV: str(events)},
+                    env=env,
                     cwd=NEUTRAL_CWD,
                     start_new_session=True,
                     close_fds=True,
-                    pass_fds=(events,),
+                    pass_fds=tuple(passed),
                     **dict(launch.popen_kwargs),
                 )
+        except BaseException:
+            if gate is not None:
+                os.close(gate)
+            raise
         finally:
-            os.close(events)
+            for fd in passed:
+                os.close(fd)
         self._children[proc.pid] = proc
+        if gate is not None:
+            self._gates[proc.pid] = gate
         try:
             created = psutil.Process(proc.pid).create_time()
         except psutil.Error:
             created = 0.0
         return Started(proc.pid, created)
+
+    def open_gate(self, pid: int, message: bytes) -> bool:
+        gate = self._gates.pop(pid, None)
+        if gate is None:
+            return False
+        try:
+            return os.write(gate, message) == len(message)
+        except OSError:  # EPIPE: the process is gone or closed its end
+            return False
+        finally:
+            os.close(gate)
+
+    def close_gate(self, pid: int) -> None:
+        gate = self._gates.pop(pid, None)
+        if gate is not None:
+            os.close(gate)
 
     def poll(self, pid: int, pid_start: float | None) -> Exit | None:
         """None while the job's process runs; its ``Exit`` once it is gone."""
@@ -170,6 +218,7 @@ class ProcessRunner:
             if code is None:
                 return None
             del self._children[pid]
+            self.close_gate(pid)
             return Exit(code)
         return None if is_alive(pid, pid_start) else Exit(None)
 

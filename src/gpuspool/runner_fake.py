@@ -17,7 +17,7 @@ import itertools
 import os
 import signal
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,8 @@ class FakeRunner:
         self.removed_scratch: list[Path] = []
         #: The user each pid runs as, for :meth:`user_of` (tests name their foreign processes).
         self.users: dict[int, str] = {}
+        #: Gated processes still waiting at their gate (``Launch.gated``).
+        self.gated: set[int] = set()
 
     def successor(self) -> FakeRunner:
         """The runner of a daemon restarted over the same processes."""
@@ -114,9 +116,34 @@ class FakeRunner:
         proc = FakeProcess(launch, pid, float(pid))
         self.table.procs[pid] = proc
         self.children.add(pid)
-        if self.script is not None:
+        if launch.gated:
+            self.gated.add(pid)  # it waits for its go line: the script plays it from then on
+        elif self.script is not None:
             self.script(proc)
         return Started(pid, proc.pid_start)
+
+    def open_gate(self, pid: int, message: bytes) -> bool:
+        """The process goes on with what the go line sets in its environment, as the worker."""
+        from gpuspool.protocol import parse_go
+
+        if pid not in self.gated:
+            return False
+        self.gated.discard(pid)
+        proc = self.table.procs[pid]
+        if not proc.alive:
+            return False
+        go = parse_go(message.rstrip(b"\n"))
+        assert go is not None, f"not a go line: {message!r}"
+        proc.launch = replace(proc.launch, env={**proc.launch.env, **go})
+        if self.script is not None:
+            self.script(proc)
+        return True
+
+    def close_gate(self, pid: int) -> None:
+        """The process stops at its gate with nothing done (exit 0), as the worker."""
+        if pid in self.gated:
+            self.gated.discard(pid)
+            self.table.procs[pid].exit(0)
 
     def poll(self, pid: int, pid_start: float | None) -> Exit | None:
         proc = self.table.procs.get(pid)

@@ -1,0 +1,189 @@
+"""``prestart``: the worker of the job next in line starts while its GPU's reading settles, waits
+at its gate, and goes on with its GPU when the job starts; a worker nobody wants is stopped.
+
+Scripted processes (FakeRunner) for the tick's decisions; the real runner and the stub worker
+(real processes and pipes) for what the process sees.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+from structlog.testing import capture_logs
+
+from gpuspool.runner import ProcessRunner
+from gpuspool.runner_fake import FakeRunner
+from tests.conftest import Harness, fake_runner, gpu_entry, wait_until
+
+
+def harness(tmp_path: Path, **overrides: Any) -> Harness:
+    return Harness(tmp_path, make_runner=fake_runner, **{"prestart": True, **overrides})
+
+
+def runner(h: Harness) -> FakeRunner:
+    assert isinstance(h.runner, FakeRunner)
+    return h.runner
+
+
+def settling_job(h: Harness, **fields: Any) -> tuple[str, int]:
+    """Submit job "a" to a GPU with room, one tick: its reading settles, its worker waits."""
+    h.env["STUB_MODE"] = "sleep"
+    h.set_gpus([gpu_entry(0, 50)])
+    job = h.submit("a", **fields)
+    h.tick()
+    assert h.state(job) == "queued"
+    (launch,) = runner(h).launches
+    assert launch.gated and launch.env["CUDA_VISIBLE_DEVICES"] == ""
+    (pid,) = runner(h).gated
+    return job, pid
+
+
+def test_the_job_whose_gpu_settles_starts_in_its_prestarted_worker(tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    with capture_logs() as logs:
+        job, pid = settling_job(h)
+        h.tick()
+        assert h.state(job) == "queued" and len(runner(h).launches) == 1
+        h.tick()
+    rec = h.job(job)
+    assert rec.state.value == "running" and rec.pid == pid
+    assert len(runner(h).launches) == 1  # no second process
+    proc = runner(h).process(pid)
+    assert proc.launch.env["CUDA_VISIBLE_DEVICES"] == "GPU-sim-0"  # what the go line set
+    assert proc.alive and runner(h).gated == set()
+    (started,) = [e for e in logs if e["event"] == "job_started"]
+    assert started["pid"] == pid and started["prestarted_s"] == 2.0
+    assert [e["job_id"] for e in logs if e["event"] == "job_prestarted"] == [job]
+
+
+def test_off_by_default_the_worker_starts_with_its_gpu(tmp_path: Path) -> None:
+    h = Harness(tmp_path, make_runner=fake_runner)
+    job = h.start("sleep")
+    assert h.state(job) == "running"
+    (launch,) = runner(h).launches
+    assert not launch.gated and launch.env["CUDA_VISIBLE_DEVICES"] == "GPU-sim-0"
+
+
+def test_a_prestarted_worker_is_stopped_when_its_job_cannot_start_any_more(
+    tmp_path: Path,
+) -> None:
+    """Cancelled: the worker is killed at its gate (it did nothing but import) and reaped; a
+    GPU that only shrinks below the job's need keeps it waiting."""
+    h = harness(tmp_path)
+    job, pid = settling_job(h)
+    h.set_gpus([gpu_entry(0, 5)])
+    h.tick()
+    assert runner(h).process(pid).alive  # still nearest: it keeps its worker
+    h.daemon.ledger.request_cancel(job, now=h.now)
+    with capture_logs() as logs:
+        h.tick()
+    proc = runner(h).process(pid)
+    assert proc.returncode == 0 and runner(h).gated == set()  # closed gate: exit 0, nothing done
+    (stopped,) = [e for e in logs if e["event"] == "job_prestart_stopped"]
+    assert stopped["job_id"] == job and stopped["pid"] == pid
+    assert len(runner(h).launches) == 1
+
+
+def test_another_job_first_in_line_takes_over_the_prestart(tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    job, pid = settling_job(h)
+    urgent = h.submit("b", priority=5)
+    h.tick()
+    assert not runner(h).process(pid).alive
+    gated = [launch for launch in runner(h).launches if launch.gated]
+    assert [launch.env["GPUSPOOL_JOB_ID"] for launch in gated] == [job, urgent]
+    assert h.state(job) == "queued"
+
+
+def test_a_worker_that_stops_at_its_gate_is_not_prestarted_again(tmp_path: Path) -> None:
+    """It would fail the same way: the job starts the usual way, and says why when it does."""
+    h = harness(tmp_path)
+    job, pid = settling_job(h)
+    runner(h).process(pid).exit(78)
+    with capture_logs() as logs:
+        h.tick()
+        h.tick()
+    (exited,) = [e for e in logs if e["event"] == "job_prestart_exited"]
+    assert exited["exit_code"] == 78
+    assert h.state(job) == "running"
+    first, second = runner(h).launches
+    assert first.gated and not second.gated
+    assert second.env["CUDA_VISIBLE_DEVICES"] == "GPU-sim-0"
+
+
+def test_a_gate_nobody_reads_falls_back_to_a_usual_start(tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    job, pid = settling_job(h)
+    h.tick()
+    runner(h).gated.discard(pid)  # the process closed its end of the gate
+    h.tick()
+    rec = h.job(job)
+    assert rec.state.value == "running" and rec.pid != pid
+    assert runner(h).process(pid).returncode == -signal.SIGKILL
+    assert not runner(h).launches[-1].gated
+
+
+def test_a_config_change_while_waiting_starts_the_job_afresh(tmp_path: Path) -> None:
+    """The waiting worker was started with the old extra flags: it is not let go on."""
+    h = harness(tmp_path)
+    job, pid = settling_job(h)
+    h.tick()
+    h.daemon.settings = h.settings.model_copy(update={"worker_extra_args": ["--tf32"]})
+    h.tick()
+    rec = h.job(job)
+    assert rec.state.value == "running" and rec.pid != pid
+    assert "--tf32" in runner(h).launches[-1].argv
+
+
+def test_stopping_the_daemon_stops_the_prestarted_worker(tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    job, pid = settling_job(h)
+    h.daemon.stop_all(h.now)
+    assert not runner(h).process(pid).alive and h.state(job) == "queued"
+
+
+def _log_events(h: Harness, job: str) -> list[dict[str, Any]]:
+    return [
+        json.loads(line)
+        for line in (h.settings.logs_dir / f"{job}.log").read_text().splitlines()
+        if line.startswith("{")
+    ]
+
+
+def test_a_real_prestarted_process_waits_then_runs_on_its_gpu(tmp_path: Path) -> None:
+    """Real processes and pipes: the stub worker blocks at its gate until the job starts; then
+    the same process runs, with the GPU the go line named and no gate left in its environment."""
+    h = Harness(tmp_path, prestart=True, stable_polls=3)
+    h.env["STUB_MODE"] = "probe"
+    h.set_gpus([gpu_entry(0, 50)])
+    job = h.submit("a")
+    h.tick()
+    assert isinstance(h.runner, ProcessRunner)
+    prestarted = h.daemon._prestarted
+    assert prestarted is not None and h.state(job) == "queued"
+    h.tick()
+    assert h.runner.poll(prestarted.pid, prestarted.pid_start) is None  # still at its gate
+    assert not (h.data / "a.out.jsonl").exists()
+    h.tick()
+    assert h.job(job).pid == prestarted.pid
+    h.settle(job)
+    assert h.state(job) == "done"
+    (start,) = [e for e in _log_events(h, job) if e.get("event") == "start"]
+    assert start["gpu"] == "GPU-sim-0"
+
+
+def test_a_real_gate_closed_stops_the_process_with_nothing_done(tmp_path: Path) -> None:
+    h = Harness(tmp_path, prestart=True, stable_polls=3)
+    h.env["STUB_MODE"] = "ok"
+    h.set_gpus([gpu_entry(0, 50)])
+    job = h.submit("a")
+    h.tick()
+    prestarted = h.daemon._prestarted
+    assert prestarted is not None and isinstance(h.runner, ProcessRunner)
+    h.runner.close_gate(prestarted.pid)  # as a daemon that goes away does
+    wait_until(lambda: h.runner.poll(prestarted.pid, prestarted.pid_start) is not None)
+    assert not (h.data / "a.out.jsonl").exists()
+    assert "not started" in (h.settings.logs_dir / f"{job}.log").read_text()
