@@ -120,7 +120,8 @@ class SummaryEvent(_Event):
     startup_s: Amount | None = None
     import_s: Amount | None = None
     model_load_s: Amount | None = None
-    #: A worker started before its GPU was free: the part of ``startup_s`` it waited for it.
+    #: A worker started before its GPU was free: seconds from its exec to its go line, the part
+    #: of ``startup_s`` before its GPU was given.
     gate_wait_s: Amount | None = None
     peak_gpu_gib: Amount | None = None
     need_gib: Amount | None = None

@@ -9,11 +9,11 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 from pathlib import Path
 
 from gpuspool.exitcodes import ExitCode
 from gpuspool.extract.events import Events
+from gpuspool.extract.startup import process_age_s
 from gpuspool.protocol import GATE_FD_ENV, inherited_fd
 
 DESCRIPTION = """\
@@ -31,6 +31,10 @@ stale worker (shared ledger, retryable); 75 CUDA out of memory (checkpointed, re
 cannot be loaded, a module is missing); 143 interrupted by SIGTERM/SIGINT (checkpointed,
 resumable).
 """
+
+
+#: Printed (to the job log) when a prestarted worker must exec itself again for CUDA to see its GPU.
+RESTART_NOTE = "gpuspool extract: CUDA started during the imports; starting again for its GPU"
 
 
 def _positive_float(s: str) -> float:
@@ -141,10 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     waited = None
     if gate is not None:
         del os.environ[GATE_FD_ENV]
-        t = time.monotonic()
         if not _wait_for_gpu(gate, opts.tokenizer):
             return 0
-        waited = time.monotonic() - t
+        waited = process_age_s()
     with contextlib.redirect_stdout(sys.stderr):
         run = Run(opts, events)
         run.gate_wait_s = waited
@@ -156,9 +159,9 @@ def _wait_for_gpu(gate: int, tokenizer: str) -> bool:
     for the daemon's go line and set what it names in the environment. False when the daemon
     closed the gate instead (nothing was done). Should anything have started the CUDA driver
     meanwhile, the worker runs itself again from the exec, so CUDA reads its GPU."""
-    from gpuspool.extract.startup import cuda_driver_started, prefetch_tokenizer, read_go
+    from gpuspool.extract import startup
 
-    prefetch_tokenizer(tokenizer)
+    startup.prefetch_tokenizer(tokenizer)
     with contextlib.redirect_stdout(sys.stderr), contextlib.suppress(Exception):
         # A broken install is reported by the run itself, which imports the same again.
         import torch  # noqa: F401
@@ -166,12 +169,13 @@ def _wait_for_gpu(gate: int, tokenizer: str) -> bool:
         from gpuspool.extract.model import import_tokenizer_stack
 
         import_tokenizer_stack()
-    go = read_go(gate)
+    go = startup.read_go(gate)
     if go is None:
         print("gpuspool extract: not started: the daemon closed the gate", file=sys.stderr)
         return False
     os.environ.update(go)
-    if cuda_driver_started():
+    if startup.cuda_driver_started():
+        print(RESTART_NOTE, file=sys.stderr, flush=True)
         os.execv(sys.executable, sys.orig_argv)
     return True
 

@@ -272,8 +272,8 @@ class Run:
         self.import_s = 0.0
         self.model_load_s = 0.0
         self.startup_s: float | None = None  # from exec to the first batch sent to the device
-        #: Started before its GPU was free: the seconds it then waited at the gate after its
-        #: imports (part of ``startup_s``); None for a worker started with its GPU.
+        #: Started before its GPU was free: seconds from its exec to its go line (the part of
+        #: ``startup_s`` before its GPU was given); None for a worker started with its GPU.
         self.gate_wait_s: float | None = None
         self._writes: list[Future[None]] = []
         self._write_pool: ThreadPoolExecutor | None = None

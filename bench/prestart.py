@@ -1,0 +1,113 @@
+"""What ``prestart`` saves: from the moment a job's GPU is given to its first batch on the device.
+
+Side by side, alternating, in one command: the worker started with its GPU (as without
+``prestart``: the GPU waits for the exec, the imports and the model load), and the worker started
+with a gate (as ``prestart`` does), let go once its imports are done and it waits (no CPU used
+for half a second). For the first, the summary's ``startup_s`` (exec to the first batch) is the
+time the GPU waited; for the second, ``startup_s - gate_wait_s`` (the go line to the first
+batch). Each run is a fresh ``python -m gpuspool.extract`` on a small synthetic set; the outputs
+of both kinds are compared byte for byte.
+
+    PYTHONPATH=src python3 bench/prestart.py --device cpu --runs 3               # tiny tokenizer
+    PYTHONPATH=SITE:src python3 bench/prestart.py --config-dir CONFIG --device cuda:0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpuspool.protocol import GATE_FD_ENV, encode_go
+from worker_startup import _env, prepare
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _wait_idle(pid: int, timeout: float = 300.0) -> float:
+    """Wait until ``pid`` has used no CPU for half a second; seconds waited."""
+    t = time.monotonic()
+    while time.monotonic() - t < timeout:
+        before = _cpu_ticks(pid)
+        time.sleep(0.5)
+        if _cpu_ticks(pid) == before:
+            return time.monotonic() - t
+    raise SystemExit(f"worker {pid} still busy after {timeout:g} s")
+
+
+def run(argv: list[str], out: Path, gpu: str, gated: bool) -> dict[str, Any]:
+    """One worker run, with its GPU or with a gate; its summary's start-up figures."""
+    env = _env()
+    env["CUDA_VISIBLE_DEVICES"] = "" if gated else gpu
+    read, write = os.pipe() if gated else (None, None)
+    if read is not None:
+        env[GATE_FD_ENV] = str(read)
+    cmd = [sys.executable, "-m", "gpuspool.extract", *argv, "--output", str(out), "--overwrite"]
+    with tempfile.TemporaryFile("w+") as errors:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True, env=env,
+                                cwd="/", pass_fds=() if read is None else (read,))  # fmt: skip
+        if read is not None and write is not None:
+            os.close(read)
+            _wait_idle(proc.pid)
+            os.write(write, encode_go({"CUDA_VISIBLE_DEVICES": gpu}))
+            os.close(write)
+        stdout, _ = proc.communicate()
+        errors.seek(0)
+        if proc.returncode != 0:
+            raise SystemExit(f"worker failed ({proc.returncode}): {errors.read()[-2000:]}")
+    events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    summary = next(e for e in events if e["event"] == "summary")
+    waited = summary.get("gate_wait_s") or 0.0
+    return {
+        "given_to_first_batch_s": round(summary["startup_s"] - waited, 3),
+        "import_s": summary["import_s"],
+        "model_load_s": summary["model_load_s"],
+        "gate_wait_s": summary.get("gate_wait_s"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp)")
+    ap.add_argument("--config-dir", default=None, help="released config: full-size tokenizer")
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--gpu", default="0", help="CUDA_VISIBLE_DEVICES the go line names")
+    ap.add_argument("--runs", type=int, default=3, help="runs of each kind, alternating")
+    ap.add_argument("--clips", type=int, default=24)
+    ap.add_argument("--json", type=Path, default=None, help="write all numbers here")
+    a = ap.parse_args(argv)
+    work = a.work or Path(tempfile.mkdtemp(prefix="prestart-"))
+    tok, data = prepare(work, a.config_dir, a.clips)
+    args = ["--input", str(data), "--tokenizer", str(tok), "--device", a.device]
+    rows: dict[str, list[dict[str, Any]]] = {"with its GPU": [], "prestarted": []}
+    for i in range(a.runs):
+        for kind, gated in (("with its GPU", False), ("prestarted", True)):
+            row = run(args, work / f"out_{int(gated)}.jsonl", a.gpu, gated)
+            rows[kind].append(row)
+            print(f"run {i + 1} {kind:12} {json.dumps(row)}", flush=True)
+    same = (work / "out_0.jsonl").read_bytes() == (work / "out_1.jsonl").read_bytes()
+    print(f"\noutputs identical: {same}")
+    print(f"{'':14}{'GPU given → first batch (median)':>34}{'imports':>10}{'model load':>12}")
+    for kind, got in rows.items():
+        med = {k: statistics.median(r[k] for r in got)
+               for k in ("given_to_first_batch_s", "import_s", "model_load_s")}  # fmt: skip
+        print(f"{kind:14}{med['given_to_first_batch_s']:>32.2f} s{med['import_s']:>8.2f} s"
+              f"{med['model_load_s']:>10.2f} s")  # fmt: skip
+    if a.json is not None:
+        a.json.write_text(json.dumps({"device": a.device, "runs": rows, "identical": same}))
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
