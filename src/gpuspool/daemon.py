@@ -7,6 +7,7 @@ scheduler, systemd) lives in ``service.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -1394,6 +1395,9 @@ class Daemon:
         self.runner.close_gate(current.pid)
         self.runner.kill(current.pid, current.pid_start)
         self._killed.append((current.pid, current.pid_start))
+        # Made for it at its start; a job that starts later gets a new one.
+        with contextlib.suppress(OSError):
+            self.runner.remove_scratch(self.scratch_path(current.job_id))
         self.log.info("job_prestart_stopped", job_id=current.job_id, pid=current.pid, reason=reason)
 
     def _go(self, job_id: str, launch: Launch, go: dict[str, str]) -> Started | None:

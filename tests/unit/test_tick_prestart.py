@@ -85,6 +85,7 @@ def test_a_prestarted_worker_is_stopped_when_its_job_cannot_start_any_more(
     (stopped,) = [e for e in logs if e["event"] == "job_prestart_stopped"]
     assert stopped["job_id"] == job and stopped["pid"] == pid
     assert len(runner(h).launches) == 1
+    assert runner(h).removed_scratch == [h.daemon.scratch_path(job)]
 
 
 def test_another_job_first_in_line_takes_over_the_prestart(tmp_path: Path) -> None:
