@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -62,10 +63,12 @@ def _summary(stdout: str) -> dict[str, object]:
     return summary
 
 
-def test_a_gated_worker_imports_waits_then_writes_the_same_codes(
+def test_a_gated_worker_imports_loads_waits_then_writes_the_same_codes(
     dataset: Path, tiny_tokenizer: Path, tmp_path: Path
 ) -> None:
-    args = ["--input", dataset, "--tokenizer", tiny_tokenizer, "--device", "cpu"]
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(tiny_tokenizer, tokenizer)
+    args = ["--input", dataset, "--tokenizer", tokenizer, "--device", "cpu"]
     plain = _worker(*args, "--output", tmp_path / "plain.jsonl", gate=None)
     assert plain.wait(timeout=300) == 0
     out = tmp_path / "gated.jsonl"
@@ -76,6 +79,8 @@ def test_a_gated_worker_imports_waits_then_writes_the_same_codes(
         wait_until(lambda: "libtorch" in maps.read_text() and _idle(proc.pid), timeout=120)
         assert proc.poll() is None and not out.exists()
         assert not Path(str(out) + ".partial").exists()
+        # The tokenizer was loaded before the gate too: the run needs its folder no more.
+        tokenizer.rename(tmp_path / "gone")
         os.write(gate, encode_go({"CUDA_VISIBLE_DEVICES": ""}))
     finally:
         os.close(gate)
@@ -124,5 +129,40 @@ def test_cuda_started_before_the_go_line_runs_the_worker_again_from_its_exec(
 
     monkeypatch.setattr(os, "execv", execv)
     with pytest.raises(SystemExit):
-        cli._wait_for_gpu(read, str(tiny_tokenizer))
+        cli._wait_for_gpu(read, str(tiny_tokenizer), "fp32")
     assert calls == [(sys.executable, sys.orig_argv, "GPU-given")]
+
+
+#: Wraps torch's ways into CUDA, then runs what a gated worker does before its go line (the
+#: imports and the tokenizer's load on the CPU) and prints each call it saw.
+ASKS_CUDA = r"""
+import os, sys, torch
+seen = []
+def wrap(owner, name):
+    real = getattr(owner, name)
+    def call(*args, **kwargs):
+        seen.append(name)
+        return real(*args, **kwargs)
+    setattr(owner, name, call)
+for name in ("is_available", "device_count", "init", "_lazy_init", "current_device",
+             "get_device_capability", "get_device_properties", "set_device", "mem_get_info"):
+    wrap(torch.cuda, name)
+wrap(torch._C, "_cuda_getDeviceCount")
+from gpuspool.extract import cli
+read, write = os.pipe()
+os.write(write, b'{"CUDA_VISIBLE_DEVICES": "0"}\n')
+os.close(write)
+assert cli._wait_for_gpu(read, sys.argv[1], "fp32")
+print(seen)
+"""
+
+
+def test_nothing_before_the_go_line_asks_cuda(tiny_tokenizer: Path) -> None:
+    """CUDA reads ``CUDA_VISIBLE_DEVICES`` when its driver starts: if the imports or the load
+    on the CPU asked it anything, it would start with no GPU visible (then the worker has to exec
+    itself again, losing what the prestart saved). The GPU test checks the same on a GPU."""
+    env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", ASKS_CUDA, str(tiny_tokenizer)],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     waited = None
     if gate is not None:
         del os.environ[GATE_FD_ENV]
-        if not _wait_for_gpu(gate, opts.tokenizer):
+        if not _wait_for_gpu(gate, opts.tokenizer, opts.dtype):
             return 0
         waited = process_age_s()
     with contextlib.redirect_stdout(sys.stderr):
@@ -154,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         return run.execute()
 
 
-def _wait_for_gpu(gate: int, tokenizer: str) -> bool:
-    """Started before its GPU was free: import torch and the tokenizer's modules now, then wait
-    for the daemon's go line and set what it names in the environment. False when the daemon
+def _wait_for_gpu(gate: int, tokenizer: str, dtype: str) -> bool:
+    """Started before its GPU was free: import torch and the tokenizer's modules and load the
+    tokenizer on the CPU now, then wait for the daemon's go line and set what it names in the
+    environment. False when the daemon
     closed the gate instead (nothing was done). Should anything have started the CUDA driver
     meanwhile, the worker runs itself again from the exec, so CUDA reads its GPU."""
     from gpuspool.extract import startup
@@ -166,9 +167,10 @@ def _wait_for_gpu(gate: int, tokenizer: str) -> bool:
         # A broken install is reported by the run itself, which imports the same again.
         import torch  # noqa: F401
 
-        from gpuspool.extract.model import import_tokenizer_stack
+        from gpuspool.extract.model import import_tokenizer_stack, preload_tokenizer
 
         import_tokenizer_stack()
+        preload_tokenizer(tokenizer, dtype)
     go = startup.read_go(gate)
     if go is None:
         print("gpuspool extract: not started: the daemon closed the gate", file=sys.stderr)

@@ -183,6 +183,23 @@ def load_tokenizer(tokenizer: str, dtype: torch.dtype) -> tuple[Any, int]:
     return model, int(feature_extractor.sampling_rate)
 
 
+#: Tokenizers loaded on the CPU before the GPU was given (``prestart``), by (tokenizer, dtype):
+#: the next :class:`CodeEncoder` of the same takes its model from here instead of loading it.
+_preloaded: dict[tuple[str, torch.dtype], tuple[Any, int]] = {}
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    return torch.bfloat16 if dtype == "bf16" else torch.float32
+
+
+def preload_tokenizer(tokenizer: str, dtype: str) -> None:
+    """Load the tokenizer on the CPU now, for the :class:`CodeEncoder` made once the GPU is
+    given. A failure is left to that encoder's own load, which reports it."""
+    torch_dtype = _torch_dtype(dtype)
+    with contextlib.suppress(Exception):
+        _preloaded[(tokenizer, torch_dtype)] = load_tokenizer(tokenizer, torch_dtype)
+
+
 @contextlib.contextmanager
 def _quiet_stdio() -> Iterator[BinaryIO]:
     """Redirect file descriptors 1 and 2 (children and C libraries included) to a temp file."""
@@ -301,9 +318,10 @@ class CodeEncoder:
         """Load ``tokenizer`` on the CPU and move its encoder to ``device``; ``started`` is the
         device's start-up begun earlier (:class:`DeviceStart`), waited for before the move."""
         self.device = device
-        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        torch_dtype = _torch_dtype(dtype)
         try:
-            model, self.sample_rate = load_tokenizer(tokenizer, torch_dtype)
+            loaded = _preloaded.pop((tokenizer, torch_dtype), None)
+            model, self.sample_rate = loaded or load_tokenizer(tokenizer, torch_dtype)
         except BaseException:
             if started is not None:  # not left inside the driver while the process exits
                 with contextlib.suppress(BaseException):
