@@ -76,8 +76,8 @@ FIRST = float("-inf")
 OUTAGE_BACKOFF_S = 1.0
 OUTAGE_BACKOFF_MAX_S = 30.0
 #: ``prestart``: a worker waiting at its gate this long is stopped (its job may be prestarted
-#: again later); it holds host memory, not GPU memory.
-PRESTART_MAX_WAIT_S = 600.0
+#: again later): a settling GPU takes ``stable_polls`` polls, and a worker holds host memory.
+PRESTART_MAX_WAIT_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -533,6 +533,7 @@ class Daemon:
 
     def reap(self, now: float, report: TickReport) -> None:
         self._now = now
+        self._reap_killed()
         ended: list[tuple[JobRecord, Exit]] = []
         try:
             self._poll_running(now, ended)
@@ -1323,7 +1324,7 @@ class Daemon:
             threshold_gib=job.threshold_gib,
             pid=started.pid,
             argv=launch.argv,
-            # prestart: how long its worker had been ready (its imports done) when the GPU came
+            # prestart: how long before the GPU came its worker had been started
             **({"prestarted_s": round(now - ready_at, 1)} if started.prestarted else {}),
             # On a shared ledger: which host, as each attempt's log lines may come from another
             **({"host": self.settings.host_name} if self.cluster is not None else {}),
@@ -1333,10 +1334,12 @@ class Daemon:
     # -- prestart ------------------------------------------------------------------------------
 
     def _prestart(self, decision: Decision, starting: set[str], now: float) -> None:
-        """``prestart``: keep one worker ready for the job nearest to a start, the first in
-        line whose GPU has room and whose reading is settling (distance 0: ``stable_polls``
-        more polls). It imports meanwhile, unseen by CUDA, and waits at its gate for its GPU
-        (:meth:`_go`); a worker nobody wants any more is stopped before it does anything."""
+        """``prestart``: keep one worker ready for the first job in line whose GPU has room
+        and whose reading is settling (``Decision.settling``: ``stable_polls`` more polls). It
+        imports and loads meanwhile, unseen by CUDA, and waits at its gate for its GPU
+        (:meth:`_go`). It is kept while its job could still start here (a reading that dips
+        for a poll or two), for :data:`PRESTART_MAX_WAIT_S` at most; a worker nobody wants any
+        more is stopped before it does anything."""
         self._reap_killed()
         current = self._prestarted
         if current is not None:
@@ -1356,10 +1359,12 @@ class Daemon:
         if not self.settings.prestart:
             self._dismiss("prestart is off")
             return
-        ready = [
+        ready = [  # in the order placement took them
             job_id
-            for job_id, distance in decision.distance.items()
-            if distance == 0 and job_id not in starting and job_id not in self._prestart_failed
+            for job_id in decision.distance
+            if job_id in decision.settling
+            and job_id not in starting
+            and job_id not in self._prestart_failed
         ]
         if current is not None:
             if now - current.at >= PRESTART_MAX_WAIT_S:
@@ -1407,16 +1412,21 @@ class Daemon:
         current = self._prestarted
         if current is None or current.job_id != job_id:
             return None
-        fixed = {k: v for k, v in launch.env.items() if k not in GO_KEYS}
-        was = {k: v for k, v in current.launch.env.items() if k not in GO_KEYS}
-        if list(current.launch.argv) != list(launch.argv) or was != fixed:
-            self._dismiss("the job's command line or environment changed")
+        if _as_started(current.launch) != _as_started(launch):
+            self._dismiss("the job's command line, environment or user changed")
             return None
-        self._prestarted = None
-        if not self.runner.open_gate(current.pid, encode_go(go)):
-            self._prestarted = current
+        if self.runner.poll(current.pid, current.pid_start) is not None:
+            self._dismiss("its worker is gone")
+            return None
+        try:
+            line = encode_go(go)
+        except ValueError as exc:
+            self._dismiss(f"no go line for it: {exc}")
+            return None
+        if not self.runner.open_gate(current.pid, line):
             self._dismiss("its worker did not take its GPU")
             return None
+        self._prestarted = None
         return Started(current.pid, current.pid_start, prestarted=True)
 
     def _claim(self, job: JobRecord, gpu_uuid: str, log_path: Path, now: float) -> JobRecord:
@@ -1450,6 +1460,13 @@ class Daemon:
     def describe_gpus(self) -> list[dict[str, Any]]:
         """Each GPU with its stability and reservations (for ``gpuspool gpus`` and metrics)."""
         return self.observer.describe()
+
+
+def _as_started(launch: Launch) -> Launch:
+    """``launch`` without what a prestarted worker is given only at its go line (its GPU, its
+    attempt) and without its gate: equal for a prestart and the start it stands for."""
+    env = {k: v for k, v in launch.env.items() if k not in GO_KEYS}
+    return replace(launch, env=env, gated=False)
 
 
 def _same_but_figures(before: str | None, after: str) -> bool:

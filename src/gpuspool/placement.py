@@ -79,6 +79,10 @@ class Decision:
     #: has enough free); ``inf`` where no GPU of this host can take it now. On a shared ledger
     #: the hosts' reasons are compared by it (the nearest host's is the one users see).
     distance: dict[str, float] = field(default_factory=dict)
+    #: Waiting jobs whose only obstacle is time: their closest GPU has had enough free for fewer
+    #: than ``stable_polls`` polls (not one another job took this poll, nor one they cool down
+    #: on). What the daemon prestarts a worker for.
+    settling: frozenset[str] = frozenset()
 
 
 #: The distance of a job that cannot start here for a reason memory will not change.
@@ -193,8 +197,9 @@ def place(
     impossible: set[str] = set()
     # Jobs with the same threshold, allow-list and GPU restriction get the same answer until a
     # start changes what is left, so a queue of thousands costs one evaluation per kind of job.
+    settling: set[str] = set()
     Key = tuple[float, tuple[str | int, ...] | None, frozenset[str] | None, frozenset[str]]
-    memo: dict[Key, tuple[str, bool, float]] = {}
+    memo: dict[Key, tuple[str, bool, float, bool]] = {}
     limited = limits.max_running is not None or limits.max_gpus is not None
     only: frozenset[str] | None = None
     for job in _ordered(jobs, states, fair):
@@ -213,6 +218,8 @@ def place(
             distance[job.job_id] = known_answer[2]
             if known_answer[1]:
                 impossible.add(job.job_id)
+            if known_answer[3]:
+                settling.add(job.job_id)
             continue
         answer = _place_one(job, gpus, only, started_on, stable_polls)
         if isinstance(answer, Start):
@@ -224,15 +231,17 @@ def place(
             user.gpus.add(answer.gpu_uuid)
             memo.clear()
             continue
-        reason, never, far = answer
+        reason, never, far, settles = answer
         if only is not None and not never:
             reason = f"user limit: {len(only)} of {limits.max_gpus} GPUs in use; {reason}"
         reasons[job.job_id] = reason
         distance[job.job_id] = far
         if never:
             impossible.add(job.job_id)
-        memo[key] = (reason, never, far)
-    return Decision(tuple(starts), reasons, frozenset(impossible), distance)
+        if settles:
+            settling.add(job.job_id)
+        memo[key] = (reason, never, far, settles)
+    return Decision(tuple(starts), reasons, frozenset(impossible), distance, frozenset(settling))
 
 
 def _place_one(
@@ -241,14 +250,16 @@ def _place_one(
     only: frozenset[str] | None,
     started_on: set[str],
     stable_polls: int,
-) -> Start | tuple[str, bool, float]:
-    """Where ``job`` starts now, or why not (whether it never can on this host, its distance)."""
+) -> Start | tuple[str, bool, float, bool]:
+    """Where ``job`` starts now, or why not (whether it never can on this host, its distance,
+    whether it is settling: see ``Decision.settling``)."""
     allowed = _allowed(job, gpus)
     if not allowed:
         return (
             f"none of the allowed GPUs {list(job.allowed_gpus or ())} exist on this host",
             True,
             FAR,
+            False,
         )
     known = [g for g in allowed if g.snapshot.healthy and g.snapshot.total_mib > 0]
     if known and len(known) == len(allowed):
@@ -261,11 +272,12 @@ def _place_one(
                 ),
                 True,
                 FAR,
+                False,
             )
     if only is not None:
         allowed = [g for g in allowed if g.uuid in only]
         if not allowed:
-            return "none of them is a GPU of this host this job may use", False, FAR
+            return "none of them is a GPU of this host this job may use", False, FAR, False
     fitting = [
         g
         for g in allowed
@@ -283,6 +295,7 @@ def _place_one(
             " start has been on it for yield_cooldown_s",
             False,
             FAR,
+            False,
         )
     fitting = [g for g in fitting if g.uuid not in job.avoid]
     if fitting:
@@ -298,5 +311,7 @@ def _place_one(
             g.available_gib if g.available_gib is not None else float("-inf"),
         ),
     )
-    reason, far = _why_not(closest, job.threshold_gib, stable_polls, closest.uuid in started_on)
-    return reason, False, far
+    taken = closest.uuid in started_on
+    reason, far = _why_not(closest, job.threshold_gib, stable_polls, taken)
+    settles = far == 0.0 and not taken and closest.uuid not in job.avoid
+    return reason, False, far, settles

@@ -140,10 +140,10 @@ class FakeRunner:
         return True
 
     def close_gate(self, pid: int) -> None:
-        """The process stops at its gate with nothing done (exit 0), as the worker."""
+        """The process stops at its gate with nothing done (exit 143), as the worker."""
         if pid in self.gated:
             self.gated.discard(pid)
-            self.table.procs[pid].exit(0)
+            self.table.procs[pid].exit(143)
 
     def poll(self, pid: int, pid_start: float | None) -> Exit | None:
         proc = self.table.procs.get(pid)

@@ -81,7 +81,7 @@ def test_a_prestarted_worker_is_stopped_when_its_job_cannot_start_any_more(
     with capture_logs() as logs:
         h.tick()
     proc = runner(h).process(pid)
-    assert proc.returncode == 0 and runner(h).gated == set()  # closed gate: exit 0, nothing done
+    assert proc.returncode == 143 and runner(h).gated == set()  # closed gate: nothing done
     (stopped,) = [e for e in logs if e["event"] == "job_prestart_stopped"]
     assert stopped["job_id"] == job and stopped["pid"] == pid
     assert len(runner(h).launches) == 1
