@@ -118,7 +118,7 @@ def main() -> int:
         go = read_go(int(gate))
         if go is None:
             print("not started: the daemon closed the gate", flush=True)
-            return 0
+            return 143
         os.environ.update(go)
     mode = os.environ.get("STUB_MODE", "ok")
     if mode == "probe":

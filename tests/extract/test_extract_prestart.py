@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import wait_until
 from tests.extract.conftest import SRC
 
+from gpuspool.exitcodes import ExitCode
 from gpuspool.protocol import GATE_FD_ENV, encode_go
 
 pytest.importorskip("torch")
@@ -103,7 +104,7 @@ def test_a_closed_gate_or_a_line_that_is_no_go_stops_it_with_nothing_done(
         os.write(gate, line)
     os.close(gate)
     stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and stdout == ""
+    assert proc.returncode == ExitCode.INTERRUPTED and stdout == ""
     assert "not started" in stderr
     assert not out.exists() and not Path(str(out) + ".partial").exists()
 
@@ -115,12 +116,12 @@ def test_cuda_started_before_the_go_line_runs_the_worker_again_from_its_exec(
     started it during the imports, the worker execs itself again with the GPU it was given."""
     from gpuspool.extract import cli, startup
 
-    assert startup.cuda_driver_started() is False  # no driver loaded in this process
+    assert startup.cuda_sees_no_gpu() is False  # no driver loaded in this process
     read, write = os.pipe()
     os.write(write, encode_go({"CUDA_VISIBLE_DEVICES": "GPU-given"}))
     os.close(write)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    monkeypatch.setattr(startup, "cuda_driver_started", lambda: True)
+    monkeypatch.setattr(startup, "cuda_sees_no_gpu", lambda: True)
     calls: list[tuple[str, list[str], str | None]] = []
 
     def execv(path: str, argv: list[str]) -> None:

@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     if gate is not None:
         del os.environ[GATE_FD_ENV]
         if not _wait_for_gpu(gate, opts.tokenizer, opts.dtype):
-            return 0
+            # Nothing done, nothing lost: as a run interrupted before its first batch.
+            return int(ExitCode.INTERRUPTED)
         waited = process_age_s()
     with contextlib.redirect_stdout(sys.stderr):
         run = Run(opts, events)
@@ -159,7 +160,8 @@ def _wait_for_gpu(gate: int, tokenizer: str, dtype: str) -> bool:
     tokenizer on the CPU now, then wait for the daemon's go line and set what it names in the
     environment. False when the daemon
     closed the gate instead (nothing was done). Should anything have started the CUDA driver
-    meanwhile, the worker runs itself again from the exec, so CUDA reads its GPU."""
+    meanwhile (it then sees no GPU), the worker runs itself again from the exec, so CUDA reads
+    its GPU."""
     from gpuspool.extract import startup
 
     startup.prefetch_tokenizer(tokenizer)
@@ -176,7 +178,7 @@ def _wait_for_gpu(gate: int, tokenizer: str, dtype: str) -> bool:
         print("gpuspool extract: not started: the daemon closed the gate", file=sys.stderr)
         return False
     os.environ.update(go)
-    if startup.cuda_driver_started():
+    if go.get("CUDA_VISIBLE_DEVICES") and startup.cuda_sees_no_gpu():
         print(RESTART_NOTE, file=sys.stderr, flush=True)
         os.execv(sys.executable, sys.orig_argv)
     return True

@@ -8,8 +8,8 @@ the interpreter's own start and the imports before ``Run`` are counted too.
 
 A worker the daemon starts before its GPU is free (``prestart``) does its imports, then waits at
 the gate (:func:`read_go`) for the line naming its GPU; CUDA has not started by then, so the
-``CUDA_VISIBLE_DEVICES`` that line sets is the one CUDA reads (:func:`cuda_driver_started`
-tells when something started it earlier).
+``CUDA_VISIBLE_DEVICES`` that line sets is the one CUDA reads (:func:`cuda_sees_no_gpu` tells
+when something started it earlier).
 """
 
 from __future__ import annotations
@@ -97,17 +97,18 @@ def read_go(fd: int) -> dict[str, str] | None:
     return parse_go(line) if newline else None
 
 
-#: ``CUDA_ERROR_NOT_INITIALIZED``: what the driver API answers before ``cuInit``.
-_CUDA_NOT_INITIALIZED = 3
-
-
-def cuda_driver_started() -> bool:
-    """Whether the CUDA driver has started in this process (``cuInit`` was called): from then on
-    it does not read ``CUDA_VISIBLE_DEVICES`` again. False where the driver library is not
-    loaded (it is not loaded here, never by this check)."""
+def cuda_sees_no_gpu() -> bool:
+    """Whether the CUDA driver, already in this process, sees no GPU: it read
+    ``CUDA_VISIBLE_DEVICES`` when it started (``cuInit``), never again, and an earlier start
+    under an empty value (or a failed one, which it keeps answering) leaves it without any.
+    False where the driver library is not loaded: it starts later, with the environment as it
+    is then (this check never loads it). Where it is loaded but not started, this starts it,
+    with the environment as it is now."""
     try:
         lib = ctypes.CDLL("libcuda.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
     except OSError:
         return False
     count = ctypes.c_int()
-    return bool(lib.cuDeviceGetCount(ctypes.byref(count)) != _CUDA_NOT_INITIALIZED)
+    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return True
+    return count.value == 0
