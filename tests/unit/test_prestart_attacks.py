@@ -3,8 +3,7 @@ and what the daemon's own bookkeeping does around it.
 
 Real processes, pipes and signals (ProcessRunner and tests/gate_worker.py, which misbehaves at
 its gate as ``GATE_MODE`` says) for what a process can do; scripted processes (FakeRunner) for
-the tick's decisions. Tests marked xfail describe what should happen and does not yet: each
-names the finding.
+the tick's decisions.
 """
 
 from __future__ import annotations
@@ -79,7 +78,9 @@ def zombie(pid: int) -> bool:
 
 
 def my_zombies() -> list[int]:
-    return [p.pid for p in psutil.Process().children() if zombie(p.pid)]
+    """This process's children that are zombies, but for the ``rm -rf`` of a scratch folder:
+    those are reaped at the next removal (``runner.remove_scratch``), never waited for."""
+    return [p.pid for p in psutil.Process().children() if zombie(p.pid) and p.name() != "rm"]
 
 
 def fd_count() -> int:
@@ -150,11 +151,6 @@ def test_a_worker_killed_just_before_its_go_line_gives_way_to_a_fresh_start(
     assert rec.attempts == 0 and not zombie(pid)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: open_gate counts any reader of the pipe; a worker gone before its go "
-    "line (a child kept the gate) is taken as the job's process and its exit costs an attempt",
-)
 def test_a_worker_gone_before_its_go_line_is_never_taken_as_the_jobs_process(
     tmp_path: Path,
 ) -> None:
@@ -206,11 +202,6 @@ def test_many_prestarts_and_dismissals_leave_no_descriptor_zombie_or_process(
     assert not any(psutil.pid_exists(p) and not zombie(p) for p in pids)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: the scratch folder made at prestart is removed only when a job that ran "
-    "is filed; a job cancelled while waiting keeps it for ever",
-)
 def test_a_job_cancelled_while_its_worker_waits_leaves_no_scratch_folder(
     tmp_path: Path,
 ) -> None:
@@ -284,11 +275,6 @@ def fake_runner_of(h: Harness) -> FakeRunner:
     return h.runner
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: placement gives distance 0 to a job whose GPU another job took this poll; "
-    "its worker is prestarted and kept up to PRESTART_MAX_WAIT_S while that GPU has no room",
-)
 def test_no_worker_waits_for_a_gpu_another_job_just_took(tmp_path: Path) -> None:
     """One GPU, room for one job: when the first starts, the second's GPU has no room left
     (1.5 GiB available, need 20), yet its worker is started and kept for ten minutes."""
@@ -308,38 +294,35 @@ def test_no_worker_waits_for_a_gpu_another_job_just_took(tmp_path: Path) -> None
     assert waited <= 30.0, f"the second job's worker waited {waited:.0f} s at a full GPU"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: Daemon._go compares argv and env only; a worker prestarted with the "
-    "user's old groups (setpriv --groups) is let go on after they changed",
-)
 def test_a_worker_started_with_groups_its_user_no_longer_has_is_not_let_go_on(
     tmp_path: Path,
 ) -> None:
-    groups = [(0, 4242)]
+    # Root at intake (its scan reads the test's files); a user with groups from the prestart on.
+    groups: list[tuple[int, ...] | None] = [None]
 
     def identity_for(uid: int) -> Identity:
-        return Identity(uid, 0, groups[0], "root", "/root")
+        if groups[0] is None:
+            return Identity(uid, 0, (0,), "root", "/root")
+        return Identity(65534, 65534, groups[0], "nobody", "/")
 
     h = Harness(tmp_path, make_runner=fake_runner, identity_for=identity_for, prestart=True)
     h.env["STUB_MODE"] = "sleep"
     h.set_gpus([gpu_entry(0, 50)])
     job = h.submit("a")
+    h.settle_intake()
+    groups[0] = (65534, 4242)
     h.tick()
+    (first,) = fake_runner_of(h).launches
+    assert first.gated and "--groups=65534,4242" in first.switch
+    groups[0] = (65534,)  # removed from group 4242 (its data, say) while the worker waited
     h.tick()
-    groups[0] = (0,)  # removed from group 4242 (its data, say) while the worker waited
     h.tick()
     rec = h.job(job)
     assert rec.state == JobState.RUNNING
     switch = list(fake_runner_of(h).process(rec.pid).launch.switch)
-    assert "--groups=0" in switch, switch
+    assert "--groups=65534" in switch, switch
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: Daemon._go forgets the prestarted worker before encode_go, which may "
-    "raise: the worker is left at its gate, tracked by nobody",
-)
 def test_a_go_line_that_cannot_be_written_leaves_no_worker_waiting(tmp_path: Path) -> None:
     h = fake(tmp_path)
     h.set_gpus([gpu_entry(0, 50, uuid="GPU-" + "9" * 600)])
@@ -385,12 +368,6 @@ def test_a_user_at_their_running_limit_gets_no_prestarted_worker(tmp_path: Path)
     assert second not in gated
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: a job cooling down after a yield on its only GPU has distance 0 while "
-    "that GPU's reading settles (placement looks at the cool-down only among settled GPUs): "
-    "its worker is started, then dismissed once the reading settles, at every new settling",
-)
 def test_a_job_cooling_down_on_its_only_gpu_gets_no_prestarted_worker(tmp_path: Path) -> None:
     h = fake(tmp_path, yield_cooldown_s=600.0)
     h.set_gpus([gpu_entry(0, 50)])
@@ -408,11 +385,6 @@ def test_a_job_cooling_down_on_its_only_gpu_gets_no_prestarted_worker(tmp_path: 
     assert not [launch for launch in fake_runner_of(h).launches if launch.gated]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding (nit): a stopping daemon dismisses its waiting worker but no longer runs "
-    "_prestart, the only place that reaps it on one host: a zombie until the daemon exits",
-)
 def test_a_stopping_daemon_reaps_the_worker_it_dismissed(tmp_path: Path) -> None:
     h = real(tmp_path, "ignore", stable_polls=10_000)
     h.submit("a")
