@@ -6,7 +6,8 @@ with a gate (as ``prestart`` does), let go once its imports are done and it wait
 for half a second). For the first, the summary's ``startup_s`` (exec to the first batch) is the
 time the GPU waited; for the second, ``startup_s - gate_wait_s`` (the go line to the first
 batch). Each run is a fresh ``python -m gpuspool.extract`` on a small synthetic set; the outputs
-of both kinds are compared byte for byte.
+of both kinds are compared byte for byte, and the resident memory of a worker waiting at its gate
+is recorded.
 
     PYTHONPATH=src python3 bench/prestart.py --device cpu --runs 3               # tiny tokenizer
     PYTHONPATH=SITE:src python3 bench/prestart.py --config-dir CONFIG --device cuda:0
@@ -46,6 +47,14 @@ def _wait_idle(pid: int, timeout: float = 300.0) -> float:
     raise SystemExit(f"worker {pid} still busy after {timeout:g} s")
 
 
+def _rss_gib(pid: int) -> float:
+    """Resident memory of ``pid`` (GiB): what a worker waiting at its gate holds of the host."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / (1 << 20), 3)
+    return float("nan")
+
+
 def run(argv: list[str], out: Path, gpu: str, gated: bool) -> dict[str, Any]:
     """One worker run, with its GPU or with a gate; its summary's start-up figures."""
     env = _env()
@@ -57,9 +66,11 @@ def run(argv: list[str], out: Path, gpu: str, gated: bool) -> dict[str, Any]:
     with tempfile.TemporaryFile("w+") as errors:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True, env=env,
                                 cwd="/", pass_fds=() if read is None else (read,))  # fmt: skip
+        rss = None
         if read is not None and write is not None:
             os.close(read)
             _wait_idle(proc.pid)
+            rss = _rss_gib(proc.pid)
             os.write(write, encode_go({"CUDA_VISIBLE_DEVICES": gpu}))
             os.close(write)
         stdout, _ = proc.communicate()
@@ -74,6 +85,7 @@ def run(argv: list[str], out: Path, gpu: str, gated: bool) -> dict[str, Any]:
         "import_s": summary["import_s"],
         "model_load_s": summary["model_load_s"],
         "gate_wait_s": summary.get("gate_wait_s"),
+        "waiting_rss_gib": rss,
     }
 
 
