@@ -29,7 +29,7 @@ exit codes: 0 done; 1 crash; 64 usage; 65 bad data (a bad line under --on-bad-li
 stale worker (shared ledger, retryable); 75 CUDA out of memory (checkpointed, retryable);
 77 fenced out: a newer attempt owns the output (shared ledger); 78 config (the tokenizer
 cannot be loaded, a module is missing); 143 interrupted by SIGTERM/SIGINT (checkpointed,
-resumable).
+resumable), or its gate closed before its GPU was given (daemon prestart; nothing done).
 """
 
 
