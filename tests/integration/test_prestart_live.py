@@ -28,6 +28,8 @@ def test_the_prestarted_worker_runs_the_job_and_writes_the_same_output(
     assert started["pid"] == prestarted["pid"] and started["prestarted_s"] > 0
     job_log = (tmp_path / "state" / "logs" / f"{job}.log").read_text()
     assert RESTART_NOTE not in job_log
+    in_job_log = [json.loads(line) for line in job_log.splitlines() if '"job_started"' in line]
+    assert in_job_log and in_job_log[-1]["prestarted_s"] == started["prestarted_s"]
     events = (tmp_path / "state" / "events" / f"{job}.events").read_text().splitlines()
     (summary,) = [json.loads(e) for e in events if '"summary"' in e]
     assert summary["gate_wait_s"] > 0 and summary["import_s"] < summary["gate_wait_s"]
