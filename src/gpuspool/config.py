@@ -85,8 +85,9 @@ class Settings(BaseSettings):
     worker_device: str = Field("cuda:0", description='Device the worker uses ("cpu" to simulate)')
     prestart: bool = Field(
         False,
-        description="Start the worker of the job next in line while its GPU's reading settles "
-        "(stable_polls): it imports torch and the tokenizer's code, then waits for its GPU",
+        description="Start the worker of the first waiting job whose GPU has room while that "
+        "GPU's reading settles (stable_polls): it imports torch and the tokenizer's code and "
+        "loads the tokenizer, then waits for its GPU",
     )
     worker_extra_args: list[str] = Field(
         default_factory=list, description="Appended to every worker's argv"

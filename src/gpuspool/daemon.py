@@ -75,8 +75,8 @@ FIRST = float("-inf")
 #: Shared ledger unreachable: the first retry after this many seconds, doubling up to the most.
 OUTAGE_BACKOFF_S = 1.0
 OUTAGE_BACKOFF_MAX_S = 30.0
-#: ``prestart``: a worker waiting at its gate this long is stopped (its job may be prestarted
-#: again later): a settling GPU takes ``stable_polls`` polls, and a worker holds host memory.
+#: ``prestart``: a worker waiting at its gate this long is stopped, and its job is not prestarted
+#: again while it waits: a GPU settles in ``stable_polls`` polls, and a worker holds host memory.
 PRESTART_MAX_WAIT_S = 120.0
 
 
@@ -89,6 +89,8 @@ class _Prestarted:
     pid_start: float
     launch: Launch
     at: float
+    #: Its scratch folder was made for it (not left by an earlier attempt of its job).
+    made_scratch: bool
 
 
 @dataclass
@@ -171,10 +173,11 @@ class Daemon:
         #: Processes killed (workers of attempts another host took over, prestarted workers no
         #: longer wanted), reaped here once gone.
         self._killed: list[tuple[int, float | None]] = []
-        #: ``prestart``: the worker waiting for its GPU, and the jobs whose prestarted worker
-        #: stopped by itself or could not start (they start the usual way from then on).
+        #: ``prestart``: the worker waiting for its GPU, and the waiting jobs not to prestart
+        #: again (their worker stopped by itself, could not start, or waited too long): they
+        #: start the usual way.
         self._prestarted: _Prestarted | None = None
-        self._prestart_failed: set[str] = set()
+        self._no_prestart: set[str] = set()
         #: Shared ledger unreachable since (None: reachable); the next try; the current backoff.
         self._outage_since: float | None = None
         self._outage_retry_at = 0.0
@@ -1334,19 +1337,18 @@ class Daemon:
     # -- prestart ------------------------------------------------------------------------------
 
     def _prestart(self, decision: Decision, starting: set[str], now: float) -> None:
-        """``prestart``: keep one worker ready for the first job in line whose GPU has room
-        and whose reading is settling (``Decision.settling``: ``stable_polls`` more polls). It
+        """``prestart``: keep one worker ready for the first job in line that is settling
+        (``Decision.settling``: its GPU has had room for fewer than ``stable_polls`` polls). It
         imports and loads meanwhile, unseen by CUDA, and waits at its gate for its GPU
         (:meth:`_go`). It is kept while its job could still start here (a reading that dips
         for a poll or two), for :data:`PRESTART_MAX_WAIT_S` at most; a worker nobody wants any
-        more is stopped before it does anything."""
-        self._reap_killed()
+        more is stopped before it touches the job's output."""
         current = self._prestarted
         if current is not None:
             gone = self.runner.poll(current.pid, current.pid_start)
             if gone is not None:  # it will fail the same way when it starts: let it say why then
                 self._prestarted = None
-                self._prestart_failed.add(current.job_id)
+                self._no_prestart.add(current.job_id)
                 self.log.warning(
                     "job_prestart_exited",
                     job_id=current.job_id,
@@ -1355,7 +1357,7 @@ class Daemon:
                     reason="its worker stopped before its GPU was free; it will start as usual",
                 )
                 current = None
-        self._prestart_failed &= decision.distance.keys()
+        self._no_prestart &= decision.distance.keys()
         if not self.settings.prestart:
             self._dismiss("prestart is off")
             return
@@ -1364,11 +1366,13 @@ class Daemon:
             for job_id in decision.distance
             if job_id in decision.settling
             and job_id not in starting
-            and job_id not in self._prestart_failed
+            and job_id not in self._no_prestart
         ]
         if current is not None:
             if now - current.at >= PRESTART_MAX_WAIT_S:
+                self._no_prestart.add(current.job_id)
                 self._dismiss(f"waited {PRESTART_MAX_WAIT_S:g} s for its GPU")
+                ready = [job_id for job_id in ready if job_id != current.job_id]
             elif ready[:1] != [current.job_id] and (
                 ready or decision.distance.get(current.job_id, FAR) == FAR
             ):
@@ -1382,14 +1386,17 @@ class Daemon:
         job = self.ledger.get(job_id)
         if job is None or not job.state.runnable:
             return
+        made_scratch = not os.path.lexists(self.scratch_path(job_id))
         try:
             launch = replace(self._prepare_launch(job, "", self._log_path(job.id)), gated=True)
             started = self.runner.start(launch)
         except Exception as exc:
-            self._prestart_failed.add(job_id)
+            self._no_prestart.add(job_id)
             self.log.warning("job_prestart_failed", job_id=job_id, reason=_describe(exc))
             return
-        self._prestarted = _Prestarted(job_id, started.pid, started.pid_start, launch, now)
+        self._prestarted = _Prestarted(
+            job_id, started.pid, started.pid_start, launch, now, made_scratch
+        )
         self.log.info("job_prestarted", job_id=job_id, pid=started.pid)
 
     def _dismiss(self, reason: str) -> None:
@@ -1400,9 +1407,9 @@ class Daemon:
         self.runner.close_gate(current.pid)
         self.runner.kill(current.pid, current.pid_start)
         self._killed.append((current.pid, current.pid_start))
-        # Made for it at its start; a job that starts later gets a new one.
-        with contextlib.suppress(OSError):
-            self.runner.remove_scratch(self.scratch_path(current.job_id))
+        if current.made_scratch:  # an earlier attempt's stays, for the job's retry
+            with contextlib.suppress(OSError):
+                self.runner.remove_scratch(self.scratch_path(current.job_id))
         self.log.info("job_prestart_stopped", job_id=current.job_id, pid=current.pid, reason=reason)
 
     def _go(self, job_id: str, launch: Launch, go: dict[str, str]) -> Started | None:

@@ -153,7 +153,7 @@ from gpuspool.extract import cli
 read, write = os.pipe()
 os.write(write, b'{"CUDA_VISIBLE_DEVICES": "0"}\n')
 os.close(write)
-assert cli._wait_for_gpu(read, sys.argv[1], "fp32")
+assert cli._wait_for_gpu(read, sys.argv[1], "fp32") is not None
 print(seen)
 """
 

@@ -188,3 +188,33 @@ def test_a_real_gate_closed_stops_the_process_with_nothing_done(tmp_path: Path) 
     wait_until(lambda: h.runner.poll(prestarted.pid, prestarted.pid_start) is not None)
     assert not (h.data / "a.out.jsonl").exists()
     assert "not started" in (h.settings.logs_dir / f"{job}.log").read_text()
+
+
+def test_an_earlier_attempts_scratch_folder_stays_when_the_prestart_is_stopped(
+    tmp_path: Path,
+) -> None:
+    """A retry keeps its scratch folder (TMPDIR, caches); only one the prestart made goes."""
+    h = harness(tmp_path)
+    h.env["STUB_MODE"] = "sleep"
+    h.set_gpus([gpu_entry(0, 50)])
+    job = h.submit("a")
+    h.settle_intake()
+    h.daemon.scratch_path(job).mkdir(parents=True)  # left by an earlier attempt
+    h.tick()
+    assert runner(h).gated
+    h.daemon.ledger.request_cancel(job, now=h.now)
+    h.tick()
+    assert runner(h).gated == set() and runner(h).removed_scratch == []
+
+
+def test_a_worker_that_waited_two_minutes_is_stopped_and_not_started_again(
+    tmp_path: Path,
+) -> None:
+    h = harness(tmp_path, stable_polls=10_000)  # its GPU never settles
+    job, pid = settling_job(h)
+    with capture_logs() as logs:
+        h.tick(121.0)
+        h.tick()
+    assert not runner(h).process(pid).alive and len(runner(h).launches) == 1
+    (stopped,) = [e for e in logs if e["event"] == "job_prestart_stopped"]
+    assert stopped["reason"] == "waited 120 s for its GPU" and h.state(job) == "queued"

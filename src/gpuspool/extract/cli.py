@@ -13,7 +13,6 @@ from pathlib import Path
 
 from gpuspool.exitcodes import ExitCode
 from gpuspool.extract.events import Events
-from gpuspool.extract.startup import process_age_s
 from gpuspool.protocol import GATE_FD_ENV, inherited_fd
 
 DESCRIPTION = """\
@@ -145,28 +144,28 @@ def main(argv: list[str] | None = None) -> int:
     waited = None
     if gate is not None:
         del os.environ[GATE_FD_ENV]
-        if not _wait_for_gpu(gate, opts.tokenizer, opts.dtype):
+        waited = _wait_for_gpu(gate, opts.tokenizer, opts.dtype)
+        if waited is None:
             # Nothing done, nothing lost: as a run interrupted before its first batch.
             return int(ExitCode.INTERRUPTED)
-        waited = process_age_s()
     with contextlib.redirect_stdout(sys.stderr):
         run = Run(opts, events)
         run.gate_wait_s = waited
         return run.execute()
 
 
-def _wait_for_gpu(gate: int, tokenizer: str, dtype: str) -> bool:
+def _wait_for_gpu(gate: int, tokenizer: str, dtype: str) -> float | None:
     """Started before its GPU was free: import torch and the tokenizer's modules and load the
     tokenizer on the CPU now, then wait for the daemon's go line and set what it names in the
-    environment. False when the daemon
-    closed the gate instead (nothing was done). Should anything have started the CUDA driver
+    environment. Returns the seconds from the exec to the go line; None when the gate closed or
+    its line was not a go line (nothing was done). Should the CUDA driver have started
     meanwhile (it then sees no GPU), the worker runs itself again from the exec, so CUDA reads
     its GPU."""
     from gpuspool.extract import startup
 
     startup.prefetch_tokenizer(tokenizer)
     with contextlib.redirect_stdout(sys.stderr), contextlib.suppress(Exception):
-        # A broken install is reported by the run itself, which imports the same again.
+        # A broken install is reported by the run itself, which imports and loads again.
         import torch  # noqa: F401
 
         from gpuspool.extract.model import import_tokenizer_stack, preload_tokenizer
@@ -174,14 +173,15 @@ def _wait_for_gpu(gate: int, tokenizer: str, dtype: str) -> bool:
         import_tokenizer_stack()
         preload_tokenizer(tokenizer, dtype)
     go = startup.read_go(gate)
+    waited = startup.process_age_s() or 0.0
     if go is None:
-        print("gpuspool extract: not started: the daemon closed the gate", file=sys.stderr)
-        return False
+        print("gpuspool extract: not started: the gate closed or sent no go line", file=sys.stderr)
+        return None
     os.environ.update(go)
     if go.get("CUDA_VISIBLE_DEVICES") and startup.cuda_sees_no_gpu():
         print(RESTART_NOTE, file=sys.stderr, flush=True)
         os.execv(sys.executable, sys.orig_argv)
-    return True
+    return waited
 
 
 if __name__ == "__main__":
