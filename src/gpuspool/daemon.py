@@ -1152,7 +1152,7 @@ class Daemon:
                 reasons.pop(job.id, None)
             else:
                 reasons[job.id] = problem
-        self._prestart(decision, {start.job_id for start in decision.starts}, now)
+        self._prestart(decision, now)
         changed = self._changed_reasons(reasons, now)
         distance = dict(decision.distance)
         distance.update({k: FIRST for k in self._no_input_here if k in reasons})
@@ -1298,9 +1298,13 @@ class Daemon:
         if self.cluster is not None:  # the worker checks the fence too, before every write
             go.update({FENCE_ENV: str(claimed.fence), HOST_ENV: self.cluster.host_name})
             launch = replace(launch, env={**launch.env, **go})
-        ready_at = self._prestarted.at if self._prestarted is not None else now
         try:
-            started = self._go(job.id, launch, go) or self.runner.start(launch)
+            prestarted = self._go(job.id, launch, go)
+            started = (
+                Started(prestarted.pid, prestarted.pid_start)
+                if prestarted is not None
+                else self.runner.start(launch)
+            )
         except Exception as exc:
             reason = f"could not start the worker: {_describe(exc)}"
             self._move(claimed, JobState.FAILED, now, reason, finished_at=now)
@@ -1328,7 +1332,7 @@ class Daemon:
             pid=started.pid,
             argv=launch.argv,
             # prestart: how long before the GPU came its worker had been started
-            **({"prestarted_s": round(now - ready_at, 1)} if started.prestarted else {}),
+            **({"prestarted_s": round(now - prestarted.at, 1)} if prestarted else {}),
             # On a shared ledger: which host, as each attempt's log lines may come from another
             **({"host": self.settings.host_name} if self.cluster is not None else {}),
         )
@@ -1336,7 +1340,7 @@ class Daemon:
 
     # -- prestart ------------------------------------------------------------------------------
 
-    def _prestart(self, decision: Decision, starting: set[str], now: float) -> None:
+    def _prestart(self, decision: Decision, now: float) -> None:
         """``prestart``: keep one worker ready for the first job in line that is settling
         (``Decision.settling``: its GPU has had room for fewer than ``stable_polls`` polls). It
         imports and loads meanwhile, unseen by CUDA, and waits at its gate for its GPU
@@ -1357,28 +1361,23 @@ class Daemon:
                     reason="its worker stopped before its GPU was free; it will start as usual",
                 )
                 current = None
-        self._no_prestart &= decision.distance.keys()
+        if self._no_prestart:  # only jobs still waiting
+            self._no_prestart = {j for j in self._no_prestart if j in decision.distance}
         if not self.settings.prestart:
             self._dismiss("prestart is off")
             return
-        ready = [  # in the order placement took them
-            job_id
-            for job_id in decision.distance
-            if job_id in decision.settling
-            and job_id not in starting
-            and job_id not in self._no_prestart
-        ]
+        ready = [j for j in decision.settling if j not in self._no_prestart]
         if current is not None:
             if now - current.at >= PRESTART_MAX_WAIT_S:
                 self._no_prestart.add(current.job_id)
                 self._dismiss(f"waited {PRESTART_MAX_WAIT_S:g} s for its GPU")
-                ready = [job_id for job_id in ready if job_id != current.job_id]
-            elif ready[:1] != [current.job_id] and (
-                ready or decision.distance.get(current.job_id, FAR) == FAR
-            ):
-                self._dismiss("another job is nearer" if ready else "its job cannot start here")
+                ready = [j for j in ready if j != current.job_id]
+            elif ready and ready[0] != current.job_id:
+                self._dismiss("another job is nearer")
+            elif not ready and decision.distance.get(current.job_id, FAR) == FAR:
+                self._dismiss("its job cannot start here")
             else:
-                return
+                return  # still first, or still within reach while no job settles
         if ready:
             self._prestart_job(ready[0], now)
 
@@ -1412,10 +1411,11 @@ class Daemon:
                 self.runner.remove_scratch(self.scratch_path(current.job_id))
         self.log.info("job_prestart_stopped", job_id=current.job_id, pid=current.pid, reason=reason)
 
-    def _go(self, job_id: str, launch: Launch, go: dict[str, str]) -> Started | None:
-        """Let the job's prestarted worker go on with ``go`` (its GPU, its attempt); None when
-        there is none, or it was started for another command line or environment than the
-        job's now (the config was reloaded), or it is gone: then the job starts the usual way."""
+    def _go(self, job_id: str, launch: Launch, go: dict[str, str]) -> _Prestarted | None:
+        """Let the job's prestarted worker go on with ``go`` (its GPU, its attempt) and return
+        it; None when there is none, or it was started for another launch than the job's now
+        (the config was reloaded, the user's groups changed), or it is gone: then the job
+        starts the usual way."""
         current = self._prestarted
         if current is None or current.job_id != job_id:
             return None
@@ -1434,7 +1434,7 @@ class Daemon:
             self._dismiss("its worker did not take its GPU")
             return None
         self._prestarted = None
-        return Started(current.pid, current.pid_start, prestarted=True)
+        return current
 
     def _claim(self, job: JobRecord, gpu_uuid: str, log_path: Path, now: float) -> JobRecord:
         """Mark the job running here, no pid yet. On a shared ledger one atomic statement that

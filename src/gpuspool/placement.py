@@ -79,10 +79,10 @@ class Decision:
     #: has enough free); ``inf`` where no GPU of this host can take it now. On a shared ledger
     #: the hosts' reasons are compared by it (the nearest host's is the one users see).
     distance: dict[str, float] = field(default_factory=dict)
-    #: Waiting jobs whose only obstacle is time: their closest GPU has had enough free for fewer
-    #: than ``stable_polls`` polls (not one another job took this poll, nor one they cool down
-    #: on). What the daemon prestarts a worker for.
-    settling: frozenset[str] = frozenset()
+    #: Waiting jobs whose only obstacle is time, in the order placement took them: their closest
+    #: GPU has had enough free for fewer than ``stable_polls`` polls (not one another job took
+    #: this poll, nor one they cool down on). What the daemon prestarts a worker for.
+    settling: tuple[str, ...] = ()
 
 
 #: The distance of a job that cannot start here for a reason memory will not change.
@@ -171,6 +171,18 @@ def _ordered(
         yield from _fair_order(list(level), users)  # each level is in submission order
 
 
+class _NoStart(NamedTuple):
+    """Why a job does not start here now (``_place_one``)."""
+
+    reason: str
+    #: It never can on this host.
+    never: bool
+    #: Its distance (``Decision.distance``).
+    far: float
+    #: It only waits for its GPU's reading to settle (``Decision.settling``).
+    settles: bool = False
+
+
 def place(
     jobs: Sequence[Candidate],
     gpus: Sequence[GpuView],
@@ -195,11 +207,11 @@ def place(
     reasons: dict[str, str] = {}
     distance: dict[str, float] = {}
     impossible: set[str] = set()
+    settling: list[str] = []
     # Jobs with the same threshold, allow-list and GPU restriction get the same answer until a
     # start changes what is left, so a queue of thousands costs one evaluation per kind of job.
-    settling: set[str] = set()
     Key = tuple[float, tuple[str | int, ...] | None, frozenset[str] | None, frozenset[str]]
-    memo: dict[Key, tuple[str, bool, float, bool]] = {}
+    memo: dict[Key, _NoStart] = {}
     limited = limits.max_running is not None or limits.max_gpus is not None
     only: frozenset[str] | None = None
     for job in _ordered(jobs, states, fair):
@@ -212,36 +224,30 @@ def place(
                 continue
             only = user.gpu_restriction(limits)
         key = (job.threshold_gib, job.allowed_gpus, only, job.avoid)
-        known_answer = memo.get(key)
-        if known_answer is not None:
-            reasons[job.job_id] = known_answer[0]
-            distance[job.job_id] = known_answer[2]
-            if known_answer[1]:
-                impossible.add(job.job_id)
-            if known_answer[3]:
-                settling.add(job.job_id)
-            continue
-        answer = _place_one(job, gpus, only, started_on, stable_polls)
-        if isinstance(answer, Start):
-            started_on.add(answer.gpu_uuid)
-            starts.append(answer)
-            user = states[job.submitter]
-            user.usage += START_CHARGE_GPU_S
-            user.running += 1
-            user.gpus.add(answer.gpu_uuid)
-            memo.clear()
-            continue
-        reason, never, far, settles = answer
-        if only is not None and not never:
-            reason = f"user limit: {len(only)} of {limits.max_gpus} GPUs in use; {reason}"
-        reasons[job.job_id] = reason
-        distance[job.job_id] = far
-        if never:
+        answer = memo.get(key)
+        if answer is None:
+            placed = _place_one(job, gpus, only, started_on, stable_polls)
+            if isinstance(placed, Start):
+                started_on.add(placed.gpu_uuid)
+                starts.append(placed)
+                user = states[job.submitter]
+                user.usage += START_CHARGE_GPU_S
+                user.running += 1
+                user.gpus.add(placed.gpu_uuid)
+                memo.clear()
+                continue
+            answer = placed
+            if only is not None and not answer.never:
+                limit = f"user limit: {len(only)} of {limits.max_gpus} GPUs in use"
+                answer = answer._replace(reason=f"{limit}; {answer.reason}")
+            memo[key] = answer
+        reasons[job.job_id] = answer.reason
+        distance[job.job_id] = answer.far
+        if answer.never:
             impossible.add(job.job_id)
-        if settles:
-            settling.add(job.job_id)
-        memo[key] = (reason, never, far, settles)
-    return Decision(tuple(starts), reasons, frozenset(impossible), distance, frozenset(settling))
+        if answer.settles:
+            settling.append(job.job_id)
+    return Decision(tuple(starts), reasons, frozenset(impossible), distance, tuple(settling))
 
 
 def _place_one(
@@ -250,34 +256,29 @@ def _place_one(
     only: frozenset[str] | None,
     started_on: set[str],
     stable_polls: int,
-) -> Start | tuple[str, bool, float, bool]:
-    """Where ``job`` starts now, or why not (whether it never can on this host, its distance,
-    whether it is settling: see ``Decision.settling``)."""
+) -> Start | _NoStart:
+    """Where ``job`` starts now, or why not."""
     allowed = _allowed(job, gpus)
     if not allowed:
-        return (
+        return _NoStart(
             f"none of the allowed GPUs {list(job.allowed_gpus or ())} exist on this host",
             True,
             FAR,
-            False,
         )
     known = [g for g in allowed if g.snapshot.healthy and g.snapshot.total_mib > 0]
     if known and len(known) == len(allowed):
         largest = max(g.snapshot.total_gib for g in known)
         if largest < job.threshold_gib:
-            return (
-                (
-                    f"no GPU here can ever have {job.threshold_gib:.1f} GiB free:"
-                    f" largest is {largest:.1f} GiB"
-                ),
+            return _NoStart(
+                f"no GPU here can ever have {job.threshold_gib:.1f} GiB free:"
+                f" largest is {largest:.1f} GiB",
                 True,
                 FAR,
-                False,
             )
     if only is not None:
         allowed = [g for g in allowed if g.uuid in only]
         if not allowed:
-            return "none of them is a GPU of this host this job may use", False, FAR, False
+            return _NoStart("none of them is a GPU of this host this job may use", False, FAR)
     fitting = [
         g
         for g in allowed
@@ -290,12 +291,11 @@ def _place_one(
         where = f"GPU {g.snapshot.index} ({_short(g.uuid)})"
         # Static words (no seconds left): a reason that changed at every tick would be
         # rewritten at every tick. The cool-down lasts as long as the stranger stays.
-        return (
+        return _NoStart(
             f"{where}: cool-down after a yield there, until no process gpuspool did not"
             " start has been on it for yield_cooldown_s",
             False,
             FAR,
-            False,
         )
     fitting = [g for g in fitting if g.uuid not in job.avoid]
     if fitting:
@@ -314,4 +314,4 @@ def _place_one(
     taken = closest.uuid in started_on
     reason, far = _why_not(closest, job.threshold_gib, stable_polls, taken)
     settles = far == 0.0 and not taken and closest.uuid not in job.avoid
-    return reason, False, far, settles
+    return _NoStart(reason, False, far, settles)

@@ -70,8 +70,6 @@ class Started:
     pid: int
     #: Process creation time (psutil), to tell this process from a later one with the same pid.
     pid_start: float
-    #: Started before its GPU was free, and let go on now (``Launch.gated``).
-    prestarted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
