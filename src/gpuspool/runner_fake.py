@@ -21,7 +21,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gpuspool.protocol import encode_event
+from gpuspool.exitcodes import ExitCode
+from gpuspool.protocol import encode_event, parse_go
 from gpuspool.runner import JOB_ID_ENV, Exit, Launch, Started
 
 
@@ -124,8 +125,6 @@ class FakeRunner:
 
     def open_gate(self, pid: int, message: bytes) -> bool:
         """The process goes on with what the go line sets in its environment, as the worker."""
-        from gpuspool.protocol import parse_go
-
         if pid not in self.gated:
             return False
         self.gated.discard(pid)
@@ -143,7 +142,7 @@ class FakeRunner:
         """The process stops at its gate with nothing done (exit 143), as the worker."""
         if pid in self.gated:
             self.gated.discard(pid)
-            self.table.procs[pid].exit(143)
+            self.table.procs[pid].exit(int(ExitCode.INTERRUPTED))
 
     def poll(self, pid: int, pid_start: float | None) -> Exit | None:
         proc = self.table.procs.get(pid)

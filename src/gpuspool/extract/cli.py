@@ -166,8 +166,6 @@ def _wait_for_gpu(gate: int, tokenizer: str, dtype: str) -> float | None:
     startup.prefetch_tokenizer(tokenizer)
     with contextlib.redirect_stdout(sys.stderr), contextlib.suppress(Exception):
         # A broken install is reported by the run itself, which imports and loads again.
-        import torch  # noqa: F401
-
         from gpuspool.extract.model import import_tokenizer_stack, preload_tokenizer
 
         import_tokenizer_stack()

@@ -7,10 +7,9 @@ tokenizer's weights into the page cache while Python imports (:func:`prefetch_to
 the interpreter's own start and the imports before ``Run`` are counted too.
 
 A worker the daemon starts before its GPU is free (``prestart``) does its imports and loads the
-tokenizer, then waits at
-the gate (:func:`read_go`) for the line naming its GPU; CUDA has not started by then, so the
-``CUDA_VISIBLE_DEVICES`` that line sets is the one CUDA reads (:func:`cuda_sees_no_gpu` tells
-when something started it earlier).
+tokenizer, then waits at the gate (:func:`read_go`) for the line naming its GPU; CUDA has not
+started by then, so the ``CUDA_VISIBLE_DEVICES`` that line sets is the one CUDA reads
+(:func:`cuda_sees_no_gpu` tells when something started it earlier).
 """
 
 from __future__ import annotations

@@ -435,9 +435,11 @@ class Run:
         if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
             os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
         t = time.monotonic()
-        # The kernel reads the weights while Python imports; the device starts (CUDA context,
-        # cuDNN, cuBLAS) in a thread while the tokenizer's modules import and the model loads.
-        prefetch_tokenizer(o.tokenizer)
+        # The kernel reads the weights while Python imports (a prestarted worker asked before
+        # its gate); the device starts (CUDA context, cuDNN, cuBLAS) in a thread while the
+        # tokenizer's modules import and the model loads.
+        if self.gate_wait_s is None:
+            prefetch_tokenizer(o.tokenizer)
         try:
             import torch
 
