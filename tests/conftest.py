@@ -205,6 +205,12 @@ class Harness:
     def job(self, job_id: str) -> Any:
         return self.daemon.ledger.get(job_id)
 
+    @property
+    def fake(self) -> FakeRunner:
+        """The scripted runner (``make_runner=fake_runner``)."""
+        assert isinstance(self.runner, FakeRunner)
+        return self.runner
+
     def settle(self, job_id: str, timeout: float = 20.0) -> str:
         """Tick (fake time) until the job leaves ``running``."""
 

@@ -24,7 +24,6 @@ import pytest
 from gpuspool.models import JobState
 from gpuspool.privileges import Identity
 from gpuspool.runner import ProcessRunner
-from gpuspool.runner_fake import FakeRunner
 from tests.conftest import Harness, fake_runner, gpu_entry, wait_until
 
 GATE_WORKER = str(Path(__file__).resolve().parents[1] / "gate_worker.py")
@@ -270,11 +269,6 @@ def fake(tmp_path: Path, **overrides: Any) -> Harness:
     return h
 
 
-def fake_runner_of(h: Harness) -> FakeRunner:
-    assert isinstance(h.runner, FakeRunner)
-    return h.runner
-
-
 def test_no_worker_waits_for_a_gpu_another_job_just_took(tmp_path: Path) -> None:
     """One GPU, room for one job: when the first starts, the second's GPU has no room left
     (1.5 GiB available, need 20), yet its worker is started and kept for ten minutes."""
@@ -312,14 +306,14 @@ def test_a_worker_started_with_groups_its_user_no_longer_has_is_not_let_go_on(
     h.settle_intake()
     groups[0] = (65534, 4242)
     h.tick()
-    (first,) = fake_runner_of(h).launches
+    (first,) = h.fake.launches
     assert first.gated and "--groups=65534,4242" in first.switch
     groups[0] = (65534,)  # removed from group 4242 (its data, say) while the worker waited
     h.tick()
     h.tick()
     rec = h.job(job)
     assert rec.state == JobState.RUNNING
-    switch = list(fake_runner_of(h).process(rec.pid).launch.switch)
+    switch = list(h.fake.process(rec.pid).launch.switch)
     assert "--groups=65534" in switch, switch
 
 
@@ -329,9 +323,9 @@ def test_a_go_line_that_cannot_be_written_leaves_no_worker_waiting(tmp_path: Pat
     job = h.submit("a")
     for _ in range(3):
         h.tick()
-    pids = [pid for pid, proc in fake_runner_of(h).table.procs.items() if proc.alive]
+    pids = [pid for pid, proc in h.fake.table.procs.items() if proc.alive]
     assert h.state(job) in ("running", "failed")
-    assert fake_runner_of(h).gated == set(), (h.state(job), pids)
+    assert h.fake.gated == set(), (h.state(job), pids)
 
 
 @pytest.mark.parametrize("how", ["hold", "drain"])
@@ -348,7 +342,7 @@ def test_a_waiting_worker_is_dismissed_when_its_job_is_held_or_the_host_drains(
     elif how == "drain":
         h.daemon.ledger.set_draining(True)
     h.tick()
-    assert h.daemon._prestarted is None and not fake_runner_of(h).process(pid).alive
+    assert h.daemon._prestarted is None and not h.fake.process(pid).alive
     assert h.state(job) in ("queued", "held")
 
 
@@ -363,7 +357,7 @@ def test_a_user_at_their_running_limit_gets_no_prestarted_worker(tmp_path: Path)
     for _ in range(3):
         h.tick()
     assert h.state(second) == "queued"
-    gated = [launch.env["GPUSPOOL_JOB_ID"] for launch in fake_runner_of(h).launches
+    gated = [launch.env["GPUSPOOL_JOB_ID"] for launch in h.fake.launches
              if launch.gated]  # fmt: skip
     assert second not in gated
 
@@ -382,7 +376,7 @@ def test_a_job_cooling_down_on_its_only_gpu_gets_no_prestarted_worker(tmp_path: 
     for _ in range(3):
         h.tick()
     assert h.state(job) == "queued"
-    assert not [launch for launch in fake_runner_of(h).launches if launch.gated]
+    assert not [launch for launch in h.fake.launches if launch.gated]
 
 
 def test_a_stopping_daemon_reaps_the_worker_it_dismissed(tmp_path: Path) -> None:

@@ -15,17 +15,11 @@ from typing import Any
 from structlog.testing import capture_logs
 
 from gpuspool.runner import ProcessRunner
-from gpuspool.runner_fake import FakeRunner
 from tests.conftest import Harness, fake_runner, gpu_entry, wait_until
 
 
 def harness(tmp_path: Path, **overrides: Any) -> Harness:
     return Harness(tmp_path, make_runner=fake_runner, **{"prestart": True, **overrides})
-
-
-def runner(h: Harness) -> FakeRunner:
-    assert isinstance(h.runner, FakeRunner)
-    return h.runner
 
 
 def settling_job(h: Harness, **fields: Any) -> tuple[str, int]:
@@ -35,9 +29,9 @@ def settling_job(h: Harness, **fields: Any) -> tuple[str, int]:
     job = h.submit("a", **fields)
     h.tick()
     assert h.state(job) == "queued"
-    (launch,) = runner(h).launches
+    (launch,) = h.fake.launches
     assert launch.gated and launch.env["CUDA_VISIBLE_DEVICES"] == ""
-    (pid,) = runner(h).gated
+    (pid,) = h.fake.gated
     return job, pid
 
 
@@ -46,14 +40,14 @@ def test_the_job_whose_gpu_settles_starts_in_its_prestarted_worker(tmp_path: Pat
     with capture_logs() as logs:
         job, pid = settling_job(h)
         h.tick()
-        assert h.state(job) == "queued" and len(runner(h).launches) == 1
+        assert h.state(job) == "queued" and len(h.fake.launches) == 1
         h.tick()
     rec = h.job(job)
     assert rec.state.value == "running" and rec.pid == pid
-    assert len(runner(h).launches) == 1  # no second process
-    proc = runner(h).process(pid)
+    assert len(h.fake.launches) == 1  # no second process
+    proc = h.fake.process(pid)
     assert proc.launch.env["CUDA_VISIBLE_DEVICES"] == "GPU-sim-0"  # what the go line set
-    assert proc.alive and runner(h).gated == set()
+    assert proc.alive and h.fake.gated == set()
     (started,) = [e for e in logs if e["event"] == "job_started"]
     assert started["pid"] == pid and started["prestarted_s"] == 2.0
     assert [e["job_id"] for e in logs if e["event"] == "job_prestarted"] == [job]
@@ -63,7 +57,7 @@ def test_off_by_default_the_worker_starts_with_its_gpu(tmp_path: Path) -> None:
     h = Harness(tmp_path, make_runner=fake_runner)
     job = h.start("sleep")
     assert h.state(job) == "running"
-    (launch,) = runner(h).launches
+    (launch,) = h.fake.launches
     assert not launch.gated and launch.env["CUDA_VISIBLE_DEVICES"] == "GPU-sim-0"
 
 
@@ -76,16 +70,16 @@ def test_a_prestarted_worker_is_stopped_when_its_job_cannot_start_any_more(
     job, pid = settling_job(h)
     h.set_gpus([gpu_entry(0, 5)])
     h.tick()
-    assert runner(h).process(pid).alive  # still nearest: it keeps its worker
+    assert h.fake.process(pid).alive  # still nearest: it keeps its worker
     h.daemon.ledger.request_cancel(job, now=h.now)
     with capture_logs() as logs:
         h.tick()
-    proc = runner(h).process(pid)
-    assert proc.returncode == 143 and runner(h).gated == set()  # closed gate: nothing done
+    proc = h.fake.process(pid)
+    assert proc.returncode == 143 and h.fake.gated == set()  # closed gate: nothing done
     (stopped,) = [e for e in logs if e["event"] == "job_prestart_stopped"]
     assert stopped["job_id"] == job and stopped["pid"] == pid
-    assert len(runner(h).launches) == 1
-    assert runner(h).removed_scratch == [h.daemon.scratch_path(job)]
+    assert len(h.fake.launches) == 1
+    assert h.fake.removed_scratch == [h.daemon.scratch_path(job)]
 
 
 def test_another_job_first_in_line_takes_over_the_prestart(tmp_path: Path) -> None:
@@ -93,8 +87,8 @@ def test_another_job_first_in_line_takes_over_the_prestart(tmp_path: Path) -> No
     job, pid = settling_job(h)
     urgent = h.submit("b", priority=5)
     h.tick()
-    assert not runner(h).process(pid).alive
-    gated = [launch for launch in runner(h).launches if launch.gated]
+    assert not h.fake.process(pid).alive
+    gated = [launch for launch in h.fake.launches if launch.gated]
     assert [launch.env["GPUSPOOL_JOB_ID"] for launch in gated] == [job, urgent]
     assert h.state(job) == "queued"
 
@@ -103,14 +97,14 @@ def test_a_worker_that_stops_at_its_gate_is_not_prestarted_again(tmp_path: Path)
     """It would fail the same way: the job starts the usual way, and says why when it does."""
     h = harness(tmp_path)
     job, pid = settling_job(h)
-    runner(h).process(pid).exit(78)
+    h.fake.process(pid).exit(78)
     with capture_logs() as logs:
         h.tick()
         h.tick()
     (exited,) = [e for e in logs if e["event"] == "job_prestart_exited"]
     assert exited["exit_code"] == 78
     assert h.state(job) == "running"
-    first, second = runner(h).launches
+    first, second = h.fake.launches
     assert first.gated and not second.gated
     assert second.env["CUDA_VISIBLE_DEVICES"] == "GPU-sim-0"
 
@@ -119,12 +113,12 @@ def test_a_gate_nobody_reads_falls_back_to_a_usual_start(tmp_path: Path) -> None
     h = harness(tmp_path)
     job, pid = settling_job(h)
     h.tick()
-    runner(h).gated.discard(pid)  # the process closed its end of the gate
+    h.fake.gated.discard(pid)  # the process closed its end of the gate
     h.tick()
     rec = h.job(job)
     assert rec.state.value == "running" and rec.pid != pid
-    assert runner(h).process(pid).returncode == -signal.SIGKILL
-    assert not runner(h).launches[-1].gated
+    assert h.fake.process(pid).returncode == -signal.SIGKILL
+    assert not h.fake.launches[-1].gated
 
 
 def test_a_config_change_while_waiting_starts_the_job_afresh(tmp_path: Path) -> None:
@@ -136,14 +130,14 @@ def test_a_config_change_while_waiting_starts_the_job_afresh(tmp_path: Path) -> 
     h.tick()
     rec = h.job(job)
     assert rec.state.value == "running" and rec.pid != pid
-    assert "--tf32" in runner(h).launches[-1].argv
+    assert "--tf32" in h.fake.launches[-1].argv
 
 
 def test_stopping_the_daemon_stops_the_prestarted_worker(tmp_path: Path) -> None:
     h = harness(tmp_path)
     job, pid = settling_job(h)
     h.daemon.stop_all(h.now)
-    assert not runner(h).process(pid).alive and h.state(job) == "queued"
+    assert not h.fake.process(pid).alive and h.state(job) == "queued"
 
 
 def _log_events(h: Harness, job: str) -> list[dict[str, Any]]:
@@ -201,10 +195,10 @@ def test_an_earlier_attempts_scratch_folder_stays_when_the_prestart_is_stopped(
     h.settle_intake()
     h.daemon.scratch_path(job).mkdir(parents=True)  # left by an earlier attempt
     h.tick()
-    assert runner(h).gated
+    assert h.fake.gated
     h.daemon.ledger.request_cancel(job, now=h.now)
     h.tick()
-    assert runner(h).gated == set() and runner(h).removed_scratch == []
+    assert h.fake.gated == set() and h.fake.removed_scratch == []
 
 
 def test_a_worker_that_waited_two_minutes_is_stopped_and_not_started_again(
@@ -215,6 +209,6 @@ def test_a_worker_that_waited_two_minutes_is_stopped_and_not_started_again(
     with capture_logs() as logs:
         h.tick(121.0)
         h.tick()
-    assert not runner(h).process(pid).alive and len(runner(h).launches) == 1
+    assert not h.fake.process(pid).alive and len(h.fake.launches) == 1
     (stopped,) = [e for e in logs if e["event"] == "job_prestart_stopped"]
     assert stopped["reason"] == "waited 120 s for its GPU" and h.state(job) == "queued"

@@ -11,7 +11,6 @@ from typing import Any
 from structlog.testing import capture_logs
 
 from gpuspool.logs import iso_timestamp
-from gpuspool.runner_fake import FakeRunner
 from tests.conftest import Harness, fake_runner, gpu_entry
 
 FOREIGN = 777
@@ -23,18 +22,13 @@ def harness(tmp_path: Path, **overrides: Any) -> Harness:
     return Harness(tmp_path, make_runner=fake_runner, **{**settings, **overrides})
 
 
-def runner(h: Harness) -> FakeRunner:
-    assert isinstance(h.runner, FakeRunner)
-    return h.runner
-
-
 def running_job(h: Harness, **fields: Any) -> tuple[str, int]:
     """Job "a" running (the stub "sleep" worker) on GPU 0; its pid."""
     job = h.start("sleep", **fields)
     assert h.state(job) == "running"
     pid = h.job(job).pid
     assert pid is not None
-    runner(h).users[FOREIGN] = "ann"
+    h.fake.users[FOREIGN] = "ann"
     return job, pid
 
 
@@ -52,10 +46,10 @@ def test_a_foreign_process_makes_the_job_yield_after_stable_polls(tmp_path: Path
     h.set_gpus([gpu0(pid, FOREIGN)])
     h.tick()
     h.tick()
-    assert runner(h).process(pid).signals == []  # 2 of 3 polls: not yet
+    assert h.fake.process(pid).signals == []  # 2 of 3 polls: not yet
     with capture_logs() as logs:
         h.tick()
-        assert runner(h).process(pid).signals == [signal.SIGTERM]
+        assert h.fake.process(pid).signals == [signal.SIGTERM]
         h.tick()
     rec = h.job(job)
     assert rec.state.value == "queued" and rec.attempts == 0 and rec.seq == seq
@@ -79,18 +73,18 @@ def test_a_process_that_goes_away_within_stable_polls_changes_nothing(tmp_path: 
         h.tick()
         h.set_gpus([gpu0(pid)])
         h.tick()
-    assert h.state(job) == "running" and runner(h).process(pid).signals == []
+    assert h.state(job) == "running" and h.fake.process(pid).signals == []
 
 
 def test_our_own_processes_and_their_children_never_count(tmp_path: Path) -> None:
     """The worker, a loader it forked, and another job of ours on the same GPU are ours."""
     h = harness(tmp_path)
     job, pid = running_job(h)
-    runner(h).process(pid).children.add(pid + 500)
+    h.fake.process(pid).children.add(pid + 500)
     h.set_gpus([gpu0(pid, pid + 500)])
     for _ in range(6):
         h.tick()
-    assert h.state(job) == "running" and runner(h).process(pid).signals == []
+    assert h.state(job) == "running" and h.fake.process(pid).signals == []
     assert h.job(job).yields == 0
 
 
@@ -105,13 +99,13 @@ def test_a_pid_the_daemon_cannot_see_is_not_a_stranger(tmp_path: Path) -> None:
     with capture_logs() as logs:
         for _ in range(6):
             h.tick()
-    assert h.state(job) == "running" and runner(h).process(pid).signals == []
+    assert h.state(job) == "running" and h.fake.process(pid).signals == []
     noted = [e for e in logs if e["event"] == "gpu_pids_not_visible"]
     assert len(noted) == 1 and noted[0]["pids"] == [unseen]
     h.set_gpus([gpu0(pid, unseen, FOREIGN)])  # a stranger it can see still counts
     for _ in range(3):
         h.tick()
-    assert runner(h).process(pid).signals == [signal.SIGTERM]
+    assert h.fake.process(pid).signals == [signal.SIGTERM]
 
 
 def test_a_process_already_there_at_the_start_is_not_a_newcomer(tmp_path: Path) -> None:
@@ -119,7 +113,7 @@ def test_a_process_already_there_at_the_start_is_not_a_newcomer(tmp_path: Path) 
     appears later): it never starts only to yield at once."""
     h = harness(tmp_path)
     h.env["STUB_MODE"] = "sleep"
-    runner(h).users[FOREIGN] = "ann"  # a process the daemon sees (one it cannot is nobody's)
+    h.fake.users[FOREIGN] = "ann"  # a process the daemon sees (one it cannot is nobody's)
     h.set_gpus([gpu_entry(0, 50, processes=[{"pid": FOREIGN, "used_mib": 4096}])])
     job = h.submit("a")
     for _ in range(8):
@@ -130,7 +124,7 @@ def test_a_process_already_there_at_the_start_is_not_a_newcomer(tmp_path: Path) 
     for _ in range(5):
         h.tick()
     assert h.state(job) == "running"
-    runner(h).users[FOREIGN + 1] = "bob"
+    h.fake.users[FOREIGN + 1] = "bob"
     h.set_gpus([gpu0(pid, FOREIGN, FOREIGN + 1)])
     for _ in range(4):
         h.tick()
@@ -143,7 +137,7 @@ def test_a_process_already_there_that_grows_is_its_owner_coming_back(tmp_path: P
     it, as to a newcomer. Its memory moving by less than ``TOLERATED_GROWTH_GIB`` does not."""
     h = harness(tmp_path)
     h.env["STUB_MODE"] = "sleep"
-    runner(h).users[FOREIGN] = "ann"
+    h.fake.users[FOREIGN] = "ann"
     h.set_gpus([gpu_entry(0, 50, processes=[{"pid": FOREIGN, "used_mib": 4096}])])
     job = h.submit("a")
     for _ in range(8):
@@ -169,7 +163,7 @@ def test_yield_false_keeps_running(tmp_path: Path) -> None:
     h.set_gpus([gpu0(pid, FOREIGN)])
     for _ in range(8):
         h.tick()
-    assert h.state(job) == "running" and runner(h).process(pid).signals == []
+    assert h.state(job) == "running" and h.fake.process(pid).signals == []
 
 
 def test_off_by_default(tmp_path: Path) -> None:
@@ -236,12 +230,12 @@ def test_max_yields_then_it_keeps_running_and_says_so(tmp_path: Path) -> None:
     for _ in range(4):
         h.tick()
     assert h.state(job) == "running"
-    runner(h).users[FOREIGN + 1] = "bob"
+    h.fake.users[FOREIGN + 1] = "bob"
     with capture_logs() as logs:
         h.set_gpus([gpu0(pid, FOREIGN + 1)])
         for _ in range(8):
             h.tick()
-    assert h.state(job) == "running" and runner(h).process(pid).signals == []
+    assert h.state(job) == "running" and h.fake.process(pid).signals == []
     limits = [e for e in logs if e["event"] == "job_yield_limit_reached"]
     assert len(limits) == 1 and limits[0]["max_yields"] == 1
     assert "no longer yields" in h.job(job).reason and f"pid {FOREIGN + 1}" in h.job(job).reason
@@ -279,7 +273,7 @@ def test_reservation_falls_to_the_reported_peak(tmp_path: Path) -> None:
     need = h.job(job).need_gib
     h.tick()
     assert h.daemon.gpu_views()[0].reserved_gib == need
-    proc = runner(h).process(h.job(job).pid)
+    proc = h.fake.process(h.job(job).pid)
     proc.emit("progress", lines_done=2, lines_total=4, gpu_peak_gib=1.25)
     h.tick()
     assert h.daemon.gpu_views()[0].reserved_gib == 1.25
@@ -372,7 +366,7 @@ def test_the_reported_peak_decides_whose_memory_it_is(tmp_path: Path) -> None:
     for _ in range(5):
         h.tick()
     assert h.state(job) == "running"
-    runner(h).process(pid).emit("progress", lines_done=2, lines_total=4, gpu_peak_gib=1.0)
+    h.fake.process(pid).emit("progress", lines_done=2, lines_total=4, gpu_peak_gib=1.0)
     for _ in range(4):
         h.tick()
     assert h.state(job) == "queued" and h.job(job).yields == 1
@@ -392,8 +386,8 @@ def test_a_finished_jobs_process_still_listed_is_ours_for_a_while(tmp_path: Path
     pa, pb = h.job(a).pid, h.job(b).pid
     assert pa and pb and h.state(a) == h.state(b) == "running"
     h.set_gpus([gpu0(pb, pa)])
-    runner(h).process(pa).exit(143)
-    runner(h).users[pa] = "ann"  # a process with that pid exists (a gone one never counts)
+    h.fake.process(pa).exit(143)
+    h.fake.users[pa] = "ann"  # a process with that pid exists (a gone one never counts)
     for _ in range(int(RECENT_PID_S) - 1):
         h.tick()
     assert h.state(b) == "running" and h.job(b).yields == 0
