@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,16 +62,21 @@ def run_extract(*args: str | os.PathLike[str]) -> Result:
     return Result(code, buf.getvalue())
 
 
-def spawn_extract(*args: str | os.PathLike[str]) -> subprocess.Popen[str]:
-    """Start the worker as ``python -m gpuspool.extract`` in a child process."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
+def spawn_extract(
+    *args: str | os.PathLike[str], env: Mapping[str, str] | None = None, **popen: Any
+) -> subprocess.Popen[str]:
+    """Start the worker as ``python -m gpuspool.extract`` in a child process, with ``env`` added
+    to this one's environment; ``popen`` overrides ``subprocess.Popen``'s arguments (stderr is
+    dropped unless it says otherwise)."""
+    environ = dict(os.environ)
+    environ["PYTHONPATH"] = str(SRC) + os.pathsep + environ.get("PYTHONPATH", "")
+    environ.update(env or {})
+    kwargs: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.DEVNULL, **popen}
     return subprocess.Popen(
         [sys.executable, "-m", "gpuspool.extract", *[str(a) for a in args]],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
         text=True,
-        env=env,
+        env=environ,
+        **kwargs,
     )
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from tests.extract.conftest import CHECKPOINTED_ARGS as ARGS
-from tests.extract.conftest import SRC
+from tests.extract.conftest import spawn_extract
 
 from gpuspool.exitcodes import ExitCode
 from gpuspool.extract.owner import JOB_ID_ENV
@@ -35,17 +35,8 @@ pytest.importorskip("qwen_tts")
 def _start(args: list[Any], fence: int, host: str) -> subprocess.Popen[str]:
     """A worker as the daemon starts it on a shared ledger: its own session, the attempt in
     its environment."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
-    env[FENCE_ENV], env[HOST_ENV], env[JOB_ID_ENV] = str(fence), host, "job-1"
-    return subprocess.Popen(
-        [sys.executable, "-m", "gpuspool.extract", *[str(a) for a in args]],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
+    attempt = {FENCE_ENV: str(fence), HOST_ENV: host, JOB_ID_ENV: "job-1"}
+    return spawn_extract(*args, env=attempt, start_new_session=True)
 
 
 def _ckpt(out: Path) -> dict[str, Any] | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import wait_until
-from tests.extract.conftest import SRC
+from tests.extract.conftest import SRC, spawn_extract
 
 from gpuspool.exitcodes import ExitCode
 from gpuspool.protocol import GATE_FD_ENV, encode_go
@@ -23,19 +23,10 @@ pytest.importorskip("qwen_tts")
 
 
 def _worker(*args: str | os.PathLike[str], gate: int | None) -> subprocess.Popen[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
-    env["CUDA_VISIBLE_DEVICES"] = ""  # what the daemon sets until the go line names the GPU
-    if gate is not None:
-        env[GATE_FD_ENV] = str(gate)
-    return subprocess.Popen(
-        [sys.executable, "-m", "gpuspool.extract", *[str(a) for a in args]],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        pass_fds=() if gate is None else (gate,),
-    )
+    # No GPU visible: what the daemon sets until the go line names one.
+    env = {"CUDA_VISIBLE_DEVICES": ""} | ({} if gate is None else {GATE_FD_ENV: str(gate)})
+    pass_fds = () if gate is None else (gate,)
+    return spawn_extract(*args, env=env, stderr=subprocess.PIPE, pass_fds=pass_fds)
 
 
 def _gated(*args: str | os.PathLike[str]) -> tuple[subprocess.Popen[str], int]:
