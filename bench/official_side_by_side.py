@@ -42,9 +42,12 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from extract_bench import _dataset, _env, _last_json, _step, compare, worker_command  # noqa: E402
+from prestart import Gated  # noqa: E402
 
 #: What the log line of a gpuspool run shows.
 SHOWN = ("wall_s", "x_official_whole_process", "steady_audio_s_per_s", "nvidia_smi_peak_gib")
+#: What it adds for a prestarted run, whose ``wall_s`` counts from the go line.
+GATED_SHOWN = ("exec_to_exit_s", "x_official_exec_to_exit", "waiting_rss_gib")
 
 
 class GpuPeak:
@@ -116,6 +119,27 @@ def timed(label: str, argv: list[str], cwd: Path | None = None) -> dict[str, Any
     return out
 
 
+def timed_prestarted(argv: list[str]) -> dict[str, Any]:
+    """Run one worker as ``prestart`` does: started gated, let go on GPU 0 once it waits.
+
+    ``wall_s`` is from the go line to the exit (the time the GPU was held), ``exec_to_exit_s``
+    the whole process.
+    """
+    worker = Gated(argv, _env(), cwd=os.getcwd())
+    peak = GpuPeak()
+    try:
+        stdout = worker.go("0")
+    finally:
+        peak_gib = peak.stop()
+    return {
+        "wall_s": worker.go_to_exit_s,
+        "exec_to_exit_s": worker.exec_to_exit_s,
+        "waiting_rss_gib": worker.waiting_rss_gib,
+        "nvidia_smi_peak_gib": peak_gib,
+        "summary": _last_json(stdout, "summary"),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--official-script", required=True, help="finetuning/prepare_data.py")
@@ -128,6 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[160.0, 320.0, 640.0, 1280.0])
     ap.add_argument("--other-budgets", type=float, nargs="*", default=[320.0])
     ap.add_argument("--tf32-budgets", type=float, nargs="*", default=[320.0])
+    ap.add_argument(
+        "--prestarted-budgets",
+        type=float,
+        nargs="*",
+        default=[],
+        help="budgets run prestarted (gated until its imports are done), on every set",
+    )
     ap.add_argument("--loaders", type=int, nargs="*", default=[])
     ap.add_argument("--loader-set", type=float, default=None, help="hours of the set swept")
     a = ap.parse_args(argv)
@@ -193,15 +224,19 @@ def main(argv: list[str] | None = None) -> None:
         row["official"]["audio_s_per_s"] = round(meta["audio_s"] / row["official"]["wall_s"], 1)
         print(f"[bench] official: {row['official']}", flush=True)
         save()
-        runs = [(b, False) for b in (a.budgets if k == 0 else a.other_budgets)]
-        runs += [(b, True) for b in (a.tf32_budgets if k == 0 else [])]
-        for budget, tf32 in runs:
-            out = set_dir / f"gpuspool_{budget:g}{'_tf32' if tf32 else ''}.jsonl"
-            r = timed("gpuspool", worker_command(jl, tok, out, budget, a.device, tf32=tf32))
+        runs = [(b, False, False) for b in (a.budgets if k == 0 else a.other_budgets)]
+        runs += [(b, True, False) for b in (a.tf32_budgets if k == 0 else [])]
+        runs += [(b, False, True) for b in a.prestarted_budgets]
+        for budget, tf32, gated in runs:
+            name = f"{budget:g}{' tf32' if tf32 else ''}{' prestarted' if gated else ''}"
+            out = set_dir / f"gpuspool_{name.replace(' ', '_')}.jsonl"
+            cmd = worker_command(jl, tok, out, budget, a.device, tf32=tf32)
+            r = timed_prestarted(cmd) if gated else timed("gpuspool", cmd)
             s = r.pop("summary")
             r |= {
                 "budget_s": budget,
                 "tf32": tf32,
+                "prestarted": gated,
                 "output": str(out),
                 "audio_s_per_s": round(meta["audio_s"] / r["wall_s"], 1),
                 "x_official_whole_process": round(row["official"]["wall_s"] / r["wall_s"], 2),
@@ -220,28 +255,37 @@ def main(argv: list[str] | None = None) -> None:
                         "peak_gpu_reserved_gib",
                         "batches",
                         "waiting_for_audio_s",
+                        "gate_wait_s",
                     )
                 },
             }
+            if gated:  # like for like: from the exec, the imports done while waiting included
+                r["x_official_exec_to_exit"] = round(
+                    row["official"]["wall_s"] / r["exec_to_exit_s"], 2
+                )
             row["gpuspool"].append(r)
             print(
-                f"[bench] gpuspool {budget:g}{' tf32' if tf32 else ''}: "
-                f"{ {x: r[x] for x in SHOWN} } "
+                f"[bench] gpuspool {name}: "
+                f"{ {x: r[x] for x in (*SHOWN, *GATED_SHOWN) if x in r} } "
                 f"{r['summary']}",
                 flush=True,
             )
             save()
         plain = [r for r in row["gpuspool"] if not r["tf32"]]
-        first = next((r for r in plain if r["budget_s"] == 320.0), plain[0])
+        first = next((r for r in plain if r["budget_s"] == 320.0 and not r["prestarted"]), plain[0])
         for r in plain:
             if r is not first:
                 c = compare(Path(first["output"]), Path(r["output"]), False)
-                c["what"] = f"gpuspool {first['budget_s']:g} vs {r['budget_s']:g}, all frames"
+                c["what"] = (
+                    f"gpuspool {first['budget_s']:g} vs {r['budget_s']:g}"
+                    f"{' prestarted' if r['prestarted'] else ''}, all frames"
+                )
                 row["agreement"].append(c)
         for r in row["gpuspool"]:
             c = compare(Path(r["output"]), off_out, True)
             c["what"] = (
-                f"gpuspool {r['budget_s']:g}{' --tf32' if r['tf32'] else ''} vs the "
+                f"gpuspool {r['budget_s']:g}{' --tf32' if r['tf32'] else ''}"
+                f"{' prestarted' if r['prestarted'] else ''} vs the "
                 "official script (its defaults), last frames excluded"
             )
             row["agreement"].append(c)

@@ -55,28 +55,55 @@ def _rss_gib(pid: int) -> float:
     return float("nan")
 
 
+class Gated:
+    """A worker started as ``prestart`` starts it: no GPU, a gate; :meth:`go` lets it on ``gpu``.
+
+    ``exec_to_exit_s`` counts from the exec, ``go_to_exit_s`` from the go line: the time the GPU
+    was held. ``waiting_rss_gib`` is the resident memory of the worker waiting at its gate.
+    """
+
+    def __init__(self, cmd: list[str], env: dict[str, str], cwd: str | Path = "/"):
+        env = dict(env, CUDA_VISIBLE_DEVICES="")
+        read, self._write = os.pipe()
+        env[GATE_FD_ENV] = str(read)
+        self._errors = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in go)
+        self._t0 = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._errors, text=True,
+                                     env=env, cwd=cwd, pass_fds=(read,))  # fmt: skip
+        os.close(read)
+        _wait_idle(self.proc.pid)
+        self.waiting_rss_gib = _rss_gib(self.proc.pid)
+
+    def go(self, gpu: str) -> str:
+        """Write the go line, wait for the worker's exit; its stdout, or stop with why."""
+        t = time.monotonic()
+        os.write(self._write, encode_go({"CUDA_VISIBLE_DEVICES": gpu}))
+        os.close(self._write)
+        stdout, _ = self.proc.communicate()
+        end = time.monotonic()
+        self.go_to_exit_s, self.exec_to_exit_s = round(end - t, 2), round(end - self._t0, 2)
+        self._errors.seek(0)
+        err = self._errors.read()
+        self._errors.close()
+        if self.proc.returncode != 0:
+            raise SystemExit(f"worker failed ({self.proc.returncode}): {err[-2000:]}")
+        return stdout
+
+
 def run(argv: list[str], out: Path, gpu: str, gated: bool) -> dict[str, Any]:
     """One worker run, with its GPU or with a gate; its summary's start-up figures."""
-    env = _env()
-    env["CUDA_VISIBLE_DEVICES"] = "" if gated else gpu
-    read, write = os.pipe() if gated else (None, None)
-    if read is not None:
-        env[GATE_FD_ENV] = str(read)
     cmd = [sys.executable, "-m", "gpuspool.extract", *argv, "--output", str(out), "--overwrite"]
-    with tempfile.TemporaryFile("w+") as errors:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True, env=env,
-                                cwd="/", pass_fds=() if read is None else (read,))  # fmt: skip
-        rss = None
-        if read is not None and write is not None:
-            os.close(read)
-            _wait_idle(proc.pid)
-            rss = _rss_gib(proc.pid)
-            os.write(write, encode_go({"CUDA_VISIBLE_DEVICES": gpu}))
-            os.close(write)
-        stdout, _ = proc.communicate()
-        errors.seek(0)
-        if proc.returncode != 0:
-            raise SystemExit(f"worker failed ({proc.returncode}): {errors.read()[-2000:]}")
+    rss = None
+    if gated:
+        worker = Gated(cmd, _env())
+        rss = worker.waiting_rss_gib
+        stdout = worker.go(gpu)
+    else:
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd="/", check=False,
+                           env=dict(_env(), CUDA_VISIBLE_DEVICES=gpu))  # fmt: skip
+        if p.returncode != 0:
+            raise SystemExit(f"worker failed ({p.returncode}): {p.stderr[-2000:]}")
+        stdout = p.stdout
     events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     summary = next(e for e in events if e["event"] == "summary")
     waited = summary.get("gate_wait_s") or 0.0
