@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     )
     worker_device: str = Field("cuda:0", description='Device the worker uses ("cpu" to simulate)')
     prestart: bool = Field(
-        False,
+        True,
         description="Start the worker of the first waiting job whose GPU has room while that "
         "GPU's reading settles (stable_polls): it imports torch and the tokenizer's code and "
         "loads the tokenizer, then waits for its GPU",

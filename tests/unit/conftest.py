@@ -14,3 +14,9 @@ from tests.pgserver import pg_server, pg_url  # noqa: F401
 @pytest.fixture
 def harness(tmp_path: Path) -> Harness:
     return Harness(tmp_path, make_runner=fake_runner)
+
+
+@pytest.fixture
+def plain(tmp_path: Path) -> Harness:
+    """A harness whose daemon starts each worker with its GPU (``prestart`` off)."""
+    return Harness(tmp_path, make_runner=fake_runner, prestart=False)

@@ -12,27 +12,27 @@ from structlog.testing import capture_logs
 from tests.conftest import Harness, gpu_entry, json_lines, worker_events
 
 
-def test_job_waits_until_free_memory_is_stable(harness: Harness) -> None:
+def test_job_waits_until_free_memory_is_stable(plain: Harness) -> None:
     """Below the threshold the job waits with a reason; it starts after stable_polls polls."""
-    job = harness.submit("a")
-    harness.tick()
-    assert harness.state(job) == "queued"
-    assert "need 20.0" in harness.job(job).reason
-    harness.set_gpus([gpu_entry(0, 50)])
-    harness.tick()
-    harness.tick()
-    assert harness.state(job) == "queued"
-    assert "starts once it stays so for 3 polls" in harness.job(job).reason
-    harness.tick()
-    assert harness.state(job) == "running"
-    assert harness.job(job).gpu_uuid == "GPU-sim-0"
-    assert harness.settle(job) == "done"
-    rec = harness.job(job)
+    job = plain.submit("a")
+    plain.tick()
+    assert plain.state(job) == "queued"
+    assert "need 20.0" in plain.job(job).reason
+    plain.set_gpus([gpu_entry(0, 50)])
+    plain.tick()
+    plain.tick()
+    assert plain.state(job) == "queued"
+    assert "starts once it stays so for 3 polls" in plain.job(job).reason
+    plain.tick()
+    assert plain.state(job) == "running"
+    assert plain.job(job).gpu_uuid == "GPU-sim-0"
+    assert plain.settle(job) == "done"
+    rec = plain.job(job)
     assert rec.peak_gib == 1.5 and rec.exit_class == "done"
-    events = [e["event"] for e in json_lines(harness.settings.logs_dir / f"{job}.log")]
+    events = [e["event"] for e in json_lines(plain.settings.logs_dir / f"{job}.log")]
     assert events[0] == "job_started" and events[-1] == "job_finished"
-    assert [e["event"] for e in worker_events(harness, job)] == ["start", "progress", "summary"]
-    assert harness.runner.launches[0].env["CUDA_VISIBLE_DEVICES"] == "GPU-sim-0"
+    assert [e["event"] for e in worker_events(plain, job)] == ["start", "progress", "summary"]
+    assert plain.runner.launches[0].env["CUDA_VISIBLE_DEVICES"] == "GPU-sim-0"
 
 
 def test_reservation_prevents_double_booking(harness: Harness) -> None:
@@ -238,45 +238,45 @@ def test_output_existing_at_first_start_fails(harness: Harness) -> None:
     assert "exists" in harness.job(job).reason
 
 
-def test_exception_starting_a_job_fails_it_once(harness: Harness) -> None:
+def test_exception_starting_a_job_fails_it_once(plain: Harness) -> None:
     """Row 2: any exception from starting the process (here a ValueError, as Popen raises for a
     NUL byte) fails the job with its reason; it is not left running, nor started every tick."""
-    harness.runner.start_error = ValueError("embedded null byte")
-    job = harness.start("ok")
-    assert harness.state(job) == "failed"
-    assert harness.job(job).reason == "could not start the worker: ValueError: embedded null byte"
-    assert harness.job(job).pid is None
+    plain.runner.start_error = ValueError("embedded null byte")
+    job = plain.start("ok")
+    assert plain.state(job) == "failed"
+    assert plain.job(job).reason == "could not start the worker: ValueError: embedded null byte"
+    assert plain.job(job).pid is None
     for _ in range(3):
-        harness.tick()
-    assert harness.state(job) == "failed" and harness.runner.launches == []
-    assert harness.runner.removed_scratch == [harness.settings.scratch_dir / job]
+        plain.tick()
+    assert plain.state(job) == "failed" and plain.runner.launches == []
+    assert plain.runner.removed_scratch == [plain.settings.scratch_dir / job]
 
 
-def test_exception_preparing_a_job_fails_it(harness: Harness) -> None:
+def test_exception_preparing_a_job_fails_it(plain: Harness) -> None:
     """A job that cannot even be prepared (its user vanished, say) fails with the reason."""
 
     def no_user(uid: int) -> Any:
         raise KeyError(f"uid {uid} has no passwd entry")
 
-    harness.set_gpus([gpu_entry(0, 50)])
-    job = harness.submit("a")
-    harness.tick()  # accepted
-    harness.daemon.identity_for = no_user  # gone by the time a GPU is free
-    harness.tick()
-    harness.tick()
-    assert harness.state(job) == "failed"
-    assert "cannot start the job: KeyError" in harness.job(job).reason
-    assert harness.runner.launches == []
+    plain.set_gpus([gpu_entry(0, 50)])
+    job = plain.submit("a")
+    plain.tick()  # accepted
+    plain.daemon.identity_for = no_user  # gone by the time a GPU is free
+    plain.tick()
+    plain.tick()
+    assert plain.state(job) == "failed"
+    assert "cannot start the job: KeyError" in plain.job(job).reason
+    assert plain.runner.launches == []
 
 
-def test_job_environment_is_an_allow_list(harness: Harness) -> None:
+def test_job_environment_is_an_allow_list(plain: Harness) -> None:
     """Row 14 at the tick: nothing of the daemon's environment but PATH and LANG reaches a job;
     job_env is added; the job id and GPU cannot be overridden by it."""
-    harness.environ.update(GPUSPOOL_WEBHOOK_URL="http://x/?token=t", NOTIFY_SOCKET="/run/n")
-    harness.env.update(HF_HOME="/srv/hf", CUDA_VISIBLE_DEVICES="all", GPUSPOOL_JOB_ID="forged")
-    job = harness.start("ok")
-    env = dict(harness.runner.launches[0].env)
-    scratch = str(harness.settings.scratch_dir / job)
+    plain.environ.update(GPUSPOOL_WEBHOOK_URL="http://x/?token=t", NOTIFY_SOCKET="/run/n")
+    plain.env.update(HF_HOME="/srv/hf", CUDA_VISIBLE_DEVICES="all", GPUSPOOL_JOB_ID="forged")
+    job = plain.start("ok")
+    env = dict(plain.runner.launches[0].env)
+    scratch = str(plain.settings.scratch_dir / job)
     assert env.pop("GPUSPOOL_JOB_ID") == job and env.pop("CUDA_VISIBLE_DEVICES") == "GPU-sim-0"
     assert env.pop("HF_HOME") == "/srv/hf" and env.pop("TMPDIR") == scratch
     assert set(env) <= {
@@ -291,8 +291,8 @@ def test_job_environment_is_an_allow_list(harness: Harness) -> None:
         "NUMBA_CACHE_DIR",
         "STUB_MODE",
     }
-    assert harness.settle(job) == "done"
-    assert harness.runner.removed_scratch == [harness.settings.scratch_dir / job]
+    assert plain.settle(job) == "done"
+    assert plain.runner.removed_scratch == [plain.settings.scratch_dir / job]
 
 
 def test_retry_keeps_the_scratch_folder_and_reads_only_the_new_run(harness: Harness) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from structlog.testing import capture_logs
 
+from gpuspool.config import Settings
 from gpuspool.runner import ProcessRunner
 from tests.conftest import Harness, fake_runner, gpu_entry, wait_until
 
@@ -53,8 +54,12 @@ def test_the_job_whose_gpu_settles_starts_in_its_prestarted_worker(tmp_path: Pat
     assert [e["job_id"] for e in logs if e["event"] == "job_prestarted"] == [job]
 
 
-def test_off_by_default_the_worker_starts_with_its_gpu(tmp_path: Path) -> None:
-    h = Harness(tmp_path, make_runner=fake_runner)
+def test_on_by_default() -> None:
+    assert Settings.model_fields["prestart"].default is True
+
+
+def test_off_the_worker_starts_with_its_gpu(tmp_path: Path) -> None:
+    h = Harness(tmp_path, make_runner=fake_runner, prestart=False)
     job = h.start("sleep")
     assert h.state(job) == "running"
     (launch,) = h.fake.launches
