@@ -1361,8 +1361,10 @@ class Daemon:
                     reason="its worker stopped before its GPU was free; it will start as usual",
                 )
                 current = None
-        if self._no_prestart:  # only jobs still waiting
-            self._no_prestart = {j for j in self._no_prestart if j in decision.distance}
+        if self._no_prestart:  # only jobs still waiting; a hold and a release do not reset it
+            self._no_prestart = {
+                j for j in self._no_prestart if j in decision.distance or self._is_held(j)
+            }
         if not self.settings.prestart:
             self._dismiss("prestart is off")
             return
@@ -1373,6 +1375,9 @@ class Daemon:
                 self._dismiss(f"waited {PRESTART_MAX_WAIT_S:g} s for its GPU")
                 ready = [j for j in ready if j != current.job_id]
             elif ready and ready[0] != current.job_id:
+                # Once per wait: jobs that take turns at the head of the line (their GPUs' room
+                # swapped back and forth) must not have a worker started and killed every poll.
+                self._no_prestart.add(current.job_id)
                 self._dismiss("another job is nearer")
             elif not ready and decision.distance.get(current.job_id, FAR) == FAR:
                 self._dismiss("its job cannot start here")
@@ -1397,6 +1402,10 @@ class Daemon:
             job_id, started.pid, started.pid_start, launch, now, made_scratch
         )
         self.log.info("job_prestarted", job_id=job_id, pid=started.pid)
+
+    def _is_held(self, job_id: str) -> bool:
+        job = self.ledger.get(job_id)
+        return job is not None and job.state is JobState.HELD
 
     def _dismiss(self, reason: str) -> None:
         """Stop the prestarted worker, if any: it has done nothing but import."""

@@ -389,3 +389,25 @@ def test_a_stopping_daemon_reaps_the_worker_it_dismissed(tmp_path: Path) -> None
     for _ in range(3):
         h.tick()
     assert not zombie(pid)
+
+
+def test_jobs_taking_turns_at_the_head_of_the_line_get_one_prestart_each(tmp_path: Path) -> None:
+    """A submitter swaps free memory between two GPUs, each pinned by one of their jobs, at
+    every poll: each job's worker is started once while it waits, not once per poll; a hold
+    and a release do not start the count again."""
+    h = fake(tmp_path, stable_polls=3)
+    h.env["STUB_MODE"] = "sleep"
+    a = h.submit("a", gpus=["GPU-sim-0"])
+    b = h.submit("b", gpus=["GPU-sim-1"])
+    h.settle_intake()
+    room = [[gpu_entry(0, 50), gpu_entry(1, 5)], [gpu_entry(0, 5), gpu_entry(1, 50)]]
+    for i in range(12):
+        h.set_gpus(room[i % 2])
+        h.tick()
+        if i == 5:
+            h.daemon.ledger.transition(a, JobState.HELD, now=h.now, reason="held by user")
+        if i == 7:
+            h.daemon.ledger.transition(a, JobState.QUEUED, now=h.now, reason="released")
+    assert h.state(a) == "queued" and h.state(b) == "queued"
+    gated = [launch.env["GPUSPOOL_JOB_ID"] for launch in h.fake.launches if launch.gated]
+    assert sorted(gated) == sorted([a, b])
