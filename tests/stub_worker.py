@@ -97,6 +97,18 @@ def hostile() -> None:
     emit(event="progress", lines_done=2, lines_total=4, audio_s_done=3.0)
 
 
+def read_go(fd: int) -> dict[str, str] | None:
+    """The go line on the gate, or None if it closed first. The worker's own reading is
+    ``gpuspool.extract.startup.read_go``; this stand-in also runs where gpuspool cannot be
+    imported (by the system Python, as another user)."""
+    with os.fdopen(fd, "rb") as gate:
+        line = gate.readline(513)
+    if not line.endswith(b"\n"):
+        return None
+    go = json.loads(line)
+    return go if isinstance(go, dict) else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     for flag in (
@@ -113,8 +125,6 @@ def main() -> int:
     args = ap.parse_args()
     gate = os.environ.pop("GPUSPOOL_GATE_FD", None)
     if gate is not None:  # prestarted: wait for the go line, as the worker does
-        from gpuspool.extract.startup import read_go
-
         go = read_go(int(gate))
         if go is None:
             print("not started: the daemon closed the gate", flush=True)
