@@ -21,12 +21,14 @@ GIB = 1024.0
 
 
 class RandomRunner:
-    """Job processes that exist only on paper: each ends (exit 0, output written) at random."""
+    """Job processes that exist only on paper: each ends (exit 0, output written) at random;
+    a prestarted one (``prestart``) only once its go line came."""
 
     def __init__(self, rng: random.Random, finish_p: float = 0.2) -> None:
         self.rng = rng
         self.finish_p = finish_p
         self.live: dict[int, Path] = {}
+        self.gated: set[int] = set()
         self.starts: list[tuple[int, Any]] = []
         self._next = 10_000
 
@@ -34,9 +36,22 @@ class RandomRunner:
         self._next += 1
         argv = list(launch.argv)
         self.live[self._next] = Path(argv[argv.index("--output") + 1])
+        if launch.gated:
+            self.gated.add(self._next)
         return Started(self._next, 1.0)
 
+    def open_gate(self, pid: int, message: bytes) -> bool:
+        if pid not in self.gated:
+            return False
+        self.gated.discard(pid)
+        return True
+
+    def close_gate(self, pid: int) -> None:
+        self.gated.discard(pid)
+
     def poll(self, pid: int, pid_start: float | None) -> Exit | None:
+        if pid in self.gated:
+            return None
         if pid in self.live and self.rng.random() < self.finish_p:
             self.live.pop(pid).write_text("{}\n")
             return Exit(0)
@@ -46,6 +61,7 @@ class RandomRunner:
         return self.kill(pid, pid_start)
 
     def kill(self, pid: int, pid_start: float | None) -> bool:
+        self.gated.discard(pid)
         return self.live.pop(pid, None) is not None
 
     def is_alive(self, pid: int | None, pid_start: float | None) -> bool:
