@@ -65,6 +65,9 @@ RECENT_PID_S = 10.0
 #: long queue, longer than the tick itself on a shared ledger.
 REASON_FIGURES_EVERY_S = 30.0
 #: The parts of a waiting reason that :data:`REASON_FIGURES_EVERY_S` holds back.
+#: Added to the waiting reason of a job whose worker waits at its gate (``prestart``), so that
+#: ``gpuspool show`` explains the user's process that runs before the job does.
+PRESTARTED_NOTE = "; its worker is already importing (prestart)"
 _REASON_FIGURES = re.compile(r"GPU \d+ \([^)]*\)|\d+\.\d+")
 
 _T = TypeVar("_T")
@@ -1153,6 +1156,8 @@ class Daemon:
             else:
                 reasons[job.id] = problem
         self._prestart(decision, now)
+        if self._prestarted is not None and self._prestarted.job_id in reasons:
+            reasons[self._prestarted.job_id] += PRESTARTED_NOTE
         changed = self._changed_reasons(reasons, now)
         distance = dict(decision.distance)
         distance.update({k: FIRST for k in self._no_input_here if k in reasons})

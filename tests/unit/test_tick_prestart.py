@@ -15,6 +15,7 @@ from typing import Any
 from structlog.testing import capture_logs
 
 from gpuspool.config import Settings
+from gpuspool.daemon import PRESTARTED_NOTE
 from gpuspool.runner import ProcessRunner
 from tests.conftest import Harness, fake_runner, gpu_entry, wait_until
 
@@ -52,6 +53,20 @@ def test_the_job_whose_gpu_settles_starts_in_its_prestarted_worker(tmp_path: Pat
     (started,) = [e for e in logs if e["event"] == "job_started"]
     assert started["pid"] == pid and started["prestarted_s"] == 2.0
     assert [e["job_id"] for e in logs if e["event"] == "job_prestarted"] == [job]
+
+
+def test_the_waiting_reason_says_the_worker_is_already_importing(tmp_path: Path) -> None:
+    """``gpuspool show`` explains the user's process that runs before their job does; the note
+    goes with the worker."""
+    h = harness(tmp_path)
+    job, pid = settling_job(h)
+    reason = h.job(job).reason
+    assert "starts once it stays so for 3 polls" in reason and reason.endswith(PRESTARTED_NOTE)
+    urgent = h.submit("b", priority=5)  # first in line: it takes the prestart over
+    h.tick()
+    assert not h.fake.process(pid).alive and h.state(job) == "queued"
+    assert not h.job(job).reason.endswith(PRESTARTED_NOTE)
+    assert h.job(urgent).reason.endswith(PRESTARTED_NOTE)
 
 
 def test_on_by_default() -> None:
