@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -65,10 +65,11 @@ RECENT_PID_S = 10.0
 #: long queue, longer than the tick itself on a shared ledger.
 REASON_FIGURES_EVERY_S = 30.0
 #: The parts of a waiting reason that :data:`REASON_FIGURES_EVERY_S` holds back.
+_REASON_FIGURES = re.compile(r"GPU \d+ \([^)]*\)|\d+\.\d+")
+
 #: Added to the waiting reason of a job whose worker waits at its gate (``prestart``), so that
 #: ``gpuspool show`` explains the user's process that runs before the job does.
 PRESTARTED_NOTE = "; its worker is already importing (prestart)"
-_REASON_FIGURES = re.compile(r"GPU \d+ \([^)]*\)|\d+\.\d+")
 
 _T = TypeVar("_T")
 #: The distance (``placement.Decision.distance``) of a waiting reason shown before any host's
@@ -177,8 +178,8 @@ class Daemon:
         #: longer wanted), reaped here once gone.
         self._killed: list[tuple[int, float | None]] = []
         #: ``prestart``: the worker waiting for its GPU, and the waiting jobs not to prestart
-        #: again (their worker stopped by itself, could not start, or waited too long): they
-        #: start the usual way.
+        #: again (their worker stopped by itself, could not start, waited too long or gave way
+        #: to a nearer job): they start the usual way.
         self._prestarted: _Prestarted | None = None
         self._no_prestart: set[str] = set()
         #: Shared ledger unreachable since (None: reachable); the next try; the current backoff.
@@ -1155,7 +1156,7 @@ class Daemon:
                 reasons.pop(job.id, None)
             else:
                 reasons[job.id] = problem
-        self._prestart(decision, now)
+        self._prestart(decision, rows, now)
         if self._prestarted is not None and self._prestarted.job_id in reasons:
             reasons[self._prestarted.job_id] += PRESTARTED_NOTE
         changed = self._changed_reasons(reasons, now)
@@ -1345,7 +1346,7 @@ class Daemon:
 
     # -- prestart ------------------------------------------------------------------------------
 
-    def _prestart(self, decision: Decision, now: float) -> None:
+    def _prestart(self, decision: Decision, waiting: Sequence[Waiting], now: float) -> None:
         """``prestart``: keep one worker ready for the first job in line that is settling
         (``Decision.settling``: its GPU has had room for fewer than ``stable_polls`` polls). It
         imports and loads meanwhile, unseen by CUDA, and waits at its gate for its GPU
@@ -1366,10 +1367,8 @@ class Daemon:
                     reason="its worker stopped before its GPU was free; it will start as usual",
                 )
                 current = None
-        if self._no_prestart:  # only jobs still waiting; a hold and a release do not reset it
-            self._no_prestart = {
-                j for j in self._no_prestart if j in decision.distance or self._is_held(j)
-            }
+        if self._no_prestart:  # only jobs still waiting (held ones too: a release resets nothing)
+            self._no_prestart &= {w.id for w in waiting}
         if not self.settings.prestart:
             self._dismiss("prestart is off")
             return
@@ -1407,10 +1406,6 @@ class Daemon:
             job_id, started.pid, started.pid_start, launch, now, made_scratch
         )
         self.log.info("job_prestarted", job_id=job_id, pid=started.pid)
-
-    def _is_held(self, job_id: str) -> bool:
-        job = self.ledger.get(job_id)
-        return job is not None and job.state is JobState.HELD
 
     def _dismiss(self, reason: str) -> None:
         """Stop the prestarted worker, if any: it has done nothing but import."""
