@@ -248,6 +248,14 @@ def tokenizer_dir(tiny_tokenizer: Path) -> Path:
     return tiny_tokenizer
 
 
+def prestarting(tmp_path: Path, **overrides: Any) -> Harness:
+    """A daemon with ``prestart`` on and scripted processes (``fake_runner``) whose jobs sleep
+    until told otherwise (``STUB_MODE``)."""
+    h = Harness(tmp_path, make_runner=fake_runner, **{"prestart": True, **overrides})
+    h.env["STUB_MODE"] = "sleep"
+    return h
+
+
 @pytest.fixture
 def harness(tmp_path: Path) -> Harness:
     return Harness(tmp_path)

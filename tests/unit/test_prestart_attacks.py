@@ -24,7 +24,7 @@ import pytest
 from gpuspool.models import JobState
 from gpuspool.privileges import Identity
 from gpuspool.runner import ProcessRunner
-from tests.conftest import Harness, fake_runner, gpu_entry, wait_until
+from tests.conftest import Harness, gpu_entry, prestarting, wait_until
 
 GATE_WORKER = str(Path(__file__).resolve().parents[1] / "gate_worker.py")
 #: Longest a tick may take with a hostile worker at its gate (the machine is shared and slow).
@@ -263,16 +263,10 @@ def test_a_worker_still_importing_when_the_daemon_crashed_after_the_claim_is_req
 # -- the tick's decisions (scripted processes) ---------------------------------------------------
 
 
-def fake(tmp_path: Path, **overrides: Any) -> Harness:
-    h = Harness(tmp_path, make_runner=fake_runner, **{"prestart": True, **overrides})
-    h.env["STUB_MODE"] = "sleep"
-    return h
-
-
 def test_no_worker_waits_for_a_gpu_another_job_just_took(tmp_path: Path) -> None:
     """One GPU, room for one job: when the first starts, the second's GPU has no room left
     (1.5 GiB available, need 20), yet its worker is started and kept for ten minutes."""
-    h = fake(tmp_path)
+    h = prestarting(tmp_path)
     h.set_gpus([gpu_entry(0, 30)])
     first = h.submit("a")
     second = h.submit("b")
@@ -299,8 +293,7 @@ def test_a_worker_started_with_groups_its_user_no_longer_has_is_not_let_go_on(
             return Identity(uid, 0, (0,), "root", "/root")
         return Identity(65534, 65534, groups[0], "nobody", "/")
 
-    h = Harness(tmp_path, make_runner=fake_runner, identity_for=identity_for, prestart=True)
-    h.env["STUB_MODE"] = "sleep"
+    h = prestarting(tmp_path, identity_for=identity_for)
     h.set_gpus([gpu_entry(0, 50)])
     job = h.submit("a")
     h.settle_intake()
@@ -318,7 +311,7 @@ def test_a_worker_started_with_groups_its_user_no_longer_has_is_not_let_go_on(
 
 
 def test_a_go_line_that_cannot_be_written_leaves_no_worker_waiting(tmp_path: Path) -> None:
-    h = fake(tmp_path)
+    h = prestarting(tmp_path)
     h.set_gpus([gpu_entry(0, 50, uuid="GPU-" + "9" * 600)])
     job = h.submit("a")
     for _ in range(3):
@@ -332,7 +325,7 @@ def test_a_go_line_that_cannot_be_written_leaves_no_worker_waiting(tmp_path: Pat
 def test_a_waiting_worker_is_dismissed_when_its_job_is_held_or_the_host_drains(
     tmp_path: Path, how: str
 ) -> None:
-    h = fake(tmp_path)
+    h = prestarting(tmp_path)
     h.set_gpus([gpu_entry(0, 50)])
     job = h.submit("a")
     h.tick()
@@ -347,7 +340,7 @@ def test_a_waiting_worker_is_dismissed_when_its_job_is_held_or_the_host_drains(
 
 
 def test_a_user_at_their_running_limit_gets_no_prestarted_worker(tmp_path: Path) -> None:
-    h = fake(tmp_path, max_running_per_user=1)
+    h = prestarting(tmp_path, max_running_per_user=1)
     h.set_gpus([gpu_entry(0, 50), gpu_entry(1, 50)])
     first = h.submit("a")
     for _ in range(3):
@@ -363,7 +356,7 @@ def test_a_user_at_their_running_limit_gets_no_prestarted_worker(tmp_path: Path)
 
 
 def test_a_job_cooling_down_on_its_only_gpu_gets_no_prestarted_worker(tmp_path: Path) -> None:
-    h = fake(tmp_path, yield_cooldown_s=600.0)
+    h = prestarting(tmp_path, yield_cooldown_s=600.0)
     h.set_gpus([gpu_entry(0, 50)])
     job = h.submit("a")
     h.settle_intake()
@@ -395,8 +388,7 @@ def test_jobs_taking_turns_at_the_head_of_the_line_get_one_prestart_each(tmp_pat
     """A submitter swaps free memory between two GPUs, each pinned by one of their jobs, at
     every poll: each job's worker is started once while it waits, not once per poll; a hold
     and a release do not start the count again."""
-    h = fake(tmp_path, stable_polls=3)
-    h.env["STUB_MODE"] = "sleep"
+    h = prestarting(tmp_path, stable_polls=3)
     a = h.submit("a", gpus=["GPU-sim-0"])
     b = h.submit("b", gpus=["GPU-sim-1"])
     h.settle_intake()

@@ -17,16 +17,11 @@ from structlog.testing import capture_logs
 from gpuspool.config import Settings
 from gpuspool.daemon import PRESTARTED_NOTE
 from gpuspool.runner import ProcessRunner
-from tests.conftest import Harness, fake_runner, gpu_entry, wait_until
-
-
-def harness(tmp_path: Path, **overrides: Any) -> Harness:
-    return Harness(tmp_path, make_runner=fake_runner, **{"prestart": True, **overrides})
+from tests.conftest import Harness, fake_runner, gpu_entry, prestarting, wait_until
 
 
 def settling_job(h: Harness, **fields: Any) -> tuple[str, int]:
     """Submit job "a" to a GPU with room, one tick: its reading settles, its worker waits."""
-    h.env["STUB_MODE"] = "sleep"
     h.set_gpus([gpu_entry(0, 50)])
     job = h.submit("a", **fields)
     h.tick()
@@ -38,7 +33,7 @@ def settling_job(h: Harness, **fields: Any) -> tuple[str, int]:
 
 
 def test_the_job_whose_gpu_settles_starts_in_its_prestarted_worker(tmp_path: Path) -> None:
-    h = harness(tmp_path)
+    h = prestarting(tmp_path)
     with capture_logs() as logs:
         job, pid = settling_job(h)
         h.tick()
@@ -58,7 +53,7 @@ def test_the_job_whose_gpu_settles_starts_in_its_prestarted_worker(tmp_path: Pat
 def test_the_waiting_reason_says_the_worker_is_already_importing(tmp_path: Path) -> None:
     """``gpuspool show`` explains the user's process that runs before their job does; the note
     goes with the worker."""
-    h = harness(tmp_path)
+    h = prestarting(tmp_path)
     job, pid = settling_job(h)
     reason = h.job(job).reason
     assert "starts once it stays so for 3 polls" in reason and reason.endswith(PRESTARTED_NOTE)
@@ -86,7 +81,7 @@ def test_a_prestarted_worker_is_stopped_when_its_job_cannot_start_any_more(
 ) -> None:
     """Cancelled: the worker is killed at its gate (it did nothing but import) and reaped; a
     GPU that only shrinks below the job's need keeps it waiting."""
-    h = harness(tmp_path)
+    h = prestarting(tmp_path)
     job, pid = settling_job(h)
     h.set_gpus([gpu_entry(0, 5)])
     h.tick()
@@ -103,7 +98,7 @@ def test_a_prestarted_worker_is_stopped_when_its_job_cannot_start_any_more(
 
 
 def test_another_job_first_in_line_takes_over_the_prestart(tmp_path: Path) -> None:
-    h = harness(tmp_path)
+    h = prestarting(tmp_path)
     job, pid = settling_job(h)
     urgent = h.submit("b", priority=5)
     h.tick()
@@ -115,7 +110,7 @@ def test_another_job_first_in_line_takes_over_the_prestart(tmp_path: Path) -> No
 
 def test_a_worker_that_stops_at_its_gate_is_not_prestarted_again(tmp_path: Path) -> None:
     """It would fail the same way: the job starts the usual way, and says why when it does."""
-    h = harness(tmp_path)
+    h = prestarting(tmp_path)
     job, pid = settling_job(h)
     h.fake.process(pid).exit(78)
     with capture_logs() as logs:
@@ -130,7 +125,7 @@ def test_a_worker_that_stops_at_its_gate_is_not_prestarted_again(tmp_path: Path)
 
 
 def test_a_gate_nobody_reads_falls_back_to_a_usual_start(tmp_path: Path) -> None:
-    h = harness(tmp_path)
+    h = prestarting(tmp_path)
     job, pid = settling_job(h)
     h.tick()
     h.fake.gated.discard(pid)  # the process closed its end of the gate
@@ -143,7 +138,7 @@ def test_a_gate_nobody_reads_falls_back_to_a_usual_start(tmp_path: Path) -> None
 
 def test_a_config_change_while_waiting_starts_the_job_afresh(tmp_path: Path) -> None:
     """The waiting worker was started with the old extra flags: it is not let go on."""
-    h = harness(tmp_path)
+    h = prestarting(tmp_path)
     job, pid = settling_job(h)
     h.tick()
     h.daemon.settings = h.settings.model_copy(update={"worker_extra_args": ["--tf32"]})
@@ -154,7 +149,7 @@ def test_a_config_change_while_waiting_starts_the_job_afresh(tmp_path: Path) -> 
 
 
 def test_stopping_the_daemon_stops_the_prestarted_worker(tmp_path: Path) -> None:
-    h = harness(tmp_path)
+    h = prestarting(tmp_path)
     job, pid = settling_job(h)
     h.daemon.stop_all(h.now)
     assert not h.fake.process(pid).alive and h.state(job) == "queued"
@@ -208,8 +203,7 @@ def test_an_earlier_attempts_scratch_folder_stays_when_the_prestart_is_stopped(
     tmp_path: Path,
 ) -> None:
     """A retry keeps its scratch folder (TMPDIR, caches); only one the prestart made goes."""
-    h = harness(tmp_path)
-    h.env["STUB_MODE"] = "sleep"
+    h = prestarting(tmp_path)
     h.set_gpus([gpu_entry(0, 50)])
     job = h.submit("a")
     h.settle_intake()
@@ -224,7 +218,7 @@ def test_an_earlier_attempts_scratch_folder_stays_when_the_prestart_is_stopped(
 def test_a_worker_that_waited_two_minutes_is_stopped_and_not_started_again(
     tmp_path: Path,
 ) -> None:
-    h = harness(tmp_path, stable_polls=10_000)  # its GPU never settles
+    h = prestarting(tmp_path, stable_polls=10_000)  # its GPU never settles
     job, pid = settling_job(h)
     with capture_logs() as logs:
         h.tick(121.0)
