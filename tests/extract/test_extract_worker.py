@@ -71,7 +71,8 @@ def test_codes_match_official_except_last_frame(
 def test_codes_identical_across_budgets_and_line_orders(
     extract: Any, reference: Path, dataset: Path, tiny_tokenizer: Path, tmp_path: Path
 ) -> None:
-    """Codes do not depend on --batch-seconds, --sort-window or the order of lines."""
+    """Codes do not depend on --batch-seconds, --shape-bucket, --sort-window or the order of
+    lines."""
     expected = _by_audio(reference)
     lines = dataset.read_text().splitlines()
     random.Random(7).shuffle(lines)
@@ -81,6 +82,8 @@ def test_codes_identical_across_budgets_and_line_orders(
         (dataset, ["--batch-seconds", "3", "--sort-window", "5"]),
         (shuffled, ["--batch-seconds", "40", "--loader-mode", "thread"]),
         (dataset, ["--batch-seconds", "1000"]),
+        (dataset, ["--shape-bucket", "0"]),  # the default rounds to 1 s buckets
+        (shuffled, ["--batch-seconds", "20", "--shape-bucket", "3"]),
     ):
         out = tmp_path / f"o{len(list(tmp_path.iterdir()))}.jsonl"
         r = extract("--input", inp, "--output", out, "--tokenizer", tiny_tokenizer, *extra)
@@ -172,6 +175,12 @@ def test_usage_errors(extract: Any, dataset: Path, tiny_tokenizer: Path, tmp_pat
         "maybe",
     )
     assert r.code == ExitCode.USAGE and r.one("error")["exit_code"] == 64
+    for bucket in ("-1", "nan", "inf"):
+        r = extract(
+            "--input", dataset, "--output", tmp_path / "o.jsonl", "--tokenizer", tiny_tokenizer,
+            "--shape-bucket", bucket,
+        )  # fmt: skip
+        assert r.code == ExitCode.USAGE, bucket
     r = extract(
         "--input",
         dataset,

@@ -43,6 +43,13 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def _non_negative_float(s: str) -> float:
+    v = float(s)
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError("must be ≥ 0")
+    return v
+
+
 def _positive_int(s: str) -> int:
     v = int(s)
     if v <= 0:
@@ -71,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=320.0,
         help="padded seconds a batch may hold: batch size × longest clip (default 320)",
+    )
+    ap.add_argument(
+        "--shape-bucket",
+        type=_non_negative_float,
+        default=1.0,
+        dest="shape_bucket_s",
+        help="round each batch's length up to whole buckets of this many seconds (whole "
+        "frames), so that batch shapes repeat; 0: none (default 1)",
     )
     ap.add_argument("--on-bad-line", choices=("fail", "skip"), default="fail")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")

@@ -4,7 +4,7 @@ The model is loaded through ``qwen_tts.Qwen3TTSTokenizer.from_pretrained`` (the 
 on the CPU; the decoder, which ``encode`` never uses, is dropped; only the encoder moves to the
 GPU. A batch is encoded by the encoder call that ``Qwen3TTSTokenizer.encode`` makes, on waveforms
 the worker has already right-padded to whole frames, so each clip's codes do not depend on its
-batch neighbours. Three changes leave every code as it is and keep the device busy:
+batch neighbours. Four changes leave every code as it is and keep the device busy:
 
 * the convolutions' shape bookkeeping (``stride``, ``kernel_size``, ``padding_total``: 0-d
   integer buffers) stays on the host. On the device, every convolution's padding amount was
@@ -12,7 +12,12 @@ batch neighbours. Three changes leave every code as it is and keep the device bu
   work ahead of the device;
 * the encoder is asked for the 16 codebooks the model keeps instead of computing all 32: a
   residual quantizer's first codebooks do not depend on its later ones;
-* the batch goes to the device from pinned memory without a wait, behind the batch before it.
+* the batch goes to the device from pinned memory without a wait, behind the batch before it;
+  the worker's collating thread fills that memory, not the thread that launches the encoder;
+* each causal convolution pads its input on the left itself (zeros on both sides, the extra
+  outputs on the right cut off) instead of convolving a padded copy, and one that pads nothing
+  convolves its input as it is: two passes over the activations fewer per convolution, the
+  same sums (:func:`pad_inside_convolutions`).
 
 Start-up imports only the 12 Hz tokenizer's two modules from qwen-tts (its configuration and
 model classes), not the package: ``qwen_tts/__init__.py`` imports the whole TTS model stack and
@@ -341,11 +346,25 @@ class CodeEncoder:
             torch.cuda.set_device(device)
         self.model = model.to(device).eval()
         keep_shape_buffers_on_host(self.model.encoder)
+        pad_inside_convolutions(self.model.encoder)
+        build_causal_masks_directly(self.model.encoder.encoder_transformer)
         self.num_quantizers = int(model.encoder_valid_num_quantizers)
         self.dtype = self.model.dtype
         self._context: tuple[float, str] | None = None
 
-    def launch(self, batch: npt.NDArray[np.float32], frames: list[int]) -> Pending:
+    def host_batch(self, rows: int, length: int) -> tuple[npt.NDArray[np.float32], Any]:
+        """A (rows, length) float32 array to collate a batch into (not yet written), and what
+        holds its memory, to pass to :meth:`launch`: page-locked memory on a GPU (any thread
+        may call this once the encoder exists), so that the launch is one asynchronous copy."""
+        if self.device.type != "cuda":
+            return np.empty((rows, length), dtype=np.float32), None
+        torch.cuda.set_device(self.device)  # this thread's device: no second context
+        held = torch.empty((rows, length), dtype=torch.float32, pin_memory=True)
+        return held.numpy(), held
+
+    def launch(
+        self, batch: npt.NDArray[np.float32], frames: list[int], held: Any = None
+    ) -> Pending:
         """Start encoding the rows of ``batch`` (B, L); ``collect`` returns the codes.
 
         Each row holds a clip right-padded with zeros to whole frames (and then to L);
@@ -354,14 +373,18 @@ class CodeEncoder:
         behind the batch launched before. The encoder call is the one
         ``Qwen3TTSTokenizerV2Model.encode`` makes (the whole padded batch, then the first 16
         codebooks, then each clip's frames); the per-clip cut happens on the host, which saves
-        a device sync per clip.
+        a device sync per clip. ``held`` is the tensor :meth:`host_batch` returned with
+        ``batch``: it goes to the device as it is (torch's pinned-memory allocator then keeps it
+        from reuse until the copy is done); otherwise ``batch`` is copied into pinned memory.
         """
         b, longest = batch.shape
         if longest % self.frame or len(frames) != b:
             raise ValueError("batch rows must be right-padded to whole frames, one count a row")
         if self.device.type == "cuda":
-            host = torch.empty(batch.shape, dtype=torch.float32, pin_memory=True)
-            host.numpy()[...] = batch
+            host = held
+            if host is None:
+                host = torch.empty(batch.shape, dtype=torch.float32, pin_memory=True)
+                host.numpy()[...] = batch
             x = host.to(self.device, non_blocking=True)
         else:
             x = torch.from_numpy(batch)
@@ -438,6 +461,104 @@ def keep_shape_buffers_on_host(module: torch.nn.Module) -> None:
                 and buf.device.type != "cpu"
             ):
                 sub._buffers[name] = buf.cpu()
+
+
+def pad_inside_convolutions(module: torch.nn.Module) -> int:
+    """Let each causal, zero-padded ``MimiConv1d`` in ``module`` pad inside its convolution;
+    return how many were changed.
+
+    ``MimiConv1d`` pads its input on the left by ``padding_total`` (and on the right by what
+    whole output frames need) with ``F.pad``, a new tensor written in two passes, then
+    convolves it. The convolution's own zero padding of ``padding_total`` on both sides gives
+    the same windows over the same values for every output the padded copy gives, and as many
+    more on the right, which are cut off; where the right needs more than that, or for a
+    padding cache (streaming), the original forward runs. A convolution that pads nothing
+    (``F.pad`` would still copy) convolves its input as it is.
+    """
+    from transformers.models.mimi.modeling_mimi import MimiConv1d
+
+    changed = 0
+    for sub in module.modules():
+        if isinstance(sub, MimiConv1d) and sub.causal and sub.pad_mode == "constant":
+            sub.forward = _padded_inside(sub)  # type: ignore[method-assign]
+            changed += 1
+    return changed
+
+
+def _padded_inside(m: Any) -> Any:
+    original = type(m).forward.__get__(m)
+    conv = m.conv
+    left = int(m.padding_total)
+    kernel = int(m.kernel_size)
+    stride = int(conv.stride[0])
+    conv1d = torch.nn.functional.conv1d
+
+    extras: dict[int, int] = {}  # input length → right padding, as MimiConv1d computes it
+
+    def forward(hidden_states: torch.Tensor, padding_cache: Any = None) -> torch.Tensor:
+        length = int(hidden_states.shape[-1])
+        extra = extras.get(length)
+        if extra is None:
+            extra = extras[length] = int(m._get_extra_padding_for_conv1d(hidden_states))
+        if padding_cache is not None or extra > left:
+            return original(hidden_states, padding_cache)  # type: ignore[no-any-return]
+        if left == 0 and extra == 0:
+            return conv(hidden_states)  # type: ignore[no-any-return]
+        out = (length + left + extra - kernel) // stride + 1
+        y = conv1d(
+            hidden_states, conv.weight, conv.bias, conv.stride, left, conv.dilation, conv.groups
+        )
+        return y[..., :out]
+
+    return forward
+
+
+_plain_causal = threading.local()
+
+
+def build_causal_masks_directly(transformer: torch.nn.Module) -> None:
+    """Let ``transformer`` (a ``MimiTransformerModel``) build its attention mask with one
+    operation when it is called as the encoder calls it.
+
+    Called with no attention mask, cache, positions or cache positions, the transformer asks
+    transformers' ``create_causal_mask`` for a (batch, 1, length, length) boolean mask that is
+    causal and, for positions ``0 … length - 1``, nothing else (the packed-sequence test it adds
+    finds one sequence). transformers builds it element by element through ``vmap``, a fifth of
+    the host's time per batch; here it is the lower triangle, the same tensor (a test compares
+    them). Other calls, and any other model in the process, keep transformers' function.
+    """
+    from transformers.models.mimi import modeling_mimi
+
+    if not getattr(getattr(modeling_mimi, "create_causal_mask"), "_gpuspool", False):  # noqa: B009
+        original_mask = getattr(modeling_mimi, "create_causal_mask")  # noqa: B009
+
+        def create_causal_mask(*args: Any, **kwargs: Any) -> Any:
+            embeds = kwargs.get("input_embeds")
+            if not getattr(_plain_causal, "on", False) or args or embeds is None:
+                return original_mask(*args, **kwargs)
+            b, n = int(embeds.shape[0]), int(embeds.shape[1])
+            tril = torch.ones((n, n), dtype=torch.bool, device=embeds.device).tril_()
+            return tril.expand(b, 1, n, n).contiguous()
+
+        create_causal_mask._gpuspool = True  # type: ignore[attr-defined]
+        setattr(modeling_mimi, "create_causal_mask", create_causal_mask)  # noqa: B010
+    original = type(transformer).forward.__get__(transformer)
+    if getattr(transformer.config, "use_cache", False):
+        return  # a cache would be made for the call: keep transformers' mask
+
+    def forward(hidden_states: Any = None, *args: Any, **kwargs: Any) -> Any:
+        plain = not args and all(
+            kwargs.get(k) is None
+            for k in ("attention_mask", "position_ids", "past_key_values", "cache_position")
+        )
+        plain = plain and not kwargs.get("use_cache")
+        _plain_causal.on = plain
+        try:
+            return original(hidden_states, *args, **kwargs)
+        finally:
+            _plain_causal.on = False
+
+    transformer.forward = forward
 
 
 def nonallocator_gib(device: torch.device) -> tuple[float, str]:

@@ -5,13 +5,18 @@ Encoder memory grows with batch size × longest padded clip in the batch, so a b
 first) and cut greedily so each batch costs at most the budget; a clip longer than the budget
 runs alone. Batches are then ordered by their first line, so output in input order can be
 written early.
+
+Each batch's length can be rounded up to a whole number of *shape buckets*, so that batch shapes
+repeat: the GPU libraries set each new shape up on the host, which costs more than the encoding
+of a small batch. Right padding beyond the clip's own frames does not change its codes (the
+encoder is causal), and the rounded length is what the budget counts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gpuspool.extract.headers import MODEL_SAMPLE_RATE, Clip
+from gpuspool.extract.headers import FRAME_SAMPLES, MODEL_SAMPLE_RATE, Clip
 
 
 def budget_samples(budget_s: float) -> int:
@@ -21,14 +26,34 @@ def budget_samples(budget_s: float) -> int:
     return int(budget_s * MODEL_SAMPLE_RATE)
 
 
-def batch_cost(clips: Sequence[Clip]) -> int:
-    """Padded samples a batch occupies: size × longest padded clip."""
-    return len(clips) * max(c.padded for c in clips) if clips else 0
+def bucket_samples(bucket_s: float) -> int:
+    """A shape bucket of ``bucket_s`` seconds in samples: whole frames, 0 for none."""
+    if bucket_s < 0:
+        raise ValueError("shape bucket must be ≥ 0 seconds")
+    return round(bucket_s * MODEL_SAMPLE_RATE / FRAME_SAMPLES) * FRAME_SAMPLES
 
 
-def pack(clips: Sequence[Clip], budget_s: float) -> list[list[Clip]]:
-    """Cut ``clips`` into batches of padded cost ≤ budget (a longer clip alone)."""
+def batch_length(longest: int, bucket: int, budget: int) -> int:
+    """The padded length of a batch whose longest clip has ``longest`` samples (whole frames):
+    rounded up to a multiple of ``bucket`` samples, but never past the budget for a clip that
+    fits it, nor at all for one that does not (it runs alone, at its own length)."""
+    if bucket <= 0 or longest >= budget:
+        return longest
+    return min(-(-longest // bucket) * bucket, budget // FRAME_SAMPLES * FRAME_SAMPLES)
+
+
+def batch_cost(clips: Sequence[Clip], bucket: int = 0, budget: int = 0) -> int:
+    """Padded samples a batch occupies: size × its padded length."""
+    if not clips:
+        return 0
+    return len(clips) * batch_length(max(c.padded for c in clips), bucket, budget)
+
+
+def pack(clips: Sequence[Clip], budget_s: float, bucket_s: float = 0.0) -> list[list[Clip]]:
+    """Cut ``clips`` into batches of padded cost ≤ budget (a longer clip alone), each batch's
+    length rounded up to ``bucket_s`` seconds (:func:`batch_length`)."""
     budget = budget_samples(budget_s)
+    bucket = bucket_samples(bucket_s)
     ordered = sorted(clips, key=lambda c: (-c.padded, c.line))
     batches: list[list[Clip]] = []
     cur: list[Clip] = []
@@ -38,7 +63,7 @@ def pack(clips: Sequence[Clip], budget_s: float) -> list[list[Clip]]:
             batches.append(cur)
             cur = []
         if not cur:
-            cur_max = c.padded
+            cur_max = batch_length(c.padded, bucket, budget)
         cur.append(c)
     if cur:
         batches.append(cur)

@@ -44,7 +44,7 @@ from gpuspool.extract.headers import (
     scan_input,
 )
 from gpuspool.extract.owner import Attempt, Fenced, LockTimeout, OwnerFile
-from gpuspool.extract.plan import pack
+from gpuspool.extract.plan import batch_length, bucket_samples, budget_samples, pack
 from gpuspool.extract.startup import prefetch_tokenizer, process_age_s
 from gpuspool.extract.writer import Entry, Guard, OrderedWriter, ResumeMismatch, finish_completed
 
@@ -58,6 +58,8 @@ class Options:
     tokenizer: str
     device: str = "auto"
     batch_seconds: float = 320.0
+    #: Batch lengths rounded up to whole buckets of this many seconds (0: none); see ``plan``.
+    shape_bucket_s: float = 1.0
     on_bad_line: Literal["fail", "skip"] = "fail"
     dtype: Literal["fp32", "bf16"] = "fp32"
     overwrite: bool = False
@@ -99,10 +101,27 @@ class Collated:
     good: list[tuple[Clip, int]]
     bad: list[tuple[Clip, str]]
     array: npt.NDArray[np.float32] | None
+    #: What holds ``array``'s memory, for the encoder (:meth:`CodeEncoder.host_batch`).
+    held: Any = None
 
 
-def collate(clips: list[Clip], futs: list[Future[tuple[Wave, int]]]) -> Collated:
-    """Wait for a batch's clips and stack them, zero-padded to the longest (whole frames)."""
+#: Makes a (rows, length) batch array, not yet written, and what holds its memory.
+Alloc = Callable[[int, int], tuple[npt.NDArray[np.float32], Any]]
+
+
+def _empty(rows: int, length: int) -> tuple[npt.NDArray[np.float32], Any]:
+    return np.empty((rows, length), dtype=np.float32), None
+
+
+def collate(
+    clips: list[Clip],
+    futs: list[Future[tuple[Wave, int]]],
+    length: Callable[[int], int] = lambda longest: longest,
+    alloc: Alloc = _empty,
+) -> Collated:
+    """Wait for a batch's clips and stack them, zero-padded to ``length`` of the longest (whole
+    frames; the batch's shape bucket, :func:`~gpuspool.extract.plan.batch_length`), in an array
+    from ``alloc``."""
     good: list[tuple[Clip, int]] = []
     bad: list[tuple[Clip, str]] = []
     waves: list[Wave] = []
@@ -116,10 +135,11 @@ def collate(clips: list[Clip], futs: list[Future[tuple[Wave, int]]]) -> Collated
         waves.append(wav)
     if not waves:
         return Collated(good, bad, None)
-    arr = np.zeros((len(waves), max(int(w.shape[0]) for w in waves)), dtype=np.float32)
+    arr, held = alloc(len(waves), length(max(int(w.shape[0]) for w in waves)))
     for i, w in enumerate(waves):
         arr[i, : w.shape[0]] = w
-    return Collated(good, bad, arr)
+        arr[i, w.shape[0] :] = 0.0
+    return Collated(good, bad, arr, held)
 
 
 def _fingerprint(opts: Options) -> dict[str, Any]:
@@ -195,8 +215,10 @@ class _Producer(threading.Thread):
         out_q: queue.Queue[tuple[Any, ...]],
         stop: threading.Event,
         loader: Callable[[Path], tuple[Wave, int]],
+        alloc: Alloc = _empty,
     ):
         super().__init__(name="extract-producer", daemon=True)
+        self.alloc = alloc
         self.opts = opts
         self.start_offset = writer.input_offset
         self.start_line = writer.next_line
@@ -207,6 +229,9 @@ class _Producer(threading.Thread):
         self.stop = stop
         self.loader = loader
         self.base = opts.input.resolve().parent
+        bucket = bucket_samples(opts.shape_bucket_s)
+        budget = budget_samples(opts.batch_seconds)
+        self.length = lambda longest: batch_length(longest, bucket, budget)
 
     def _put(self, item: tuple[Any, ...]) -> bool:
         while not self.stop.is_set():
@@ -221,9 +246,10 @@ class _Producer(threading.Thread):
         if imm and not self._put(("imm", list(imm))):
             return False
         imm.clear()
-        for batch in pack(window, self.opts.batch_seconds):
+        o = self.opts
+        for batch in pack(window, o.batch_seconds, o.shape_bucket_s):
             futs = [self.pool.submit(self.loader, c.path) for c in batch]
-            ready = self.collate_pool.submit(collate, batch, futs)
+            ready = self.collate_pool.submit(collate, batch, futs, self.length, self.alloc)
             if not self._put(("batch", batch, ready)):
                 return False
         window.clear()
@@ -534,9 +560,15 @@ class Run:
         # Serialising codes to JSON and the fsync'd writes run beside the encoder.
         self._write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
         producer = _Producer(
-            o, writer, self._pool, self._collate_pool, self._q, self._stop, load_padded
+            o, writer, self._pool, self._collate_pool, self._q, self._stop, load_padded, self._alloc
         )
         producer.start()
+
+    def _alloc(self, rows: int, length: int) -> tuple[npt.NDArray[np.float32], Any]:
+        """A batch array from the encoder once it is loaded (pinned on a GPU, filled by the
+        collating thread); before that, a plain one, which the launch copies."""
+        encoder = self.encoder
+        return encoder.host_batch(rows, length) if encoder is not None else _empty(rows, length)
 
     def _stop_pipeline(self) -> None:
         if not self._started:
@@ -660,7 +692,7 @@ class Run:
         if self.startup_s is None:  # before the launch, which on a CPU encodes the batch
             self.startup_s = process_age_s()
         t = time.monotonic()
-        pending = self.encoder.launch(col.array, frames)
+        pending = self.encoder.launch(col.array, frames, col.held)
         self.t_launch += time.monotonic() - t
         self.max_batch_padded_s = max(
             self.max_batch_padded_s, col.array.shape[0] * col.array.shape[1] / MODEL_SAMPLE_RATE
