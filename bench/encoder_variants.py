@@ -10,7 +10,12 @@ quantizer), the busiest kernels, and how busy the device was.
 
 Variants: the worker's set-up; cuDNN's deterministic flag off; cuDNN's benchmark mode; lengths
 rounded up to buckets (so shapes repeat) with and without benchmark mode; the other attention
-implementation (eager or SDPA); TF32; CUDA graphs replayed per bucketed shape.
+implementation (eager or SDPA); TF32; CUDA graphs replayed per bucketed shape; the causal
+convolutions' left padding done by the convolution itself instead of a padded copy.
+
+``--host`` adds what one batch costs the host, on shapes new to the process and again on the
+same shapes (the device synchronised before each call, so no call waits for room in its queue):
+what the GPU libraries spend setting a new shape up shows as the difference.
 
     PYTHONPATH=SITE:src python3 bench/encoder_variants.py --tokenizer DIR [--budget 320]
 """
@@ -59,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clips", type=int, default=600)
     ap.add_argument("--bucket", type=int, default=25, help="bucket width in frames (25 = 2 s)")
     ap.add_argument("--variants", nargs="*", default=None)
+    ap.add_argument("--host", action="store_true", help="time the host's side of each call")
+    ap.add_argument("--no-profile", action="store_true", help="skip the kernel profile")
     a = ap.parse_args(argv)
 
     import torch
@@ -147,6 +154,33 @@ def main(argv: list[str] | None = None) -> None:
         g.replay()
         return out.clone()
 
+    def padding_in_conv(x: Any) -> Any:
+        """``eager`` with each causal convolution's left padding done by the convolution (zero
+        padding on both sides, the extra outputs on the right cut off), and no copy for those
+        that pad nothing."""
+        from transformers.models.mimi import modeling_mimi as mm
+
+        fn = torch.nn.functional
+        original = mm.MimiConv1d.forward
+
+        def forward(self: Any, h: Any, padding_cache: Any = None) -> Any:
+            conv = self.conv
+            left = int(self.padding_total)
+            extra = int(self._get_extra_padding_for_conv1d(h))
+            if not self.causal or self.pad_mode != "constant" or extra > left:
+                return original(self, h, padding_cache)
+            if left == 0 and extra == 0:  # F.pad would copy it as it is
+                return conv(h)
+            n = (h.shape[-1] + left + extra - int(self.kernel_size)) // conv.stride[0] + 1
+            y = fn.conv1d(h, conv.weight, conv.bias, conv.stride, left, conv.dilation, conv.groups)
+            return y[..., :n]
+
+        mm.MimiConv1d.forward = forward
+        try:
+            return eager(x)
+        finally:
+            mm.MimiConv1d.forward = original
+
     attn_classes: dict[str, type] = {}
     try:
         from transformers.models.mimi import modeling_mimi as mm
@@ -191,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
             graphed,
             None,
         ),
+        "padding in the convolution": ({}, 1, padding_in_conv, None),
         "worker again": ({}, 1, eager, None),
     }
     ref: dict[int, Any] = {}
@@ -236,7 +271,9 @@ def main(argv: list[str] | None = None) -> None:
         del bs
     graphs.clear()
 
-    if not cuda:
+    if a.host and cuda:
+        host_costs(a, batches, eager, sync, flags)
+    if not cuda or a.no_profile:
         return
     # Profile of the worker's set-up on its (warm) shapes: parts, kernels, busy share.
     flags()
@@ -301,6 +338,45 @@ def main(argv: list[str] | None = None) -> None:
                 }
             )
         )
+
+
+def host_costs(
+    a: argparse.Namespace,
+    batches: Callable[[int], list[tuple[list[int], Any]]],
+    eager: Callable[[Any], Any],
+    sync: Callable[[], None],
+    flags: Callable[..., None],
+) -> None:
+    """Host milliseconds per call, on new shapes then on the same shapes again.
+
+    The new shapes are the worker's batches one frame longer (lengths the variants above did
+    not use, as the cut gives each batch its own length), each call made with the device idle.
+    """
+    import torch
+
+    for name, fl in (("worker", {}), ("deterministic off", {"deterministic": False})):
+        flags(**fl)
+        bs = [
+            (idx, torch.nn.functional.pad(x, (0, FRAME_SAMPLES * (1 + len(fl)))))
+            for idx, x in batches(1)
+        ]
+        row: dict[str, Any] = {"host_ms_per_call": name, "calls": len(bs)}
+        for label in ("new_shapes", "same_shapes"):
+            ms = []
+            for _, x in bs:
+                sync()
+                t = time.perf_counter()
+                eager(x)
+                ms.append((time.perf_counter() - t) * 1e3)
+            sync()
+            ms.sort()
+            row[label] = {
+                "median": round(ms[len(ms) // 2], 2),
+                "mean": round(sum(ms) / len(ms), 2),
+                "max": round(ms[-1], 2),
+            }
+        print(json.dumps(row), flush=True)
+        flags()
 
 
 if __name__ == "__main__":
