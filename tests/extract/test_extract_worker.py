@@ -175,12 +175,15 @@ def test_usage_errors(extract: Any, dataset: Path, tiny_tokenizer: Path, tmp_pat
         "maybe",
     )
     assert r.code == ExitCode.USAGE and r.one("error")["exit_code"] == 64
-    for bucket in ("-1", "nan", "inf"):
+    for flag, value in (
+        ("--shape-bucket", "-1"), ("--shape-bucket", "nan"), ("--shape-bucket", "inf"),
+        ("--batch-seconds", "nan"), ("--batch-seconds", "inf"), ("--batch-seconds", "0"),
+    ):  # fmt: skip
         r = extract(
             "--input", dataset, "--output", tmp_path / "o.jsonl", "--tokenizer", tiny_tokenizer,
-            "--shape-bucket", bucket,
+            flag, value,
         )  # fmt: skip
-        assert r.code == ExitCode.USAGE, bucket
+        assert r.code == ExitCode.USAGE, (flag, value)
     r = extract(
         "--input",
         dataset,

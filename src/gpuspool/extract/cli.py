@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -38,15 +39,15 @@ RESTART_NOTE = "gpuspool extract: CUDA started during the imports; starting agai
 
 def _positive_float(s: str) -> float:
     v = float(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError("must be > 0")
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError("must be a number > 0")
     return v
 
 
 def _non_negative_float(s: str) -> float:
     v = float(s)
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError("must be ≥ 0")
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError("must be a number ≥ 0")
     return v
 
 
