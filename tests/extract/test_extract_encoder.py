@@ -84,3 +84,49 @@ def test_codes_with_the_shortcuts_equal_transformers(pair: tuple[Any, Any], samp
     assert torch.equal(got, want)
     # Padding inside the convolution may round differently on another kernel, never by more.
     assert np.allclose(emb_got.numpy(), emb_want.numpy(), rtol=0, atol=1e-5)
+
+
+def test_eager_attention_keeps_transformers_mask(tiny_tokenizer: Path, tmp_path: Path) -> None:
+    """The eager implementation adds the mask to the scores: a boolean triangle would block
+    nothing. A tokenizer whose config asks for it keeps transformers' mask, even while the
+    plain-call flag is on (another model's call in the same thread)."""
+    import json
+    import shutil
+
+    from gpuspool.extract import model as m
+
+    eager_dir = tmp_path / "eager"
+    shutil.copytree(tiny_tokenizer, eager_dir)
+    cfg = json.loads((eager_dir / "config.json").read_text())
+    cfg["encoder_config"]["attn_implementation"] = "eager"
+    (eager_dir / "config.json").write_text(json.dumps(cfg))
+    plain, _ = load_tokenizer(str(eager_dir), torch.float32)
+    fast, _ = load_tokenizer(str(eager_dir), torch.float32)
+    transformer = fast.encoder.encoder_transformer
+    assert transformer.config._attn_implementation == "eager"
+    assert not build_causal_masks_directly(transformer)
+    x = torch.randn(2, 40, transformer.config.hidden_size)
+    m._plain_causal.on = True
+    try:
+        with torch.inference_mode():
+            got = transformer(x).last_hidden_state
+    finally:
+        m._plain_causal.on = False
+    with torch.inference_mode():
+        want = plain.encoder.encoder_transformer(x).last_hidden_state
+        cut = transformer(x[:, :20]).last_hidden_state
+    assert torch.equal(got, want)
+    assert torch.allclose(cut, want[:, :20], atol=1e-6)  # causal: later frames change nothing
+
+
+def test_a_copied_encoder_runs_its_own_weights(pair: tuple[Any, Any]) -> None:
+    import copy
+
+    _, fast = pair
+    clone = copy.deepcopy(fast.encoder)
+    for p in clone.encoder.parameters():
+        p.data.zero_()
+    x = 0.1 * torch.randn(1, 1, 1920 * 4, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.count_nonzero(clone.encoder(x)) == 0
+        assert torch.count_nonzero(fast.encoder.encoder(x)) > 0

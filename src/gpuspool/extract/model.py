@@ -38,6 +38,7 @@ import os
 import sys
 import tempfile
 import threading
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -301,6 +302,10 @@ class GpuMemory:
         return self.max_reserved + self.context
 
 
+#: The largest batch collated straight into page-locked memory (budgets up to about 1,398 s).
+PINNED_BATCH_MAX_BYTES = 128 << 20
+
+
 @dataclass
 class Pending:
     """A batch on its way through the encoder."""
@@ -355,8 +360,10 @@ class CodeEncoder:
     def host_batch(self, rows: int, length: int) -> tuple[npt.NDArray[np.float32], Any]:
         """A (rows, length) float32 array to collate a batch into (not yet written), and what
         holds its memory, to pass to :meth:`launch`: page-locked memory on a GPU (any thread
-        may call this once the encoder exists), so that the launch is one asynchronous copy."""
-        if self.device.type != "cuda":
+        may call this once the encoder exists), so that the launch is one asynchronous copy.
+        A batch over :data:`PINNED_BATCH_MAX_BYTES` gets pageable memory, which the launch
+        copies: the queue of prefetched batches does not hold gigabytes page-locked."""
+        if self.device.type != "cuda" or rows * length * 4 > PINNED_BATCH_MAX_BYTES:
             return np.empty((rows, length), dtype=np.float32), None
         torch.cuda.set_device(self.device)  # this thread's device: no second context
         held = torch.empty((rows, length), dtype=torch.float32, pin_memory=True)
@@ -473,92 +480,99 @@ def pad_inside_convolutions(module: torch.nn.Module) -> int:
     the same windows over the same values for every output the padded copy gives, and as many
     more on the right, which are cut off; where the right needs more than that, or for a
     padding cache (streaming), the original forward runs. A convolution that pads nothing
-    (``F.pad`` would still copy) convolves its input as it is.
+    (``F.pad`` would still copy) convolves its input as it is. The forward is bound to each
+    module as a method, so a copy of the module runs its own weights.
     """
     from transformers.models.mimi.modeling_mimi import MimiConv1d
 
     changed = 0
     for sub in module.modules():
         if isinstance(sub, MimiConv1d) and sub.causal and sub.pad_mode == "constant":
-            sub.forward = _padded_inside(sub)  # type: ignore[method-assign]
+            vars(sub)["_right_padding"] = {}  # input length → right padding, as computed
+            sub.forward = types.MethodType(_forward_padded_inside, sub)  # type: ignore[method-assign]
             changed += 1
     return changed
 
 
-def _padded_inside(m: Any) -> Any:
-    original = type(m).forward.__get__(m)
-    conv = m.conv
-    left = int(m.padding_total)
-    kernel = int(m.kernel_size)
-    stride = int(conv.stride[0])
-    conv1d = torch.nn.functional.conv1d
-
-    extras: dict[int, int] = {}  # input length → right padding, as MimiConv1d computes it
-
-    def forward(hidden_states: torch.Tensor, padding_cache: Any = None) -> torch.Tensor:
-        length = int(hidden_states.shape[-1])
-        extra = extras.get(length)
-        if extra is None:
-            extra = extras[length] = int(m._get_extra_padding_for_conv1d(hidden_states))
-        if padding_cache is not None or extra > left:
-            return original(hidden_states, padding_cache)  # type: ignore[no-any-return]
-        if left == 0 and extra == 0:
-            return conv(hidden_states)  # type: ignore[no-any-return]
-        out = (length + left + extra - kernel) // stride + 1
-        y = conv1d(
-            hidden_states, conv.weight, conv.bias, conv.stride, left, conv.dilation, conv.groups
-        )
-        return y[..., :out]
-
-    return forward
+def _forward_padded_inside(
+    self: Any, hidden_states: torch.Tensor, padding_cache: Any = None
+) -> torch.Tensor:
+    length = int(hidden_states.shape[-1])
+    extra = self._right_padding.get(length)
+    if extra is None:
+        extra = self._right_padding[length] = int(self._get_extra_padding_for_conv1d(hidden_states))
+    left = int(self.padding_total)
+    if padding_cache is not None or extra > left:
+        return type(self).forward(self, hidden_states, padding_cache)  # type: ignore[no-any-return]
+    conv = self.conv
+    if left == 0 and extra == 0:
+        return conv(hidden_states)  # type: ignore[no-any-return]
+    out = (length + left + extra - int(self.kernel_size)) // conv.stride[0] + 1
+    y = torch.nn.functional.conv1d(
+        hidden_states, conv.weight, conv.bias, conv.stride, left, conv.dilation, conv.groups
+    )
+    return y[..., :out]
 
 
 _plain_causal = threading.local()
 
 
-def build_causal_masks_directly(transformer: torch.nn.Module) -> None:
-    """Let ``transformer`` (a ``MimiTransformerModel``) build its attention mask with one
-    operation when it is called as the encoder calls it.
+def build_causal_masks_directly(transformer: torch.nn.Module) -> bool:
+    """Let ``transformer`` (a ``MimiTransformerModel`` with SDPA attention) build its attention
+    mask with one operation when it is called as the encoder calls it; return whether it does.
 
     Called with no attention mask, cache, positions or cache positions, the transformer asks
     transformers' ``create_causal_mask`` for a (batch, 1, length, length) boolean mask that is
     causal and, for positions ``0 … length - 1``, nothing else (the packed-sequence test it adds
     finds one sequence). transformers builds it element by element through ``vmap``, a fifth of
     the host's time per batch; here it is the lower triangle, the same tensor (a test compares
-    them). Other calls, and any other model in the process, keep transformers' function.
+    them). Only for SDPA attention, which takes a boolean mask: the eager implementation adds
+    the mask to the scores, and flash attention takes none. Other calls, and any other model in
+    the process, keep transformers' function.
     """
     from transformers.models.mimi import modeling_mimi
 
+    config = transformer.config
+    if getattr(config, "_attn_implementation", None) != "sdpa" or getattr(
+        config, "use_cache", False
+    ):
+        return False
     if not getattr(getattr(modeling_mimi, "create_causal_mask"), "_gpuspool", False):  # noqa: B009
-        original_mask = getattr(modeling_mimi, "create_causal_mask")  # noqa: B009
+        original = getattr(modeling_mimi, "create_causal_mask")  # noqa: B009
 
         def create_causal_mask(*args: Any, **kwargs: Any) -> Any:
             embeds = kwargs.get("input_embeds")
-            if not getattr(_plain_causal, "on", False) or args or embeds is None:
-                return original_mask(*args, **kwargs)
+            config = kwargs.get("config")
+            if (
+                not getattr(_plain_causal, "on", False)
+                or args
+                or embeds is None
+                or getattr(config, "_attn_implementation", None) != "sdpa"
+                or kwargs.get("attention_mask") is not None
+                or kwargs.get("past_key_values") is not None
+            ):
+                return original(*args, **kwargs)
             b, n = int(embeds.shape[0]), int(embeds.shape[1])
             tril = torch.ones((n, n), dtype=torch.bool, device=embeds.device).tril_()
             return tril.expand(b, 1, n, n).contiguous()
 
         create_causal_mask._gpuspool = True  # type: ignore[attr-defined]
         setattr(modeling_mimi, "create_causal_mask", create_causal_mask)  # noqa: B010
-    original = type(transformer).forward.__get__(transformer)
-    if getattr(transformer.config, "use_cache", False):
-        return  # a cache would be made for the call: keep transformers' mask
+    transformer.forward = types.MethodType(_forward_plain_causal, transformer)
+    return True
 
-    def forward(hidden_states: Any = None, *args: Any, **kwargs: Any) -> Any:
-        plain = not args and all(
-            kwargs.get(k) is None
-            for k in ("attention_mask", "position_ids", "past_key_values", "cache_position")
-        )
-        plain = plain and not kwargs.get("use_cache")
-        _plain_causal.on = plain
-        try:
-            return original(hidden_states, *args, **kwargs)
-        finally:
-            _plain_causal.on = False
 
-    transformer.forward = forward
+def _forward_plain_causal(self: Any, hidden_states: Any = None, *args: Any, **kwargs: Any) -> Any:
+    plain = not args and not kwargs.get("use_cache")
+    plain = plain and all(
+        kwargs.get(k) is None
+        for k in ("attention_mask", "position_ids", "past_key_values", "cache_position")
+    )
+    _plain_causal.on = plain
+    try:
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    finally:
+        _plain_causal.on = False
 
 
 def nonallocator_gib(device: torch.device) -> tuple[float, str]:

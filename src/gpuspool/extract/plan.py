@@ -14,6 +14,7 @@ encoder is causal), and the rounded length is what the budget counts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from gpuspool.extract.headers import FRAME_SAMPLES, MODEL_SAMPLE_RATE, Clip
@@ -27,19 +28,27 @@ def budget_samples(budget_s: float) -> int:
 
 
 def bucket_samples(bucket_s: float) -> int:
-    """A shape bucket of ``bucket_s`` seconds in samples: whole frames, 0 for none."""
-    if bucket_s < 0:
-        raise ValueError("shape bucket must be ≥ 0 seconds")
+    """A shape bucket of ``bucket_s`` seconds in samples: whole frames (under half a frame: 0,
+    none)."""
+    if not math.isfinite(bucket_s) or bucket_s < 0:
+        raise ValueError("shape bucket must be a number ≥ 0 seconds")
     return round(bucket_s * MODEL_SAMPLE_RATE / FRAME_SAMPLES) * FRAME_SAMPLES
+
+
+#: Rounding up adds at most this share of a batch's length (the bucket shrinks for short ones).
+MAX_ROUNDING = 1 / 8
 
 
 def batch_length(longest: int, bucket: int, budget: int) -> int:
     """The padded length of a batch whose longest clip has ``longest`` samples (whole frames):
-    rounded up to a multiple of ``bucket`` samples, but never past the budget for a clip that
-    fits it, nor at all for one that does not (it runs alone, at its own length)."""
-    if bucket <= 0 or longest >= budget:
+    rounded up to a multiple of ``bucket`` samples, or of an eighth of ``longest`` (whole
+    frames) where that is less, so that short clips are not padded to twice their length; never
+    past the budget for a clip that fits it, nor at all for one that does not (it runs alone,
+    at its own length)."""
+    step = min(bucket, int(longest * MAX_ROUNDING) // FRAME_SAMPLES * FRAME_SAMPLES)
+    if step <= FRAME_SAMPLES or longest >= budget:
         return longest
-    return min(-(-longest // bucket) * bucket, budget // FRAME_SAMPLES * FRAME_SAMPLES)
+    return min(-(-longest // step) * step, budget // FRAME_SAMPLES * FRAME_SAMPLES)
 
 
 def batch_cost(clips: Sequence[Clip], bucket: int = 0, budget: int = 0) -> int:

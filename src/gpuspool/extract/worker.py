@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import queue
@@ -116,12 +117,13 @@ def _empty(rows: int, length: int) -> tuple[npt.NDArray[np.float32], Any]:
 def collate(
     clips: list[Clip],
     futs: list[Future[tuple[Wave, int]]],
-    length: Callable[[int], int] = lambda longest: longest,
+    planned: int = 0,
     alloc: Alloc = _empty,
 ) -> Collated:
-    """Wait for a batch's clips and stack them, zero-padded to ``length`` of the longest (whole
-    frames; the batch's shape bucket, :func:`~gpuspool.extract.plan.batch_length`), in an array
-    from ``alloc``."""
+    """Wait for a batch's clips and stack them, zero-padded to ``planned`` samples (the length
+    the batch was cut for, :func:`~gpuspool.extract.plan.batch_length`) or to the longest
+    decoded clip where that is longer (a header that undercounts: not rounded up further), in
+    an array from ``alloc``."""
     good: list[tuple[Clip, int]] = []
     bad: list[tuple[Clip, str]] = []
     waves: list[Wave] = []
@@ -135,7 +137,7 @@ def collate(
         waves.append(wav)
     if not waves:
         return Collated(good, bad, None)
-    arr, held = alloc(len(waves), length(max(int(w.shape[0]) for w in waves)))
+    arr, held = alloc(len(waves), max(planned, max(int(w.shape[0]) for w in waves)))
     for i, w in enumerate(waves):
         arr[i, : w.shape[0]] = w
         arr[i, w.shape[0] :] = 0.0
@@ -229,9 +231,8 @@ class _Producer(threading.Thread):
         self.stop = stop
         self.loader = loader
         self.base = opts.input.resolve().parent
-        bucket = bucket_samples(opts.shape_bucket_s)
-        budget = budget_samples(opts.batch_seconds)
-        self.length = lambda longest: batch_length(longest, bucket, budget)
+        self.bucket = bucket_samples(opts.shape_bucket_s)
+        self.budget = budget_samples(opts.batch_seconds)
 
     def _put(self, item: tuple[Any, ...]) -> bool:
         while not self.stop.is_set():
@@ -249,7 +250,8 @@ class _Producer(threading.Thread):
         o = self.opts
         for batch in pack(window, o.batch_seconds, o.shape_bucket_s):
             futs = [self.pool.submit(self.loader, c.path) for c in batch]
-            ready = self.collate_pool.submit(collate, batch, futs, self.length, self.alloc)
+            planned = batch_length(max(c.padded for c in batch), self.bucket, self.budget)
+            ready = self.collate_pool.submit(collate, batch, futs, planned, self.alloc)
             if not self._put(("batch", batch, ready)):
                 return False
         window.clear()
@@ -364,8 +366,10 @@ class Run:
     # -- the run -------------------------------------------------------------------------------
     def _execute(self) -> int:
         o = self.opts
-        if o.batch_seconds <= 0:
-            raise WorkerExit(ExitCode.USAGE, "--batch-seconds must be > 0")
+        if not (math.isfinite(o.batch_seconds) and o.batch_seconds > 0):
+            raise WorkerExit(ExitCode.USAGE, "--batch-seconds must be a number > 0")
+        if not (math.isfinite(o.shape_bucket_s) and o.shape_bucket_s >= 0):
+            raise WorkerExit(ExitCode.USAGE, "--shape-bucket must be a number ≥ 0")
         guard = self._take_output()
         with guard():
             done = None if o.overwrite else finish_completed(o.output, o.report_path)
