@@ -85,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_float,
         default=1.0,
         dest="shape_bucket_s",
+        metavar="SECONDS",
         help="round each batch's length up to whole buckets of this many seconds (whole "
-        "frames), so that batch shapes repeat; 0: none (default 1)",
+        "frames; at most an eighth of the length), so that batch shapes repeat; 0: none "
+        "(default 1)",
     )
     ap.add_argument("--on-bad-line", choices=("fail", "skip"), default="fail")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
