@@ -22,7 +22,14 @@ from gpuspool.extract.headers import (
     resampled_length,
     scan_input,
 )
-from gpuspool.extract.plan import batch_cost, batch_length, bucket_samples, budget_samples, pack
+from gpuspool.extract.plan import (
+    batch_cost,
+    batch_length,
+    bucket_samples,
+    budget_samples,
+    cut,
+    pack,
+)
 from gpuspool.extract.synth import SAMPLE_RATES, synth_dataset
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -174,6 +181,10 @@ def test_shape_buckets_make_batch_shapes_repeat_within_the_budget() -> None:
         assert longest <= length <= longest + min(bucket, longest // 8)
         assert batch_cost(b, bucket, budget) == len(b) * length <= budget
     assert len(shapes) <= 0.6 * len(plain)  # 30 against 53 on this set
+    # cut() gives each batch with the length it was cut for.
+    assert cut(clips, 320.0, 1.0) == [
+        (b, batch_length(max(c.padded for c in b), bucket, budget)) for b in batches
+    ]
     # No bucket: as before.
     assert pack(clips, 320.0, 0.0) == pack(clips, 320.0)
     assert batch_length(5 * FRAME_SAMPLES, 0, budget) == 5 * FRAME_SAMPLES

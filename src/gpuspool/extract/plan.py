@@ -61,22 +61,29 @@ def batch_cost(clips: Sequence[Clip], bucket: int = 0, budget: int = 0) -> int:
 def pack(clips: Sequence[Clip], budget_s: float, bucket_s: float = 0.0) -> list[list[Clip]]:
     """Cut ``clips`` into batches of padded cost ≤ budget (a longer clip alone), each batch's
     length rounded up to ``bucket_s`` seconds (:func:`batch_length`)."""
+    return [batch for batch, _ in cut(clips, budget_s, bucket_s)]
+
+
+def cut(
+    clips: Sequence[Clip], budget_s: float, bucket_s: float = 0.0
+) -> list[tuple[list[Clip], int]]:
+    """:func:`pack`'s batches, each with the padded length (samples) it was cut for."""
     budget = budget_samples(budget_s)
     bucket = bucket_samples(bucket_s)
     ordered = sorted(clips, key=lambda c: (-c.padded, c.line))
-    batches: list[list[Clip]] = []
+    batches: list[tuple[list[Clip], int]] = []
     cur: list[Clip] = []
     cur_max = 0
     for c in ordered:
         if cur and (len(cur) + 1) * cur_max > budget:
-            batches.append(cur)
+            batches.append((cur, cur_max))
             cur = []
         if not cur:
             cur_max = batch_length(c.padded, bucket, budget)
         cur.append(c)
     if cur:
-        batches.append(cur)
-    for b in batches:
+        batches.append((cur, cur_max))
+    for b, _ in batches:
         b.sort(key=lambda c: c.line)
-    batches.sort(key=lambda b: b[0].line)
+    batches.sort(key=lambda bl: bl[0][0].line)
     return batches

@@ -45,7 +45,7 @@ from gpuspool.extract.headers import (
     scan_input,
 )
 from gpuspool.extract.owner import Attempt, Fenced, LockTimeout, OwnerFile
-from gpuspool.extract.plan import batch_length, bucket_samples, budget_samples, pack
+from gpuspool.extract.plan import cut
 from gpuspool.extract.startup import prefetch_tokenizer, process_age_s
 from gpuspool.extract.writer import Entry, Guard, OrderedWriter, ResumeMismatch, finish_completed
 
@@ -231,8 +231,6 @@ class _Producer(threading.Thread):
         self.stop = stop
         self.loader = loader
         self.base = opts.input.resolve().parent
-        self.bucket = bucket_samples(opts.shape_bucket_s)
-        self.budget = budget_samples(opts.batch_seconds)
 
     def _put(self, item: tuple[Any, ...]) -> bool:
         while not self.stop.is_set():
@@ -248,9 +246,8 @@ class _Producer(threading.Thread):
             return False
         imm.clear()
         o = self.opts
-        for batch in pack(window, o.batch_seconds, o.shape_bucket_s):
+        for batch, planned in cut(window, o.batch_seconds, o.shape_bucket_s):
             futs = [self.pool.submit(self.loader, c.path) for c in batch]
-            planned = batch_length(max(c.padded for c in batch), self.bucket, self.budget)
             ready = self.collate_pool.submit(collate, batch, futs, planned, self.alloc)
             if not self._put(("batch", batch, ready)):
                 return False
