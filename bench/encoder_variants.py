@@ -10,8 +10,10 @@ quantizer), the busiest kernels, and how busy the device was.
 
 Variants: the worker's set-up; cuDNN's deterministic flag off; cuDNN's benchmark mode; lengths
 rounded up to buckets (so shapes repeat) with and without benchmark mode; the other attention
-implementation (eager or SDPA); TF32; CUDA graphs replayed per bucketed shape; the causal
-convolutions' left padding done by the convolution itself instead of a padded copy.
+implementation (eager or SDPA); TF32; CUDA graphs replayed per bucketed shape; transformers'
+own forwards instead of the worker's (padded copies before each causal convolution, the
+attention mask built through ``vmap``: ``model.pad_inside_convolutions``,
+``model.build_causal_masks_directly``).
 
 ``--host`` adds what one batch costs the host, on shapes new to the process and again on the
 same shapes (the device synchronised before each call, so no call waits for room in its queue):
@@ -154,32 +156,19 @@ def main(argv: list[str] | None = None) -> None:
         g.replay()
         return out.clone()
 
-    def padding_in_conv(x: Any) -> Any:
-        """``eager`` with each causal convolution's left padding done by the convolution (zero
-        padding on both sides, the extra outputs on the right cut off), and no copy for those
-        that pad nothing."""
-        from transformers.models.mimi import modeling_mimi as mm
+    #: Modules whose forward the worker replaced (``model.pad_inside_convolutions``,
+    #: ``model.build_causal_masks_directly``): an instance attribute over the class's method.
+    shortcuts = [m for m in model.modules() if "forward" in vars(m)]
 
-        fn = torch.nn.functional
-        original = mm.MimiConv1d.forward
-
-        def forward(self: Any, h: Any, padding_cache: Any = None) -> Any:
-            conv = self.conv
-            left = int(self.padding_total)
-            extra = int(self._get_extra_padding_for_conv1d(h))
-            if not self.causal or self.pad_mode != "constant" or extra > left:
-                return original(self, h, padding_cache)
-            if left == 0 and extra == 0:  # F.pad would copy it as it is
-                return conv(h)
-            n = (h.shape[-1] + left + extra - int(self.kernel_size)) // conv.stride[0] + 1
-            y = fn.conv1d(h, conv.weight, conv.bias, conv.stride, left, conv.dilation, conv.groups)
-            return y[..., :n]
-
-        mm.MimiConv1d.forward = forward
+    def as_transformers(x: Any) -> Any:
+        """``eager`` with transformers' own forwards: each convolution convolves a padded copy,
+        and the transformer's mask is built through ``vmap``."""
+        saved = [(m, vars(m).pop("forward")) for m in shortcuts]
         try:
             return eager(x)
         finally:
-            mm.MimiConv1d.forward = original
+            for m, forward in saved:
+                vars(m)["forward"] = forward
 
     attn_classes: dict[str, type] = {}
     try:
@@ -197,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
                 "torch": torch.__version__,
                 "cudnn": torch.backends.cudnn.version(),
                 "attention_as_loaded": loaded_attn.__name__,
+                "worker_forwards": len(shortcuts),
                 "clips": a.clips,
                 "audio_s": round(audio_s, 1),
                 "budget_s": a.budget,
@@ -225,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
             graphed,
             None,
         ),
-        "padding in the convolution": ({}, 1, padding_in_conv, None),
+        "transformers' forwards": ({}, 1, as_transformers, None),
         "worker again": ({}, 1, eager, None),
     }
     ref: dict[int, Any] = {}
