@@ -26,9 +26,8 @@ from tests.integration.conftest import LiveDaemon, ensure_test_user, wait_state
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 VICTIM = "gpuspool-victim"
-#: Every variable a job may see (the config's job_env adds STUB_MODE here).
-#: What a job's process is started with (``/proc/self/environ``); a prestarted one also has its
-#: gate (``prestart``, on by default).
+#: Every variable a job's process may be started with (``/proc/self/environ``): the config's
+#: job_env adds STUB_MODE here, and a prestarted one has its gate (``prestart``, on by default).
 ALLOWED_ENV = {"PATH", "LANG", "HOME", "USER", "LOGNAME", "CUDA_VISIBLE_DEVICES",
                "CUDA_DEVICE_ORDER", "PYTHONUNBUFFERED", "GPUSPOOL_JOB_ID", "GPUSPOOL_EVENTS_FD",
                "TMPDIR", "XDG_CACHE_HOME", "NUMBA_CACHE_DIR", "STUB_MODE",

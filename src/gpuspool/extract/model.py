@@ -4,7 +4,7 @@ The model is loaded through ``qwen_tts.Qwen3TTSTokenizer.from_pretrained`` (the 
 on the CPU; the decoder, which ``encode`` never uses, is dropped; only the encoder moves to the
 GPU. A batch is encoded by the encoder call that ``Qwen3TTSTokenizer.encode`` makes, on waveforms
 the worker has already right-padded to whole frames, so each clip's codes do not depend on its
-batch neighbours. Four changes leave every code as it is and keep the device busy:
+batch neighbours. Five changes leave every code as it is and keep the device busy:
 
 * the convolutions' shape bookkeeping (``stride``, ``kernel_size``, ``padding_total``: 0-d
   integer buffers) stays on the host. On the device, every convolution's padding amount was
@@ -17,7 +17,9 @@ batch neighbours. Four changes leave every code as it is and keep the device bus
 * each causal convolution pads its input on the left itself (zeros on both sides, the extra
   outputs on the right cut off) instead of convolving a padded copy, and one that pads nothing
   convolves its input as it is: two passes over the activations fewer per convolution, the
-  same sums (:func:`pad_inside_convolutions`).
+  same windows (:func:`pad_inside_convolutions`);
+* the encoder's transformer gets its causal mask as one lower-triangle operation, the tensor
+  transformers builds element by element (:func:`build_causal_masks_directly`, SDPA only).
 
 Start-up imports only the 12 Hz tokenizer's two modules from qwen-tts (its configuration and
 model classes), not the package: ``qwen_tts/__init__.py`` imports the whole TTS model stack and
