@@ -8,8 +8,9 @@ written early.
 
 Each batch's length can be rounded up to a whole number of *shape buckets*, so that batch shapes
 repeat: the GPU libraries set each new shape up on the host, which costs more than the encoding
-of a small batch. Right padding beyond the clip's own frames does not change its codes (the
-encoder is causal), and the rounded length is what the budget counts.
+of a small batch. Right padding beyond the clip's own frames is outside their receptive field
+(the encoder is causal; only the rounding of a differently shaped batch could differ, and on
+the sets measured no code did), and the rounded length is what the budget counts.
 """
 
 from __future__ import annotations
