@@ -148,3 +148,12 @@ def test_a_go_line_sets_only_the_gpu_and_the_attempt() -> None:
     for bad in (b"[]", b"{", b'{"PATH": "/tmp"}', b'{"GPUSPOOL_FENCE": 7}',
                 b'{"GPUSPOOL_HOST": "a\\u001bb"}'):  # fmt: skip
         assert parse_go(bad) is None, bad
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "nan", "inf", "-inf", 86401, 0])
+def test_a_job_batch_budget_the_worker_cannot_use_is_refused(value: object) -> None:
+    """``batch_seconds`` reaches the worker's command line: only a finite number in (0, 86400]."""
+    data = {"input": "/data/in.jsonl", "output": "/data/out.jsonl", "tokenizer": "t"}
+    with pytest.raises(ValueError, match="batch_seconds"):
+        JobSpec.model_validate({**data, "batch_seconds": value})
+    assert JobSpec.model_validate({**data, "batch_seconds": 86400}).batch_seconds == 86400
