@@ -385,3 +385,41 @@ def test_job_logs_do_not_start_with_import_noise() -> None:
     code = "from gpuspool.extract.model import import_tokenizer_stack as f; f(); print('ok')"
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert got.stdout == "ok\n" and got.stderr == ""
+
+
+def test_time_waiting_for_slow_loaders_counts_as_waiting_for_audio(
+    extract: Any, dataset: Path, tiny_tokenizer: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A batch still being decoded when the encoder wants it is time spent waiting for audio,
+    however far it got through the queue: with one loader taking 0.15 s a clip, most of the
+    encoding thread's time shows as ``waiting_for_audio_s``."""
+    import time
+
+    from gpuspool.extract import worker
+
+    real = worker.load_padded
+
+    def slow(path: Path) -> Any:
+        time.sleep(0.15)
+        return real(path)
+
+    monkeypatch.setattr(worker, "load_padded", slow)
+    r = extract(
+        "--input",
+        dataset,
+        "--output",
+        tmp_path / "out.jsonl",
+        "--tokenizer",
+        tiny_tokenizer,
+        "--device",
+        "cpu",
+        "--loader-mode",
+        "thread",
+        "--loader-workers",
+        "1",
+    )
+    assert r.code == 0
+    s = r.one("summary")
+    decoding = 16 * 0.15  # 16 clips, one after the other
+    assert s["waiting_for_audio_s"] >= 0.5 * decoding
+    assert s["waiting_for_audio_s"] <= s["processing_s"]

@@ -677,7 +677,11 @@ class Run:
                 self._submit_write(entries)
 
     def _batch(self, ready: Future[Collated]) -> None:
-        col = ready.result()
+        t = time.monotonic()
+        try:
+            col = ready.result()  # still being decoded or collated: waiting for audio too
+        finally:
+            self.t_audio_wait += time.monotonic() - t
         skipped: list[Entry] = []
         try:
             for c, reason in col.bad:
