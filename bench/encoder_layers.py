@@ -5,12 +5,13 @@ For each batch shape (``ROWSxSECONDS``, the worker's cut at a budget: 20x16 is 3
 worker's encoder (``model.CodeEncoder``, fp32, cuDNN deterministic as the worker sets it) runs
 ``--repeats`` times with CUDA events around every layer of the convolutional encoder (inside
 the residual blocks too), the transformer and the downsampling; the quantizer is the rest of
-the call. Then each convolution runs alone on the input it got, as the worker runs it and in
-other layouts and modes: NCL as the worker (cuDNN heuristics), NCL with cuDNN's benchmark
-search, channels-last (NHWC) with heuristics and with the search, and TF32 for reference. Each
-alternative's output is compared with the worker's: the largest difference and the share of
-values bit for bit equal (an output not bit-equal can still give the same codes, and one that
-is can only give the same codes).
+the call (the whole call timed in runs without the events). Each repeat starts on an idle
+device, so the first layer's time includes its launch. Then each zero-padded convolution runs
+alone on the input it got, as the worker runs it and in other layouts and modes: NCL as the
+worker (cuDNN heuristics), NCL with cuDNN's benchmark search, channels-last (NHWC) with
+heuristics and with the search, and TF32 for reference. Each alternative's output is compared
+with the worker's: the largest difference and the share of values bit for bit equal (an output
+not bit-equal can still give the same codes, and one that is can only give the same codes).
 
     PYTHONPATH=SITE:src python3 bench/encoder_layers.py --config-dir CONFIG --work /scratch \\
         --shapes 20x16 64x5 --json OUT.json
@@ -64,8 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(a.device)
 
     def flags(benchmark: bool = False, tf32: bool = False) -> None:
+        """cuDNN and cuBLAS as the worker sets them (``--tf32`` lets deterministic go)."""
         torch.backends.cudnn.benchmark = benchmark
-        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.deterministic = not tf32
         torch.backends.cudnn.allow_tf32 = tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
 

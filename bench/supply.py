@@ -3,11 +3,12 @@ loader counts.
 
 The worker runs in this process as ``gpuspool extract`` runs (scan, batches cut at the budget,
 loader processes decoding and resampling, the collating thread, the encoding thread, JSON
-serialisation and the checkpointed writer), with its encoder replaced by one that returns zero
-codes at once. Its steady rate is then the most audio the host can supply and write per second:
-a GPU-bound worker runs below it, a faster encoder would be held to it. Every run gets a fresh
-output; the set is the bench's synthetic one (``extract_bench``), each run its own process
-pool.
+serialisation and the checkpointed writer), with its encoder replaced by one that answers at
+once with random codes (as many digits to write as real ones). Its "model load" waits
+``--model-load-s`` (the real one took 1.2–1.9 s on an H200), so that the loaders start up and
+decode the first batches behind it, as in the worker, not inside the timed part. Its steady rate
+is then what the host can supply and write per second. Every run gets a fresh output; the set is
+the bench's synthetic one (``extract_bench``), each run its own process pool.
 
     PYTHONPATH=SITE:src python3 bench/supply.py --work /scratch --hours 8 --loaders 1 2 4 8 15
 """
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +33,15 @@ from extract_bench import _dataset  # noqa: E402
 
 
 class InstantEncoder:
-    """Stands in for ``model.CodeEncoder``: zero codes, no device, no time."""
+    """Stands in for ``model.CodeEncoder``: random codes, no device, no time but the load's."""
+
+    load_s = 1.5
 
     def __init__(self, tokenizer: str, device: Any, dtype: str = "fp32", started: Any = None):
         if started is not None:
             started.wait()
         self.device = device
+        self.rng = np.random.default_rng(0)
 
     def host_batch(self, rows: int, length: int) -> tuple[Any, Any]:
         return np.empty((rows, length), dtype=np.float32), None
@@ -45,10 +50,10 @@ class InstantEncoder:
         return frames
 
     def collect(self, frames: list[int]) -> list[Any]:
-        return [np.zeros((f, 16), dtype=np.int64) for f in frames]
+        return [self.rng.integers(0, 2048, (f, 16)) for f in frames]
 
     def warm_up(self) -> None:
-        pass
+        time.sleep(self.load_s)
 
     def memory(self) -> None:
         return None
@@ -63,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hours", type=float, default=8.0)
     ap.add_argument("--budget", type=float, default=320.0)
     ap.add_argument("--loaders", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--model-load-s", type=float, default=1.5)
     ap.add_argument("--json", help="also write the rows here")
     a = ap.parse_args(argv)
 
@@ -79,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(rows[0]), flush=True)
     tok = work / "no-tokenizer"  # never loaded: the stand-in takes its place
     tok.mkdir(exist_ok=True)
+    InstantEncoder.load_s = a.model_load_s
     model.CodeEncoder = InstantEncoder  # type: ignore[assignment,misc]
     for n in a.loaders:
         out = work / f"supply_{n}.jsonl"
