@@ -1,6 +1,7 @@
 """What an idle tick reads on a shared ledger: the running jobs, the draining flag and the
 state counts once each, for the tick and what reads the ledger after it (the status line, the
-metrics), not once per use."""
+metrics), not once per use. Idle: the running worker's own start and progress events, which the
+tick records (a write, after which it reads again), are in before the tick is measured."""
 # ruff: noqa: E402 - the driver check runs before the imports that need the driver
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 from gpuspool.metrics import DaemonMetrics
 from gpuspool.service import status_line
 from tests.cluster.test_daemon_pg import host
-from tests.conftest import gpu_entry
+from tests.conftest import gpu_entry, wait_until
 
 
 def statements(call: Any) -> Counter[str]:
@@ -43,6 +44,12 @@ def test_an_idle_tick_reads_each_thing_once(tmp_path: Path, pg_url: str) -> None
     a.set_gpus([gpu_entry(0, 50)])
     a.submit("j")
     a.tick(), a.tick()
+
+    def reported() -> bool:  # the worker's first events recorded: later ticks write nothing
+        a.tick()
+        return any(j.progress.get("lines_done") for j in a.daemon.running_jobs())
+
+    wait_until(reported, timeout=60)
     metrics = DaemonMetrics()
 
     def tick() -> None:
