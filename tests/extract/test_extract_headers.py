@@ -272,3 +272,31 @@ def test_estimate_bounds_measured_h100_peaks() -> None:
         measured = p["max_reserved_gib"] + p["context_gib"]
         est = need_gib(p["longest_s"], p["budget_s"], "fp32")
         assert measured <= est <= 1.15 * measured, p["label"]
+
+
+@pytest.mark.parametrize(
+    ("field", "flag", "value"),
+    [
+        ("batch_seconds", "--batch-seconds", float("nan")),
+        ("batch_seconds", "--batch-seconds", 0.0),
+        ("shape_bucket_s", "--shape-bucket", float("inf")),
+        ("shape_bucket_s", "--shape-bucket", -1.0),
+    ],
+)
+def test_a_worker_set_up_in_code_refuses_what_the_cut_cannot_use(
+    tmp_path: Path, field: str, flag: str, value: float
+) -> None:
+    """Options built in code skip the command line's checks: the run refuses them as usage
+    errors naming the flag, before it opens anything (not as a crash of the producer thread)."""
+    import io
+
+    from gpuspool.extract.events import Events
+    from gpuspool.extract.worker import Options, Run
+
+    buf = io.StringIO()
+    opts = Options(
+        input=tmp_path / "in.jsonl", output=tmp_path / "out.jsonl", tokenizer="t", **{field: value}
+    )
+    assert Run(opts, Events(buf)).execute() == 64
+    assert json.loads(buf.getvalue().splitlines()[-1])["reason"].startswith(flag + ":")
+    assert not (tmp_path / "out.jsonl.partial").exists()

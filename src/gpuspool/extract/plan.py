@@ -23,8 +23,8 @@ from gpuspool.extract.headers import FRAME_SAMPLES, MODEL_SAMPLE_RATE, Clip
 
 def budget_samples(budget_s: float) -> int:
     """Padded-seconds budget in samples at 24 kHz."""
-    if budget_s <= 0:
-        raise ValueError("batch budget must be > 0 seconds")
+    if not math.isfinite(budget_s) or budget_s <= 0:
+        raise ValueError("batch budget must be a number > 0 seconds")
     return int(budget_s * MODEL_SAMPLE_RATE)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import multiprocessing
 import os
 import queue
@@ -45,7 +44,7 @@ from gpuspool.extract.headers import (
     scan_input,
 )
 from gpuspool.extract.owner import Attempt, Fenced, LockTimeout, OwnerFile
-from gpuspool.extract.plan import cut
+from gpuspool.extract.plan import bucket_samples, budget_samples, cut
 from gpuspool.extract.startup import prefetch_tokenizer, process_age_s
 from gpuspool.extract.writer import Entry, Guard, OrderedWriter, ResumeMismatch, finish_completed
 
@@ -363,10 +362,14 @@ class Run:
     # -- the run -------------------------------------------------------------------------------
     def _execute(self) -> int:
         o = self.opts
-        if not (math.isfinite(o.batch_seconds) and o.batch_seconds > 0):
-            raise WorkerExit(ExitCode.USAGE, "--batch-seconds must be a number > 0")
-        if not (math.isfinite(o.shape_bucket_s) and o.shape_bucket_s >= 0):
-            raise WorkerExit(ExitCode.USAGE, "--shape-bucket must be a number ≥ 0")
+        for flag, check, value in (
+            ("--batch-seconds", budget_samples, o.batch_seconds),
+            ("--shape-bucket", bucket_samples, o.shape_bucket_s),
+        ):  # the cut's own checks, here before anything starts
+            try:
+                check(value)
+            except ValueError as exc:
+                raise WorkerExit(ExitCode.USAGE, f"{flag}: {exc}") from exc
         guard = self._take_output()
         with guard():
             done = None if o.overwrite else finish_completed(o.output, o.report_path)
