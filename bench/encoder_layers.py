@@ -28,9 +28,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "src"))
 
-from gpuspool.extract.headers import FRAME_SAMPLES, MODEL_SAMPLE_RATE
+from extract_bench import full_tokenizer  # noqa: E402
+from gpuspool.extract.headers import FRAME_SAMPLES, MODEL_SAMPLE_RATE  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,13 +51,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from gpuspool.extract.model import CodeEncoder, resolve_device
 
-    tok = a.tokenizer
-    if tok is None:
-        from gpuspool.extract.tiny import build_full_tokenizer
-
-        tok = str(Path(a.work) / "tokenizer")
-        if not (Path(tok) / "config.json").exists():
-            build_full_tokenizer(Path(tok), a.config_dir)
+    tok = str(full_tokenizer(Path(a.work), a.config_dir, a.tokenizer))
 
     lines: list[dict[str, Any]] = []
 

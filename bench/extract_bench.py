@@ -480,6 +480,19 @@ def report(res: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 # orchestration
 # ---------------------------------------------------------------------------------------------
+def full_tokenizer(work: Path, config_dir: str | None, given: str | None = None) -> Path:
+    """The tokenizer a bench runs: ``given``, else the full-size random-weight one built from
+    the released ``config_dir`` under ``work`` (once: a later run reuses it)."""
+    if given:
+        return Path(given)
+    tok = work / "tokenizer"
+    if not (tok / "config.json").exists():
+        from gpuspool.extract.tiny import build_full_tokenizer
+
+        build_full_tokenizer(tok, config_dir)
+    return tok
+
+
 def _dataset(work: Path, hours: float, workers: int) -> tuple[Path, dict[str, Any]]:
     import soundfile as sf
 

@@ -41,7 +41,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from extract_bench import _dataset, _env, _last_json, _step, compare, worker_command  # noqa: E402
+from extract_bench import (  # noqa: E402
+    _dataset,
+    _env,
+    _last_json,
+    _step,
+    compare,
+    full_tokenizer,
+    worker_command,
+)
 from prestart import Gated  # noqa: E402
 
 #: What the log line of a gpuspool run shows.
@@ -165,8 +173,6 @@ def main(argv: list[str] | None = None) -> None:
 
     from importlib.metadata import version
 
-    from gpuspool.extract.tiny import build_full_tokenizer
-
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     script = Path(a.official_script).resolve()
@@ -189,9 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     def save() -> None:
         Path(a.json).write_text(json.dumps(res, indent=1))
 
-    tok = work / "tokenizer"
-    if not (tok / "config.json").exists():
-        build_full_tokenizer(tok, a.config_dir)
+    tok = full_tokenizer(work, a.config_dir)
     # The stacks once, untimed: no timed run pays for a cold page cache that a later one skips.
     subprocess.run(
         [sys.executable, "-c", "from qwen_tts import Qwen3TTSTokenizer"],

@@ -26,7 +26,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from extract_bench import _dataset, _last_json, _step, compare, worker_command  # noqa: E402
+from extract_bench import (  # noqa: E402
+    _dataset,
+    _last_json,
+    _step,
+    compare,
+    full_tokenizer,
+    worker_command,
+)
 from official_side_by_side import gpu_name  # noqa: E402
 
 #: Summary fields each run reports.
@@ -65,16 +72,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     a = ap.parse_args(argv)
 
-    from gpuspool.extract.tiny import build_full_tokenizer
-
     variants = [tuple(v.split("=", 1)) for v in a.variant]
     if a.baseline_src:
         variants.insert(0, ("baseline", ""))
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    tok = Path(a.tokenizer) if a.tokenizer else work / "tokenizer"
-    if not (tok / "config.json").exists():
-        build_full_tokenizer(tok, a.config_dir)
+    tok = full_tokenizer(work, a.config_dir, a.tokenizer)
     jl, meta = _dataset(work / f"set_{a.hours:g}h", a.hours, os.cpu_count() or 4)
     res: dict[str, Any] = {"argv": sys.argv[1:], "gpu": gpu_name(), "set": meta, "runs": []}
     print(json.dumps({"gpu": res["gpu"], "set": meta}), flush=True)
